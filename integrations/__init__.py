@@ -1,0 +1,1 @@
+"""Thin model adapters (installed as ``eos_kernels.integrations``)."""

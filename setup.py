@@ -1,0 +1,38 @@
+"""Packaging for eos_kernels.
+
+``integrations/`` is installed as ``eos_kernels.integrations`` so that no generic
+top-level name lands in site-packages.
+"""
+from setuptools import setup
+
+setup(
+    name="eos_kernels",
+    version="0.1.0",
+    description="Efficient Operator Search (EOS) for vision-language models: "
+    "fused Triton kernels for the unified token-reduction operator",
+    python_requires=">=3.10",
+    packages=[
+        "eos_kernels",
+        "eos_kernels.triton",
+        "eos_kernels.integrations",
+    ],
+    package_dir={
+        "eos_kernels": "eos_kernels",
+        "eos_kernels.integrations": "integrations",
+    },
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.6",
+        "numpy>=1.24",
+    ],
+    extras_require={
+        "hf": ["transformers>=5.0,<6"],
+        "flash": ["flash-attn>=2.6"],
+        "test": [
+            "pytest>=8",
+            "pytest-benchmark>=4",
+            "hypothesis>=6.100",
+            "transformers>=5.0,<6",
+        ],
+    },
+)
