@@ -1,0 +1,152 @@
+"""The public entry point of the unified reduction operator: validation and dispatch."""
+from __future__ import annotations
+
+import numbers
+import os
+
+import torch
+
+from eos_kernels.reference import eos_reduce_reference
+
+NORM_MODES = ("token", "frobenius")
+IMPLS = ("auto", "triton", "torch")
+PARAM_NAMES = ("gamma", "tau", "theta", "rho", "nu")
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def triton_interpreting() -> bool:
+    """True when Triton's CPU interpreter is switched on (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def resolve_impl(impl: str, device: torch.device, name: str = "impl") -> str:
+    """Map ``impl`` ("auto" | "triton" | "torch") to "triton" or "torch" for ``device``.
+
+    "auto" uses the kernels on CUDA and the reference elsewhere. "triton" on a
+    non-CUDA device needs Triton's interpreter, else a RuntimeError says how to
+    get it.
+    """
+    if not isinstance(impl, str) or impl not in IMPLS:
+        raise ValueError(f"{name} must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if impl == "triton" and device.type != "cuda" and not triton_interpreting():
+        raise RuntimeError(
+            f"{name}='triton' on a {device.type} tensor needs Triton's interpreter: set "
+            "TRITON_INTERPRET=1 in the environment before Triton is imported, or use "
+            f"{name}='torch' (or 'auto') for the PyTorch reference"
+        )
+    return impl
+
+
+def _check_param(name, value, device):
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.Tensor)):
+        raise TypeError(f"{name} must be a Python float or a 0-d floating tensor, got {type(value).__name__}")
+    if torch.is_tensor(value):
+        if value.dim() != 0:
+            raise ValueError(f"{name} must be a 0-d tensor, got shape {tuple(value.shape)}")
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
+        return value if value.device == device else value.to(device)
+    return float(value)
+
+
+def _check_inputs(anchors, candidates, scores):
+    for name, t in (("anchors", anchors), ("candidates", candidates), ("scores", scores)):
+        if not torch.is_tensor(t):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must have a floating dtype, got {t.dtype}")
+    if anchors.dim() not in (2, 3):
+        raise ValueError(f"anchors must be [B, K, d] or [K, d], got shape {tuple(anchors.shape)}")
+    if candidates.dim() != anchors.dim():
+        raise ValueError(
+            f"candidates must have the same rank as anchors ({anchors.dim()}), got shape {tuple(candidates.shape)}"
+        )
+    if scores.dim() != anchors.dim() - 1:
+        raise ValueError(
+            f"scores must have rank {anchors.dim() - 1} ([B, M] or [M]), got shape {tuple(scores.shape)}"
+        )
+    if candidates.dtype != anchors.dtype:
+        raise TypeError(f"candidates dtype {candidates.dtype} does not match anchors dtype {anchors.dtype}")
+    for name, t in (("candidates", candidates), ("scores", scores)):
+        if t.device != anchors.device:
+            raise ValueError(f"{name} is on {t.device} but anchors are on {anchors.device}")
+    if candidates.shape[-1] != anchors.shape[-1]:
+        raise ValueError(
+            f"candidates feature size {candidates.shape[-1]} does not match anchors feature size {anchors.shape[-1]}"
+        )
+    if anchors.dim() == 3 and candidates.shape[0] != anchors.shape[0]:
+        raise ValueError(f"candidates batch {candidates.shape[0]} does not match anchors batch {anchors.shape[0]}")
+    if tuple(scores.shape) != tuple(candidates.shape[:-1]):
+        raise ValueError(
+            f"scores must have shape {tuple(candidates.shape[:-1])} (one per candidate), got {tuple(scores.shape)}"
+        )
+    if anchors.shape[-2] == 0:
+        raise ValueError("anchors must hold at least one token (K >= 1)")
+    if anchors.shape[-1] == 0:
+        raise ValueError("anchors must have a non-empty feature dimension (d >= 1)")
+
+
+def eos_reduce(anchors, candidates, scores, gamma, tau, theta, rho, nu,
+               *, beta=10.0, norm="token", impl="auto"):
+    """Reduce ``candidates`` into ``anchors`` with the unified EOS operator.
+
+    Per sample (DESIGN.md §2; paper eqs. 2-7, executed code of appendix B)::
+
+        S = normalize(D) normalize(A)^T;  W = softmax_anchors(S / tau)
+        m = sigmoid(beta (max_j S - theta));  A~ = A + gamma W^T (D * m)
+        A^ = A~ * (1 + rho softmax_anchors(S)^T softmax(scores))
+        out = (1 - nu) A^ + nu r A^
+
+    Args:
+        anchors: [B, K, d] or [K, d] kept tokens (K >= 1).
+        candidates: [B, M, d] or [M, d] tokens being reduced (M may be 0);
+            same dtype and device as ``anchors``.
+        scores: [B, M] or [M] importance of each candidate (any floating dtype).
+        gamma, tau, theta, rho, nu: operator parameters, Python floats or 0-d
+            floating tensors (which may require grad). ``tau`` must be > 0.
+        beta: gate sharpness (a Python float).
+        norm: "token" (per-token ratio r_j = ||a_j|| / max(||A^_j||, 1e-6),
+            the default) or "frobenius" (r = ||A||_F / (||A^||_F + 1e-6) per
+            sample, equation 6).
+        impl: "auto" (fused Triton kernels for CUDA tensors, the PyTorch
+            reference otherwise), "triton" (the kernels; on CPU only under
+            ``TRITON_INTERPRET=1``) or "torch" (the reference).
+
+    Returns:
+        Tensor of the anchors' shape and dtype. Gradients flow to anchors,
+        candidates, scores and every tensor parameter on both paths.
+    """
+    _check_inputs(anchors, candidates, scores)
+    device = anchors.device
+    params = [_check_param(n, v, device) for n, v in zip(PARAM_NAMES, (gamma, tau, theta, rho, nu))]
+    tau_value = params[1]
+    if torch.is_tensor(tau_value):
+        # a one-element host read; tau must be positive for W = softmax(S / tau)
+        if not bool((tau_value > 0).item()):
+            raise ValueError(f"tau must be > 0, got {tau_value.item()}")
+    elif not tau_value > 0:
+        raise ValueError(f"tau must be > 0, got {tau_value}")
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
+        raise TypeError(f"beta must be a Python float, got {type(beta).__name__}")
+    if not isinstance(norm, str) or norm not in NORM_MODES:
+        raise ValueError(f"norm must be one of {NORM_MODES}, got {norm!r}")
+    impl = resolve_impl(impl, device)
+
+    unbatched = anchors.dim() == 2
+    if unbatched:
+        anchors, candidates, scores = anchors[None], candidates[None], scores[None]
+
+    if impl == "triton":
+        if anchors.dtype not in KERNEL_DTYPES:
+            raise TypeError(
+                f"impl='triton' supports float32, float16 and bfloat16 anchors, got {anchors.dtype}; "
+                "use impl='torch' for other dtypes"
+            )
+        from eos_kernels.triton.reduce import eos_reduce_triton
+
+        out = eos_reduce_triton(anchors, candidates, scores, *params, beta=float(beta), norm=norm)
+    else:
+        out = eos_reduce_reference(anchors, candidates, scores, *params, beta=float(beta), norm=norm)
+    return out[0] if unbatched else out
