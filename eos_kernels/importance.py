@@ -15,11 +15,11 @@ Two implementations give the same numbers:
 """
 import math
 import numbers
-import os
 
 import torch
 
-_IMPLS = ("auto", "triton", "torch")
+from eos_kernels._dispatch import IMPLS, resolve_impl
+
 
 
 def text_to_visual_importance(query, key, visual, text, attention_mask=None, scale=None,
@@ -79,10 +79,6 @@ class _Prepared:
             setattr(self, name, value)
 
 
-def _interpreter_requested():
-    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
-
-
 def _check_mask(name, mask, B, L, device, allow_int):
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
@@ -99,8 +95,8 @@ def _check_mask(name, mask, B, L, device, allow_int):
 
 def _prepare(query, key, visual, text, attention_mask, scale, impl):
     """Validate the arguments and build the shared per-sample row information."""
-    if not isinstance(impl, str) or impl not in _IMPLS:
-        raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
+    if not isinstance(impl, str) or impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     for name, x in (("query", query), ("key", key)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -133,16 +129,7 @@ def _prepare(query, key, visual, text, attention_mask, scale, impl):
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
 
-    if impl == "torch":
-        use_triton = False
-    elif impl == "auto":
-        use_triton = query.is_cuda
-    else:
-        use_triton = query.is_cuda or (query.device.type == "cpu" and _interpreter_requested())
-        if not use_triton:
-            raise RuntimeError(
-                "impl='triton' needs CUDA tensors; for CPU tensors set TRITON_INTERPRET=1 "
-                f"before Triton is imported (got tensors on {query.device})")
+    use_triton = resolve_impl(impl, query.device) == "triton"
 
     query = query.detach()
     key = key.detach()

@@ -2,41 +2,15 @@
 from __future__ import annotations
 
 import numbers
-import os
 
 import torch
 
+from eos_kernels._dispatch import resolve_impl
 from eos_kernels.reference import eos_reduce_reference
 
 NORM_MODES = ("token", "frobenius")
-IMPLS = ("auto", "triton", "torch")
 PARAM_NAMES = ("gamma", "tau", "theta", "rho", "nu")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def triton_interpreting() -> bool:
-    """True when Triton's CPU interpreter is switched on (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
-
-
-def resolve_impl(impl: str, device: torch.device, name: str = "impl") -> str:
-    """Map ``impl`` ("auto" | "triton" | "torch") to "triton" or "torch" for ``device``.
-
-    "auto" uses the kernels on CUDA and the reference elsewhere. "triton" on a
-    non-CUDA device needs Triton's interpreter, else a RuntimeError says how to
-    get it.
-    """
-    if not isinstance(impl, str) or impl not in IMPLS:
-        raise ValueError(f"{name} must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    if impl == "triton" and device.type != "cuda" and not triton_interpreting():
-        raise RuntimeError(
-            f"{name}='triton' on a {device.type} tensor needs Triton's interpreter: set "
-            "TRITON_INTERPRET=1 in the environment before Triton is imported, or use "
-            f"{name}='torch' (or 'auto') for the PyTorch reference"
-        )
-    return impl
 
 
 def _check_param(name, value, device):

@@ -3,14 +3,14 @@
 Import this module only after ``TRITON_INTERPRET`` has its final value: Triton
 decides at decoration time whether a ``@triton.jit`` function is interpreted.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from eos_kernels._dispatch import triton_interpreting
+
 #: whether the kernels of this process were decorated for Triton's CPU interpreter
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+INTERPRETED = triton_interpreting()
 
 
 def check_launchable(device: torch.device) -> None:
