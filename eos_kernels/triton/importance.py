@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from eos_kernels.triton._runtime import INTERPRETED, check_launchable
+
 # Under TRITON_INTERPRET=1, ``triton.jit`` returns an interpreted function; the
 # interpreter's bf16 maths is broken, so loaded 16-bit tiles are upcast to fp32
 # there (a constexpr flag: nothing changes in the compiled GPU kernel).
@@ -108,9 +110,6 @@ def _text_to_visual_importance_kernel(
         tl.store(part_base + offs_n, tl.where(vis != 0, col, 0.0), mask=n_ok)
 
 
-_INTERPRETED = type(_text_to_visual_importance_kernel).__name__ == "InterpretedFunction"
-
-
 def _pick_block_m(t_max, programs_per_row_block, device):
     """Rows per program: 16..64, halved while the grid would leave SMs idle."""
     block_m = min(64, max(16, triton.next_power_of_2(max(t_max, 1))))
@@ -142,10 +141,7 @@ def text_to_visual_importance_sums(query, key, rows, keep, visual, bounds, scale
         probability on each visual key (0 elsewhere). Divide by Hq * T_b for the
         mean.
     """
-    if not query.is_cuda and not _INTERPRETED:
-        raise RuntimeError(
-            "the Triton importance kernel needs CUDA tensors, or TRITON_INTERPRET=1 set "
-            "before Triton kernels are first imported")
+    check_launchable(query.device)
     B, Hq, L, dh = query.shape
     Hkv = key.shape[1]
     t_max = rows.shape[1]
@@ -163,7 +159,7 @@ def text_to_visual_importance_sums(query, key, rows, keep, visual, bounds, scale
     part = torch.zeros((B, Hq, n_row_blocks, L), dtype=torch.float32, device=query.device)
     if B == 0 or t_max == 0 or L == 0:
         return part.sum(dim=(1, 2))
-    upcast = _INTERPRETED and query.dtype != torch.float32
+    upcast = INTERPRETED and query.dtype != torch.float32
     # fp32 inputs: exact fp32 products (no TF32); 16-bit inputs use the tensor
     # cores with fp32 accumulation either way.
     precision = "ieee" if query.dtype == torch.float32 else "tf32"
