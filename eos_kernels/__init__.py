@@ -9,9 +9,36 @@ not import Triton or transformers until they are needed):
 - :func:`text_to_visual_importance`, :func:`select_anchors` -- token importance and anchors.
 - :func:`patch_llava`, :func:`unpatch_llava` -- EOS inside a Hugging Face LLaVA model.
 """
+import importlib.abc
+import importlib.util
+import sys
 from importlib import import_module
+from pathlib import Path
 
 __version__ = "0.1.0"
+
+
+class _SourceCheckoutIntegrations(importlib.abc.MetaPathFinder):
+    """Finds ``eos_kernels.integrations`` in a source checkout.
+
+    setup.py installs the top-level ``integrations/`` folder as
+    ``eos_kernels.integrations``; run from a checkout (not installed), this
+    finder gives the same layout, for that one name only.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def find_spec(self, name, path=None, target=None):
+        if name != __name__ + ".integrations":
+            return None
+        return importlib.util.spec_from_file_location(
+            name, self.folder / "__init__.py", submodule_search_locations=[str(self.folder)])
+
+
+_here = Path(__file__).resolve().parent
+if not (_here / "integrations").is_dir() and (_here.parent / "integrations" / "__init__.py").is_file():
+    sys.meta_path.append(_SourceCheckoutIntegrations(_here.parent / "integrations"))
 
 # public name -> module that defines it
 _LAZY = {
