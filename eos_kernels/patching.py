@@ -1,0 +1,1000 @@
+"""EOS token reduction inside a stock Hugging Face decoder, per model instance.
+
+This module is the model-agnostic half of :func:`eos_kernels.patch_llava`; a
+model family plugs in through a small :class:`DecoderAdapter` (the LLaVA-1.5
+one lives in ``eos_kernels.integrations.llava``). Supported transformers:
+``5.0 <= version < 6`` (the 5.x decoder-layer API; the CPU test suite runs on
+5.23, the GPU machine has 5.17); anything else raises ``RuntimeError`` at patch
+time.
+
+What a patched model does
+-------------------------
+At each reducer layer ``l`` of a :class:`~eos_kernels.theta.Theta`, during a
+*prefill* forward (the KV cache is empty or absent) that contains visual tokens:
+
+1. layer ``l`` runs at full length with the model's own attention
+   implementation (eager, sdpa or flash: nothing is switched);
+2. its query and key after RoPE are rebuilt from the outputs of the layer's
+   ``q_proj``/``k_proj`` (forward hooks, registered on reducer layers only) and
+   the very ``(cos, sin)`` the layer received, with the model's own
+   ``apply_rotary_pos_emb`` -- so no attention weights are needed, no eager
+   attention is forced and no projection is computed twice. (A function
+   registered with transformers' ``AttentionInterface`` would also see q/k, but
+   it is selected through ``config._attn_implementation``, which the text
+   config shares across layers and which also picks the mask builder; the
+   projection hooks leave both untouched.)
+3. :func:`~eos_kernels.importance.text_to_visual_importance` rates each visual
+   token by the attention the *rating rows* pay it: the non-visual, non-padded
+   tokens after the sample's first visual token that belong to the prompt
+   (inside ``model.generate`` the prompt is the input given to ``generate``, so
+   generated tokens never rate; for a plain forward it is the whole input);
+4. :func:`~eos_kernels.selection.select_anchors` keeps the ``K`` best visual
+   tokens of each sample, :func:`~eos_kernels.operator.eos_reduce` folds the
+   other ``M = N - K`` into them, and the sequence leaving layer ``l`` is the
+   non-visual tokens (padding included) plus the reduced anchors, in their
+   original order.
+
+Later layers get the shorter sequence; their position embeddings ``(cos,
+sin)``, position ids and attention mask are gathered at the kept tokens'
+*original* positions (RoPE positions are never renumbered), so every layer's
+KV cache holds exactly the tokens that layer processed. After the last layer
+the hidden states are scattered back to the input length so that logits,
+labels and ``logits_to_keep`` keep their usual shapes: positions whose token
+was removed get a zero hidden state (zero logits).
+
+Decoding (``past_key_values`` not empty) never re-reduces. The layers behind a
+reducer have shorter caches, so each one gets the model's attention mask
+gathered at the original positions its cache slots hold (for sdpa without
+padding the mask is ``None`` and stays ``None``). The slot -> position map
+lives on the cache object itself (``cache._eos_map``), and the cache's
+``reorder_cache`` / ``batch_select_indices`` / ``batch_repeat_interleave`` /
+``crop`` are wrapped on that instance so that beam search and batch
+manipulation keep the map aligned with the cache rows. ``generate`` with the
+cache therefore gives the same tokens as ``generate(use_cache=False)``, where
+every step is a fresh reduced prefill.
+
+Mechanics, all per instance and removable: forward (pre-)hooks on the input
+module (it sees ``input_ids``, hence the visual positions), the decoder stack
+(per-forward state, the report) and the decoder layers from the first reducer
+on (slicing, reduction, the scatter back), forward hooks on the reducer
+layers' ``q_proj``/``k_proj``, and an instance attribute ``generate`` that
+records the prompt length. No class, global registry or config is modified.
+:func:`unpatch_model` removes everything; outputs are then bit-identical to the
+unpatched model. The report of the last prefill is ``model.eos_report``
+(:func:`get_report`), an :class:`EOSReport`.
+
+Limitations: every sample of a batch must hold the same number of visual tokens
+at prefill (true for LLaVA-1.5: one image of ``(image_size / patch_size)^2``
+tokens each; otherwise ``ValueError``); flex attention's ``BlockMask`` is not
+supported (``NotImplementedError``); a prefill is one forward (chunked prefill
+would reduce the first chunk only); visual tokens arriving after the prefill
+(a later turn on the same cache) are not reduced; ``output_hidden_states``
+gives each layer's states at that layer's own length; the hooks keep Python
+state, so ``torch.compile`` of a patched model is untested; a patched instance
+is not safe to run from several threads at once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import sys
+import types
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from eos_kernels.importance import text_to_visual_importance
+from eos_kernels.operator import eos_reduce
+from eos_kernels.selection import select_anchors
+from eos_kernels.theta import Reducer, Theta
+
+__all__ = [
+    "TRANSFORMERS_MIN",
+    "TRANSFORMERS_MAX",
+    "DecoderAdapter",
+    "EOSReport",
+    "StageRecord",
+    "as_theta",
+    "check_transformers_version",
+    "get_report",
+    "is_patched",
+    "patch_model",
+    "unpatch_model",
+]
+
+#: Supported transformers versions: ``TRANSFORMERS_MIN <= version < TRANSFORMERS_MAX``.
+TRANSFORMERS_MIN = "5.0"
+TRANSFORMERS_MAX = "6.0"
+
+_STATE_ATTR = "_eos_patch_state"
+_REPORT_ATTR = "eos_report"
+_CACHE_MAP_ATTR = "_eos_map"
+_CACHE_WRAPPED_ATTR = "_eos_wrapped"
+
+
+# --------------------------------------------------------------------------- versions / theta
+def check_transformers_version() -> str:
+    """Return the installed transformers version; ``RuntimeError`` outside the supported range."""
+    try:
+        import transformers
+    except ImportError as exc:  # pragma: no cover - transformers is a hard requirement here
+        raise RuntimeError(
+            "eos_kernels model patching needs transformers "
+            f">={TRANSFORMERS_MIN},<{TRANSFORMERS_MAX} (pip install 'eos_kernels[hf]')"
+        ) from exc
+    from packaging.version import Version
+
+    version = transformers.__version__
+    v = Version(version)
+    if not (Version(TRANSFORMERS_MIN) <= Version(v.base_version) < Version(TRANSFORMERS_MAX)):
+        raise RuntimeError(
+            f"eos_kernels model patching supports transformers >={TRANSFORMERS_MIN},<{TRANSFORMERS_MAX} "
+            f"(the 5.x decoder-layer API); found transformers {version}"
+        )
+    return version
+
+
+def as_theta(theta: Any) -> Theta:
+    """A :class:`Theta` from a Theta, a mapping (the JSON schema) or a path / JSON string."""
+    if isinstance(theta, Theta):
+        return theta
+    if isinstance(theta, Mapping):
+        return Theta.from_dict(theta)
+    if isinstance(theta, (str, os.PathLike)):
+        return Theta.from_json(theta)
+    raise TypeError(
+        f"theta must be a Theta, a dict in the Theta JSON schema, or a path to a Theta JSON file; "
+        f"got {type(theta).__name__}"
+    )
+
+
+# --------------------------------------------------------------------------- adapter
+class DecoderAdapter:
+    """What the generic patcher needs to know about one model family.
+
+    The defaults fit Llama-style decoder layers of transformers 5.x (Llama,
+    Mistral, Qwen2, ...): ``layer.self_attn`` with ``q_proj``/``k_proj`` (or
+    ``q_norm``/``k_norm`` applied after them), ``head_dim``, ``scaling``, and a
+    module-level ``apply_rotary_pos_emb(q, k, cos, sin)`` in the attention
+    module's own modeling file. A subclass provides the model-specific parts
+    marked below; :mod:`eos_kernels.integrations.llava` is the example.
+    """
+
+    #: Human-readable family name used in messages.
+    name = "decoder"
+
+    # ---- model-specific (override)
+    def check_model(self, model: nn.Module) -> None:
+        """Raise ``ValueError`` naming the problem if ``model`` is not supported."""
+        raise NotImplementedError
+
+    def input_module(self, model: nn.Module) -> nn.Module:
+        """The module called with ``input_ids`` before the decoder stack runs."""
+        raise NotImplementedError
+
+    def text_model(self, model: nn.Module) -> nn.Module:
+        """The decoder stack: its ``forward`` runs the decoder-layer loop."""
+        raise NotImplementedError
+
+    def visual_mask(self, model: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """bool [B, L] of visual-token positions, from the input module's call arguments."""
+        raise NotImplementedError
+
+    def visual_tokens_per_image(self, model: nn.Module) -> int | None:
+        """Visual tokens per image from the config (for patch-time validation), or None."""
+        return None
+
+    # ---- Llama-style defaults
+    def decoder_layers(self, model: nn.Module) -> Sequence[nn.Module]:
+        text = self.text_model(model)
+        layers = getattr(text, "layers", None)
+        if not isinstance(layers, (nn.ModuleList, list, tuple)):
+            raise ValueError(f"{type(text).__name__} has no `layers` list of decoder layers")
+        n = self.num_layers(model)
+        return list(layers)[:n]
+
+    def num_layers(self, model: nn.Module) -> int:
+        text = self.text_model(model)
+        n = getattr(getattr(text, "config", None), "num_hidden_layers", None)
+        return int(n) if n is not None else len(text.layers)
+
+    def attention(self, layer: nn.Module) -> nn.Module:
+        attn = getattr(layer, "self_attn", None)
+        if attn is None:
+            raise ValueError(f"decoder layer {type(layer).__name__} has no `self_attn`")
+        return attn
+
+    def check_layer(self, layer: nn.Module) -> None:
+        attn = self.attention(layer)
+        for name in ("q_proj", "k_proj"):
+            if not isinstance(getattr(attn, name, None), nn.Module):
+                raise ValueError(
+                    f"attention module {type(attn).__name__} has no `{name}`; this adapter expects "
+                    "Llama-style attention (separate q_proj / k_proj)"
+                )
+        if getattr(sys.modules.get(type(attn).__module__), "apply_rotary_pos_emb", None) is None:
+            raise ValueError(
+                f"no apply_rotary_pos_emb in {type(attn).__module__}; this adapter expects Llama-style RoPE"
+            )
+
+    def qk_modules(self, layer: nn.Module) -> tuple[nn.Module, nn.Module]:
+        """Modules whose outputs are the query / key before RoPE (hooked on reducer layers)."""
+        attn = self.attention(layer)
+        q = getattr(attn, "q_norm", None)
+        k = getattr(attn, "k_norm", None)
+        if isinstance(q, nn.Module) and isinstance(k, nn.Module):
+            return q, k
+        return attn.q_proj, attn.k_proj
+
+    def query_key(self, layer: nn.Module, q_out: torch.Tensor, k_out: torch.Tensor,
+                  position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query [B, Hq, L, dh] and key [B, Hkv, L, dh] after RoPE, as the attention saw them."""
+        attn = self.attention(layer)
+        head_dim = attn.head_dim
+        B, L = q_out.shape[0], q_out.shape[1]
+        q = q_out.reshape(B, L, -1, head_dim).transpose(1, 2)
+        k = k_out.reshape(B, L, -1, head_dim).transpose(1, 2)
+        if position_embeddings is None:
+            raise RuntimeError(
+                f"decoder layer {type(layer).__name__} was called without position_embeddings; "
+                "this adapter expects transformers 5.x Llama-style layers"
+            )
+        cos, sin = position_embeddings
+        rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        return rope(q, k, cos, sin)
+
+    def attention_scale(self, layer: nn.Module) -> float:
+        attn = self.attention(layer)
+        scale = getattr(attn, "scaling", None)
+        return float(scale) if scale is not None else float(attn.head_dim) ** -0.5
+
+    def attn_implementation(self, model: nn.Module) -> str:
+        config = getattr(self.text_model(model), "config", None)
+        impl = getattr(config, "_attn_implementation", None) or "eager"
+        return str(impl)
+
+
+# --------------------------------------------------------------------------- report
+@dataclasses.dataclass(frozen=True)
+class StageRecord:
+    """One reduction at one layer of one prefill forward.
+
+    Attributes:
+        layer: the reducer's decoder layer (it ran at ``seq_in`` tokens).
+        regime: the operator regime (prune, merge, pool, reweight, hybrid).
+        visual_in, visual_out: visual tokens entering / leaving, per sample.
+        seq_in, seq_out: sequence length (padding included) entering / leaving.
+        kept_positions: long [B, seq_out], the original positions (indices into
+            the input sequence) of the tokens leaving the layer, ascending.
+    """
+
+    layer: int
+    regime: str
+    visual_in: tuple[int, ...]
+    visual_out: tuple[int, ...]
+    seq_in: int
+    seq_out: int
+    kept_positions: torch.Tensor = dataclasses.field(repr=False, compare=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class EOSReport:
+    """What the last prefill forward of a patched model did (``model.eos_report``).
+
+    Attributes:
+        theta_name: the Theta's name (or None).
+        num_layers: decoder layers of the model.
+        batch_size, sequence_length: shape of the prefill input.
+        visual_tokens: visual tokens per sample in the input.
+        stages: one :class:`StageRecord` per reducer that ran, in layer order.
+        note: why nothing was reduced, when nothing was.
+    """
+
+    theta_name: str | None
+    num_layers: int
+    batch_size: int
+    sequence_length: int
+    visual_tokens: tuple[int, ...]
+    stages: tuple[StageRecord, ...]
+    note: str | None = None
+
+    @property
+    def reduced(self) -> bool:
+        return bool(self.stages)
+
+    def leaving_per_layer(self, sample: int = 0) -> list[int]:
+        """Visual tokens leaving each decoder layer for ``sample``."""
+        current, out = self.visual_tokens[sample], []
+        by_layer = {s.layer: s for s in self.stages}
+        for layer in range(self.num_layers):
+            if layer in by_layer:
+                current = by_layer[layer].visual_out[sample]
+            out.append(current)
+        return out
+
+    def processed_per_layer(self, sample: int = 0) -> list[int]:
+        """Visual tokens each decoder layer processes (what enters it) for ``sample``."""
+        leaving = self.leaving_per_layer(sample)
+        return [self.visual_tokens[sample]] + leaving[:-1]
+
+    def to_dict(self) -> dict:
+        return {
+            "theta_name": self.theta_name,
+            "num_layers": self.num_layers,
+            "batch_size": self.batch_size,
+            "sequence_length": self.sequence_length,
+            "visual_tokens": list(self.visual_tokens),
+            "note": self.note,
+            "stages": [
+                {"layer": s.layer, "regime": s.regime, "visual_in": list(s.visual_in),
+                 "visual_out": list(s.visual_out), "seq_in": s.seq_in, "seq_out": s.seq_out}
+                for s in self.stages
+            ],
+        }
+
+    def __str__(self) -> str:
+        name = f" {self.theta_name!r}" if self.theta_name else ""
+        head = (f"EOS report{name}: batch {self.batch_size}, {self.sequence_length} tokens per sample, "
+                f"visual tokens per sample {list(self.visual_tokens)}, {self.num_layers} layers")
+        if not self.stages:
+            return head + "\n  no reduction" + (f" ({self.note})" if self.note else "")
+        header = ("layer", "regime", "sample", "visual in", "visual out", "seq in", "seq out")
+        rows = [header]
+        for s in self.stages:
+            for b in range(self.batch_size):
+                rows.append((str(s.layer), s.regime, str(b), str(s.visual_in[b]), str(s.visual_out[b]),
+                             str(s.seq_in), str(s.seq_out)))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+        lines = [head]
+        for r in rows:
+            lines.append("  " + "  ".join(c.ljust(w) if i == 1 else c.rjust(w)
+                                          for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+        means = [sum(self.leaving_per_layer(b)) / self.num_layers for b in range(self.batch_size)]
+        lines.append("  mean visual tokens leaving a layer, per sample: "
+                     + ", ".join(f"{m:.2f}" for m in means))
+        return "\n".join(lines)
+
+
+def get_report(model: nn.Module) -> EOSReport | None:
+    """The :class:`EOSReport` of the last prefill forward of a patched model (None before any)."""
+    return model.__dict__.get(_REPORT_ATTR)
+
+
+def is_patched(model: nn.Module) -> bool:
+    return _STATE_ATTR in model.__dict__
+
+
+# --------------------------------------------------------------------------- cache map
+class _CacheMap:
+    """Which original positions each reduced layer's cache slots hold (prefill part)."""
+
+    __slots__ = ("prefill_length", "first_layers", "kept")
+
+    def __init__(self, prefill_length: int):
+        self.prefill_length = prefill_length
+        self.first_layers: list[int] = []   # first layer of each stage (reducer layer + 1)
+        self.kept: list[torch.Tensor] = []  # long [B, L'_s]: original positions of the stage's prefill slots
+
+    def stage_of(self, layer_idx: int) -> int | None:
+        stage = None
+        for s, first in enumerate(self.first_layers):
+            if first <= layer_idx:
+                stage = s
+        return stage
+
+
+def _cache_seq_length(cache, layer_idx: int = 0) -> int:
+    n = cache.get_seq_length(layer_idx) if layer_idx else cache.get_seq_length()
+    return int(n)
+
+
+def _wrap_cache_methods(cache) -> None:
+    """Keep ``cache._eos_map`` aligned when the cache's batch rows move (per instance)."""
+    if cache.__dict__.get(_CACHE_WRAPPED_ATTR):
+        return
+
+    def _bound(name):
+        return getattr(type(cache), name, None)
+
+    def reorder_cache(self, beam_idx):
+        m = self.__dict__.get(_CACHE_MAP_ATTR)
+        if m is not None:
+            m.kept = [k.index_select(0, beam_idx.to(k.device)) for k in m.kept]
+        return _bound("reorder_cache")(self, beam_idx)
+
+    def batch_select_indices(self, indices):
+        m = self.__dict__.get(_CACHE_MAP_ATTR)
+        if m is not None:
+            m.kept = [k[indices.to(k.device) if torch.is_tensor(indices) else indices] for k in m.kept]
+        return _bound("batch_select_indices")(self, indices)
+
+    def batch_repeat_interleave(self, repeats):
+        m = self.__dict__.get(_CACHE_MAP_ATTR)
+        if m is not None:
+            m.kept = [k.repeat_interleave(repeats, dim=0) for k in m.kept]
+        return _bound("batch_repeat_interleave")(self, repeats)
+
+    def crop(self, tokens):
+        # transformers 5.23: crop(-n) removes the last n tokens of every layer (crop(0) removes none);
+        # older releases also took crop(max_length > 0), an absolute length, which is wrong for layers
+        # holding fewer tokens: it is turned into a removal count here
+        m = self.__dict__.get(_CACHE_MAP_ATTR)
+        if m is not None:
+            length = _cache_seq_length(self)
+            remove = length - tokens if tokens > 0 else -tokens
+            generated = length - m.prefill_length
+            if remove > generated:
+                raise NotImplementedError(
+                    f"EOS: cannot crop {remove} tokens from a KV cache holding {generated} tokens after "
+                    "its reduced prefill (only tokens appended after the prefill can be cropped)"
+                )
+            return _bound("crop")(self, -remove if remove > 0 else 0)
+        return _bound("crop")(self, tokens)
+
+    for name, fn in (("reorder_cache", reorder_cache), ("batch_select_indices", batch_select_indices),
+                     ("batch_repeat_interleave", batch_repeat_interleave), ("crop", crop)):
+        if _bound(name) is not None:
+            setattr(cache, name, types.MethodType(fn, cache))
+    cache.__dict__[_CACHE_WRAPPED_ATTR] = True
+
+
+# --------------------------------------------------------------------------- per-forward context
+class _Context:
+    """State of one forward of the decoder stack."""
+
+    def __init__(self):
+        self.mode = "off"  # "prefill" (reducing), "decode" (on a reduced cache), "continue" (on another cache), "off"
+        self.batch = 0
+        self.length = 0             # input length of this forward
+        self.visual: torch.Tensor | None = None   # bool [B, L]
+        self.real: torch.Tensor | None = None     # bool [B, L] or None (no padding)
+        self.rows: torch.Tensor | None = None     # bool [B, L] rating rows
+        self.schedule: dict[int, tuple[int, int]] = {}
+        self.cur_idx: torch.Tensor | None = None  # long [B, L_cur] original positions (prefill)
+        self.stage_kwargs: dict | None = None     # sliced kwargs cached for the current stage
+        self.capturing: int | None = None
+        self.captured: dict[str, torch.Tensor] = {}
+        self.cache = None
+        self.cache_map: _CacheMap | None = None
+        self.decode_cols: dict[tuple, Any] = {}
+        self.stages: list[StageRecord] = []
+        self.note: str | None = None
+        self.visual_counts: tuple[int, ...] = ()
+
+
+class _PatchState:
+    def __init__(self, model, adapter: DecoderAdapter, theta: Theta):
+        self.adapter = adapter
+        self.theta = theta
+        self.reducers: dict[int, Reducer] = {r.layer: r for r in theta.reducers}
+        self.num_layers = adapter.num_layers(model)
+        self.handles: list = []
+        self.pending_visual: torch.Tensor | None = None
+        self.prompt_length: int | None = None
+        self.ctx: _Context | None = None
+        self.had_generate_attr = "generate" in model.__dict__
+        self.old_generate = model.__dict__.get("generate")
+        self.first_reducer = min(self.reducers) if self.reducers else None
+        self.installed_generate = None
+        layers = adapter.decoder_layers(model)
+        # transformers releases whose GradientCheckpointingLayer checkpoints __call__ run module hooks
+        # again in the backward recomputation; 5.23 checkpoints forward (hooks outside)
+        self.hooks_in_checkpoint = bool(layers) and type(layers[0]).__call__ is not nn.Module.__call__
+        self.layers = layers
+
+
+# --------------------------------------------------------------------------- helpers
+def _get_cache(kwargs: dict):
+    if "past_key_values" in kwargs:
+        return kwargs["past_key_values"]
+    return kwargs.get("past_key_value")
+
+
+def _gather_seq(x: torch.Tensor, idx: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """x [Bx, L, ...] gathered at idx [B, L'] along ``dim`` (1); Bx may be 1 (broadcast)."""
+    B = idx.shape[0]
+    if x.shape[0] != B:
+        x = x.expand(B, *x.shape[1:])
+    index = idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand(*idx.shape, *x.shape[2:])
+    return x.gather(dim, index)
+
+
+def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows of x [B, L, d] at idx [B, k] (no bounds check: no device sync)."""
+    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def _is_flash(impl: str) -> bool:
+    return "flash" in impl or "paged" in impl
+
+
+def _mask_cols(kept: torch.Tensor, prefill_len: int, kv_total: int, slots: int):
+    """Original kv column for each of a layer's ``slots`` cache slots, and which are invalid.
+
+    Slot s < L' holds ``kept[:, s]``; later slots hold the tokens appended after
+    the prefill, at original position ``prefill_len + (s - L')``. With a static
+    cache the layer has more slots than the mask has columns left for it: those
+    slots are empty and come back marked invalid (always masked).
+    """
+    B, Lk = kept.shape
+    device = kept.device
+    n_extra = max(slots - Lk, 0)
+    extra = torch.arange(prefill_len, prefill_len + n_extra, device=device)
+    cols = torch.cat([kept[:, :slots], extra.unsqueeze(0).expand(B, -1)], dim=1)
+    if prefill_len + n_extra > kv_total:  # kept positions are always < prefill_len <= kv_total
+        invalid = cols >= kv_total
+        return cols.clamp(max=kv_total - 1), invalid
+    return cols, None
+
+
+def _check_mask(mask) -> None:
+    if mask is not None and not (torch.is_tensor(mask) and mask.dim() in (2, 4)):
+        raise NotImplementedError(
+            "EOS patching supports 2-D or 4-D tensor attention masks (eager, sdpa, flash attention); "
+            f"got {type(mask).__name__} (flex attention's BlockMask and per-layer-type mask dicts are not "
+            "supported)"
+        )
+
+
+def _gather_mask(mask, rows: torch.Tensor | None, cols: torch.Tensor, invalid: torch.Tensor | None):
+    """Gather a 4-D [B|1, H|1, q, kv] or 2-D [B, kv] attention mask at query rows / kv columns."""
+    if mask is None:
+        return None
+    _check_mask(mask)
+    B = cols.shape[0]
+    if mask.dim() == 2:
+        m = mask if mask.shape[0] == B else mask.expand(B, -1)
+        m = m.gather(1, cols.to(m.device))
+        if invalid is not None:
+            m = m.masked_fill(invalid.to(m.device), 0)
+        return m
+    m = mask if mask.shape[0] == B else mask.expand(B, *mask.shape[1:])
+    H, q, _ = m.shape[1], m.shape[2], m.shape[3]
+    if rows is not None:
+        rows = rows.to(m.device)
+        m = m.gather(2, rows[:, None, :, None].expand(B, H, rows.shape[1], m.shape[3]))
+        q = rows.shape[1]
+    cols = cols.to(m.device)
+    m = m.gather(3, cols[:, None, None, :].expand(B, H, q, cols.shape[1]))
+    if invalid is not None:
+        fill = False if m.dtype == torch.bool else torch.finfo(m.dtype).min
+        m = m.masked_fill(invalid.to(m.device)[:, None, None, :], fill)
+    return m
+
+
+# --------------------------------------------------------------------------- hooks
+def _input_pre_hook(state: _PatchState, model):
+    def hook(module, args, kwargs):
+        state.pending_visual = None
+        state.pending_visual = state.adapter.visual_mask(model, args, kwargs)
+        return None
+
+    return hook
+
+
+def _input_post_hook(state: _PatchState):
+    def hook(module, args, kwargs, output):
+        state.pending_visual = None
+        return None
+
+    return hook
+
+
+def _text_pre_hook(state: _PatchState, model):
+    def hook(module, args, kwargs):
+        ctx = _Context()
+        state.ctx = ctx
+        visual, state.pending_visual = state.pending_visual, None
+        embeds = kwargs.get("inputs_embeds")
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        ref = embeds if embeds is not None else ids
+        if ref is None:
+            return None
+        B, L = ref.shape[0], ref.shape[1]
+        ctx.batch, ctx.length = B, L
+        cache = _get_cache(kwargs)
+        past = _cache_seq_length(cache) if cache is not None else 0
+        if past > 0:  # decoding (or continuing) on a filled cache: never reduce
+            cmap = cache.__dict__.get(_CACHE_MAP_ATTR) if hasattr(cache, "__dict__") else None
+            if cmap is not None and cmap.first_layers:
+                ctx.mode = "decode"
+                ctx.cache = cache
+                ctx.cache_map = cmap
+            else:
+                ctx.mode = "continue"
+            return None
+        # ---- prefill
+        if cache is not None and hasattr(cache, "__dict__"):
+            cache.__dict__.pop(_CACHE_MAP_ATTR, None)  # a reused cache: forget the old map
+        if visual is None or visual.shape != (B, L):
+            ctx.note = "no visual-token information (the input module was not called)"
+            ctx.visual_counts = (0,) * B
+            ctx.mode = "off"
+            return None
+        visual = visual.to(device=ref.device, dtype=torch.bool)
+        counts = visual.sum(dim=1).tolist()
+        ctx.visual_counts = tuple(int(c) for c in counts)
+        if not any(counts):
+            ctx.note = "no image tokens in the input: passed through unreduced"
+            ctx.mode = "off"
+            return None
+        if not state.reducers:
+            ctx.note = "theta has no reducers"
+            ctx.mode = "off"
+            return None
+        if len(set(counts)) != 1:
+            raise ValueError(
+                f"EOS: every sample of a batch must hold the same number of visual tokens, got {counts} "
+                "(batch prompts with the same number of images together)"
+            )
+        n = int(counts[0])
+        if state.hooks_in_checkpoint and torch.is_grad_enabled() and any(
+                getattr(layer, "gradient_checkpointing", False) and layer.training for layer in state.layers):
+            raise NotImplementedError(
+                "EOS: gradient checkpointing through a patched model needs a transformers release that "
+                "checkpoints decoder-layer forward() with hooks outside the checkpoint (5.23 does); "
+                "disable gradient checkpointing or upgrade transformers"
+            )
+        sched = state.theta.schedule(n)  # ValueError: keep > incoming, naming the reducer
+        ctx.schedule = {layer: (inc, kept) for layer, inc, kept in sched}
+        real = _real_tokens(kwargs.get("attention_mask"), B, L)
+        if real is not None:
+            real = real.to(ref.device)
+            if bool(real.all()):
+                real = None
+        ctx.visual, ctx.real = visual, real
+        ctx.rows = _rating_rows(visual, real, state.prompt_length)
+        ctx.cache = cache
+        ctx.mode = "prefill"
+        return None
+
+    return hook
+
+
+def _real_tokens(mask, B: int, L: int) -> torch.Tensor | None:
+    """bool [B, L], False at padding, from the prefill's attention mask (2-D, or a prepared 4-D one)."""
+    if not torch.is_tensor(mask):
+        return None
+    if mask.dim() == 2 and mask.shape[-1] >= L:
+        real = mask[:, :L] != 0
+    elif mask.dim() == 4 and mask.shape[-2] >= L and mask.shape[-1] >= L:
+        # a prepared mask (e.g. generate with a static cache): at prefill, token j sees itself
+        # unless it is padding, so the diagonal tells the padding apart
+        ar = torch.arange(L, device=mask.device)
+        diag = mask[:, 0, ar, ar]
+        real = diag if diag.dtype == torch.bool else diag > torch.finfo(diag.dtype).min / 2
+    else:
+        return None
+    return real.expand(B, L) if real.shape[0] != B else real
+
+
+def _rating_rows(visual: torch.Tensor, real: torch.Tensor | None, prompt_length: int | None) -> torch.Tensor:
+    """Text rows that rate the visual tokens: real, non-visual, after the first visual token, in the prompt."""
+    B, L = visual.shape
+    pos = torch.arange(L, device=visual.device).unsqueeze(0)
+    first = torch.where(visual, pos, L).min(dim=1, keepdim=True).values
+    base = ~visual if real is None else (~visual & real)
+    rows = base & (pos > first)
+    if prompt_length is not None and prompt_length < L:
+        rows = rows & (pos < prompt_length)
+    # fallbacks for a sample without such rows (e.g. a prompt ending with its image):
+    # every real non-visual token, then every real token
+    empty = ~rows.any(dim=1, keepdim=True)
+    rows = torch.where(empty, base, rows)
+    empty = ~rows.any(dim=1, keepdim=True)
+    every = torch.ones_like(visual) if real is None else real
+    return torch.where(empty, every, rows)
+
+
+def _text_post_hook(state: _PatchState, model):
+    def hook(module, args, kwargs, output):
+        ctx, state.ctx = state.ctx, None
+        if ctx is None or ctx.mode in ("decode", "continue") or ctx.batch == 0:
+            return None
+        note = ctx.note
+        if ctx.mode == "prefill" and len(ctx.stages) != len(ctx.schedule):
+            note = "the forward stopped before every reducer ran"
+        model.__dict__[_REPORT_ATTR] = EOSReport(
+            theta_name=state.theta.name,
+            num_layers=state.num_layers,
+            batch_size=ctx.batch,
+            sequence_length=ctx.length,
+            visual_tokens=ctx.visual_counts or (0,) * ctx.batch,
+            stages=tuple(ctx.stages),
+            note=note,
+        )
+        return None
+
+    return hook
+
+
+def _layer_pre_hook(state: _PatchState, model, layer_idx: int):
+    def hook(module, args, kwargs):
+        ctx = state.ctx
+        if ctx is None:
+            return None
+        if ctx.mode == "prefill":
+            if layer_idx in state.reducers:
+                ctx.capturing = layer_idx
+                ctx.captured = {}
+            if ctx.cur_idx is None:
+                return None
+            if ctx.stage_kwargs is None:
+                ctx.stage_kwargs = _slice_prefill_kwargs(state, model, ctx, kwargs)
+            new = dict(kwargs)
+            new.update(ctx.stage_kwargs)
+            if "cache_position" in kwargs and kwargs["cache_position"] is not None:
+                new["cache_position"] = torch.arange(ctx.cur_idx.shape[1], device=ctx.cur_idx.device)
+            return args, new
+        if ctx.mode == "decode":
+            return _decode_kwargs(state, ctx, layer_idx, args, kwargs)
+        return None
+
+    return hook
+
+
+def _slice_prefill_kwargs(state: _PatchState, model, ctx: _Context, kwargs: dict) -> dict:
+    idx = ctx.cur_idx
+    out = {}
+    pe = kwargs.get("position_embeddings")
+    if pe is not None:
+        out["position_embeddings"] = tuple(_gather_seq(t, idx.to(t.device)) for t in pe)
+    pid = kwargs.get("position_ids")
+    if pid is not None:
+        if _is_flash(state.adapter.attn_implementation(model)):
+            # flash attention reads non-contiguous position ids as packed sequences (batch 1, no mask);
+            # RoPE already comes from the sliced position_embeddings
+            out["position_ids"] = None
+        else:
+            out["position_ids"] = _gather_seq(pid, idx.to(pid.device))
+    if "attention_mask" in kwargs:
+        mask = kwargs["attention_mask"]
+        _check_mask(mask)
+        if mask is not None:
+            kv_total = mask.shape[-1]
+            slots = kv_total - (ctx.length - idx.shape[1])
+            if getattr(ctx.cache, "is_compileable", False):
+                slots = kv_total
+            cols, invalid = _mask_cols(idx, ctx.length, kv_total, slots)
+            rows = idx if mask.dim() == 4 else None
+            out["attention_mask"] = _gather_mask(mask, rows, cols, invalid)
+    return out
+
+
+def _decode_kwargs(state: _PatchState, ctx: _Context, layer_idx: int, args, kwargs):
+    cmap = ctx.cache_map
+    stage = cmap.stage_of(layer_idx)
+    if stage is None:
+        return None
+    kept = cmap.kept[stage]
+    changed = {}
+    mask = kwargs.get("attention_mask")
+    hidden = kwargs.get("hidden_states", args[0] if args else None)
+    q = hidden.shape[1] if hidden is not None else None
+    _check_mask(mask)
+    if mask is not None:
+        key = (stage, id(mask))
+        if key not in ctx.decode_cols:
+            kv_total = mask.shape[-1]
+            removed = cmap.prefill_length - kept.shape[1]
+            slots = kv_total if getattr(ctx.cache, "is_compileable", False) else kv_total - removed
+            cols, invalid = _mask_cols(kept, cmap.prefill_length, kv_total, slots)
+            ctx.decode_cols[key] = _gather_mask(mask, None, cols, invalid)
+        changed["attention_mask"] = ctx.decode_cols[key]
+    if kwargs.get("cache_position") is not None and q is not None:
+        removed = cmap.prefill_length - kept.shape[1]
+        start = _cache_seq_length(ctx.cache) - q - removed if ctx.cache is not None else 0
+        changed["cache_position"] = torch.arange(start, start + q, device=kept.device)
+    if not changed:
+        return None
+    new = dict(kwargs)
+    new.update(changed)
+    return args, new
+
+
+def _capture_hook(state: _PatchState, layer_idx: int, which: str):
+    def hook(module, args, output):
+        ctx = state.ctx
+        if ctx is not None and ctx.capturing == layer_idx:
+            ctx.captured[which] = output
+        return None
+
+    return hook
+
+
+def _layer_post_hook(state: _PatchState, model, layer_idx: int, is_last: bool):
+    def hook(module, args, kwargs, output):
+        ctx = state.ctx
+        if ctx is None or ctx.mode != "prefill":
+            return None
+        hidden = output[0] if isinstance(output, tuple) else output
+        new_hidden = hidden
+        if layer_idx in state.reducers and ctx.capturing == layer_idx:
+            ctx.capturing = None
+            captured, ctx.captured = ctx.captured, {}
+            new_hidden = _reduce(state, model, ctx, layer_idx, module, kwargs, hidden, captured)
+        if is_last and ctx.cur_idx is not None:
+            B, _, d = new_hidden.shape
+            full = new_hidden.new_zeros(B, ctx.length, d)
+            idx = ctx.cur_idx.to(new_hidden.device)
+            new_hidden = full.scatter(1, idx.unsqueeze(-1).expand(-1, -1, d), new_hidden)
+        if new_hidden is hidden:
+            return None
+        if isinstance(output, tuple):
+            return (new_hidden,) + tuple(output[1:])
+        return new_hidden
+
+    return hook
+
+
+def _reduce(state: _PatchState, model, ctx: _Context, layer_idx: int, layer: nn.Module, kwargs: dict,
+            hidden: torch.Tensor, captured: dict) -> torch.Tensor:
+    """Reduce the visual tokens leaving ``layer_idx``; returns the shorter hidden states."""
+    reducer = state.reducers[layer_idx]
+    incoming, kept = ctx.schedule[layer_idx]
+    if "q" not in captured or "k" not in captured:
+        raise RuntimeError(
+            f"EOS: the query/key of layer {layer_idx} were not captured (is {type(layer).__name__} "
+            "a Llama-style layer?)"
+        )
+    B, Lc, d = hidden.shape
+    device = hidden.device
+    if ctx.cur_idx is None:
+        cur = torch.arange(Lc, device=device).unsqueeze(0).expand(B, Lc)
+    else:
+        cur = ctx.cur_idx.to(device)
+    visual = ctx.visual.to(device).gather(1, cur)
+    rows = ctx.rows.to(device).gather(1, cur)
+    real = ctx.real.to(device).gather(1, cur) if ctx.real is not None else None
+    query, key = state.adapter.query_key(layer, captured["q"], captured["k"], kwargs.get("position_embeddings"))
+    scores = text_to_visual_importance(query, key, visual, rows, real,
+                                       scale=state.adapter.attention_scale(layer))
+    # positions (current coordinates) of each sample's visual tokens, ascending
+    vis_pos = torch.sort((~visual).to(torch.int8), dim=1, stable=True).indices[:, :incoming]
+    vis_scores = scores.gather(1, vis_pos)
+    a_idx, c_idx = select_anchors(vis_scores, kept)
+    anchor_pos = vis_pos.gather(1, a_idx)
+    cand_pos = vis_pos.gather(1, c_idx)
+    anchors = _take(hidden, anchor_pos)
+    candidates = _take(hidden, cand_pos)
+    reduced = eos_reduce(anchors, candidates, vis_scores.gather(1, c_idx), **reducer.operator_kwargs())
+    keep = (~visual).scatter(1, anchor_pos, True)
+    new_len = Lc - (incoming - kept)
+    new_pos = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :new_len]
+    slots = (keep.to(torch.long).cumsum(dim=1) - 1).gather(1, anchor_pos)
+    out = _take(hidden, new_pos)
+    out = out.scatter(1, slots.unsqueeze(-1).expand(-1, -1, d), reduced.to(out.dtype))
+    ctx.cur_idx = cur.gather(1, new_pos)
+    ctx.stage_kwargs = None
+    ctx.stages.append(StageRecord(
+        layer=layer_idx, regime=reducer.regime, visual_in=(incoming,) * B, visual_out=(kept,) * B,
+        seq_in=Lc, seq_out=new_len, kept_positions=ctx.cur_idx.detach(),
+    ))
+    cache = _get_cache(kwargs)
+    if cache is not None and hasattr(cache, "__dict__"):
+        if len(ctx.stages) == 1:  # first reduction of this prefill: a fresh map
+            cache.__dict__[_CACHE_MAP_ATTR] = _CacheMap(ctx.length)
+            _wrap_cache_methods(cache)
+        cmap = cache.__dict__[_CACHE_MAP_ATTR]
+        cmap.first_layers.append(layer_idx + 1)
+        cmap.kept.append(ctx.cur_idx.detach())
+    return out
+
+
+def _generate_wrapper(state: _PatchState, model):
+    original = model.generate  # bound method (or an existing instance attribute)
+
+    def generate(*args, **kwargs):
+        prompt = args[0] if args else kwargs.get("inputs")
+        if prompt is None:
+            prompt = kwargs.get("input_ids")
+        if prompt is None:
+            prompt = kwargs.get("inputs_embeds")
+        previous = state.prompt_length
+        state.prompt_length = int(prompt.shape[1]) if torch.is_tensor(prompt) and prompt.dim() >= 2 else None
+        try:
+            return original(*args, **kwargs)
+        finally:
+            state.prompt_length = previous
+
+    functools.update_wrapper(generate, original, updated=())
+    return generate
+
+
+# --------------------------------------------------------------------------- patch / unpatch
+def patch_model(model: nn.Module, theta: Any, adapter: DecoderAdapter, *,
+                num_visual_tokens: int | None = None) -> nn.Module:
+    """Patch ``model`` (this instance only) to run ``theta`` through ``adapter``.
+
+    Args:
+        model: the model instance.
+        theta: a :class:`Theta`, a dict in its JSON schema, or a path to a JSON file.
+        adapter: the model family's :class:`DecoderAdapter`.
+        num_visual_tokens: visual tokens per prompt used to validate ``theta``
+            at patch time; defaults to ``adapter.visual_tokens_per_image``.
+            The actual count is validated again at every prefill.
+
+    Returns:
+        ``model`` itself. Patching an already patched model replaces the old
+        configuration.
+
+    Raises:
+        RuntimeError: unsupported transformers version.
+        ValueError: unsupported model, or ``theta`` invalid for this model
+            (a layer beyond the model's layers, a keep above the incoming tokens).
+    """
+    check_transformers_version()
+    theta = as_theta(theta)
+    adapter.check_model(model)
+    num_layers = adapter.num_layers(model)
+    n_vis = num_visual_tokens if num_visual_tokens is not None else adapter.visual_tokens_per_image(model)
+    if n_vis is not None:
+        theta.validate(num_layers, int(n_vis))
+    else:
+        for i, r in enumerate(theta.reducers):
+            if r.layer >= num_layers:
+                raise ValueError(
+                    f"reducers[{i}].layer: layer {r.layer} does not exist in a model with "
+                    f"{num_layers} layers (valid: 0..{num_layers - 1})"
+                )
+    layers = adapter.decoder_layers(model)
+    for layer_idx in theta.layers:
+        adapter.check_layer(layers[layer_idx])
+    if is_patched(model):
+        unpatch_model(model)
+
+    state = _PatchState(model, adapter, theta)
+    handles = state.handles
+    try:
+        inp = adapter.input_module(model)
+        handles.append(inp.register_forward_pre_hook(_input_pre_hook(state, model), with_kwargs=True))
+        handles.append(inp.register_forward_hook(_input_post_hook(state), with_kwargs=True, always_call=True))
+        text = adapter.text_model(model)
+        handles.append(text.register_forward_pre_hook(_text_pre_hook(state, model), with_kwargs=True))
+        handles.append(text.register_forward_hook(_text_post_hook(state, model), with_kwargs=True,
+                                                  always_call=True))
+        if state.reducers:
+            first = state.first_reducer
+            last = num_layers - 1
+            for i, layer in enumerate(layers):
+                if i < first:
+                    continue
+                handles.append(layer.register_forward_pre_hook(_layer_pre_hook(state, model, i), with_kwargs=True))
+                if i in state.reducers or i == last:
+                    handles.append(layer.register_forward_hook(
+                        _layer_post_hook(state, model, i, i == last), with_kwargs=True))
+                if i in state.reducers:
+                    qm, km = adapter.qk_modules(layer)
+                    handles.append(qm.register_forward_hook(_capture_hook(state, i, "q")))
+                    handles.append(km.register_forward_hook(_capture_hook(state, i, "k")))
+        gen = getattr(model, "generate", None)
+        if callable(gen):
+            model.__dict__["generate"] = _generate_wrapper(state, model)
+            state.installed_generate = model.__dict__["generate"]
+    except Exception:
+        for h in handles:
+            h.remove()
+        raise
+    model.__dict__[_STATE_ATTR] = state
+    model.__dict__.pop(_REPORT_ATTR, None)
+    return model
+
+
+def unpatch_model(model: nn.Module) -> nn.Module:
+    """Remove every hook and attribute :func:`patch_model` added; a no-op on an unpatched model."""
+    state = model.__dict__.pop(_STATE_ATTR, None)
+    model.__dict__.pop(_REPORT_ATTR, None)
+    if state is None:
+        return model
+    for h in state.handles:
+        h.remove()
+    state.handles.clear()
+    state.ctx = None
+    if getattr(state, "installed_generate", None) is not None and model.__dict__.get("generate") is state.installed_generate:
+        if state.had_generate_attr:
+            model.__dict__["generate"] = state.old_generate
+        else:
+            del model.__dict__["generate"]
+    return model
