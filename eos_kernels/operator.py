@@ -1,10 +1,9 @@
 """The public entry point of the unified reduction operator: validation and dispatch."""
 from __future__ import annotations
 
-import numbers
-
 import torch
 
+from eos_kernels._checks import is_real
 from eos_kernels._dispatch import resolve_impl
 from eos_kernels.reference import eos_reduce_reference
 
@@ -14,7 +13,7 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _check_param(name, value, device):
-    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.Tensor)):
+    if not (is_real(value) or torch.is_tensor(value)):
         raise TypeError(f"{name} must be a Python float or a 0-d floating tensor, got {type(value).__name__}")
     if torch.is_tensor(value):
         if value.dim() != 0:
@@ -102,7 +101,7 @@ def eos_reduce(anchors, candidates, scores, gamma, tau, theta, rho, nu,
             raise ValueError(f"tau must be > 0, got {tau_value.item()}")
     elif not tau_value > 0:
         raise ValueError(f"tau must be > 0, got {tau_value}")
-    if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
+    if not is_real(beta):
         raise TypeError(f"beta must be a Python float, got {type(beta).__name__}")
     if not isinstance(norm, str) or norm not in NORM_MODES:
         raise ValueError(f"norm must be one of {NORM_MODES}, got {norm!r}")

@@ -35,54 +35,19 @@ Initialisation (table 5 and the warm start of §2.6)
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ._checks import check_int, check_real, is_real
 from .theta import Reducer, Theta
 
 __all__ = ["SearchSpace"]
 
 _PARAM_NAMES = ("w_g", "w_c", "w_gamma", "w_tau", "w_theta", "w_rho", "w_nu")
 _NORMS = ("token", "frobenius")
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-def _is_real(x: Any) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
-def _int_arg(name: str, value: Any, minimum: int | None = None) -> int:
-    if not _is_int(value):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    value = int(value)
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _real_arg(name: str, value: Any, *, low: float | None = None, high: float | None = None,
-              low_open: bool = False, high_open: bool = False) -> float:
-    if not _is_real(value):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
-    value = float(value)
-    bad = not math.isfinite(value)
-    if low is not None:
-        bad |= value <= low if low_open else value < low
-    if high is not None:
-        bad |= value >= high if high_open else value > high
-    if bad:
-        lo = "(" if low_open else "["
-        hi = ")" if high_open else "]"
-        rng = f"{lo}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi}"
-        raise ValueError(f"{name} must be finite and in {rng}, got {value!r}")
-    return value
 
 
 def _logit(p: float) -> float:
@@ -150,39 +115,39 @@ class SearchSpace(nn.Module):
         init_margin: float = 1e-3,
     ):
         super().__init__()
-        L = _int_arg("num_layers", num_layers, 1)
+        L = check_int("num_layers", num_layers, 1)
         self.num_layers = L
-        self.num_visual_tokens = _int_arg("num_visual_tokens", num_visual_tokens, 1)
+        self.num_visual_tokens = check_int("num_visual_tokens", num_visual_tokens, 1)
         if isinstance(init_layers, (str, bytes)) or not isinstance(init_layers, Sequence):
             raise TypeError(f"init_layers must be a sequence of ints, got {type(init_layers).__name__}")
-        layers = [_int_arg(f"init_layers[{i}]", x, 0) for i, x in enumerate(init_layers)]
+        layers = [check_int(f"init_layers[{i}]", x, 0) for i, x in enumerate(init_layers)]
         for i, x in enumerate(layers):
             if x >= L:
                 raise ValueError(f"init_layers[{i}] = {x} is not a layer of a {L}-layer model (valid: 0..{L - 1})")
         if len(set(layers)) != len(layers):
             raise ValueError(f"init_layers must not repeat a layer, got {list(init_layers)}")
         self.init_layers = tuple(layers)
-        self.gate_temperature = _real_arg("gate_temperature", gate_temperature, low=0.0, low_open=True)
-        self.keep_temperature = _real_arg("keep_temperature", keep_temperature, low=0.0, low_open=True)
-        self.eps = _real_arg("eps", eps, low=0.0, low_open=True)
-        self.beta = _real_arg("beta", beta, low=0.0, low_open=True)
-        self.alpha = _real_arg("alpha", alpha, low=0.0, low_open=True)
-        self.k_min = _int_arg("k_min", k_min, 1)
+        self.gate_temperature = check_real("gate_temperature", gate_temperature, low=0.0, low_open=True)
+        self.keep_temperature = check_real("keep_temperature", keep_temperature, low=0.0, low_open=True)
+        self.eps = check_real("eps", eps, low=0.0, low_open=True)
+        self.beta = check_real("beta", beta, low=0.0, low_open=True)
+        self.alpha = check_real("alpha", alpha, low=0.0, low_open=True)
+        self.k_min = check_int("k_min", k_min, 1)
         if not isinstance(norm, str) or norm not in _NORMS:
             raise ValueError(f"norm must be one of {_NORMS}, got {norm!r}")
         self.norm = norm
-        m = _real_arg("init_margin", init_margin, low=0.0, high=0.5, low_open=True, high_open=True)
+        m = check_real("init_margin", init_margin, low=0.0, high=0.5, low_open=True, high_open=True)
         self.init_margin = m
 
-        gamma0 = _real_arg("gamma0", gamma0, low=0.0, high=1.0)
-        tau0 = _real_arg("tau0", tau0, low=self.eps, low_open=True)
-        theta0 = _real_arg("theta0", theta0, low=-1.0, high=1.0)
-        rho0 = _real_arg("rho0", rho0, low=0.0, high=1.0)
-        nu0 = _real_arg("nu0", nu0, low=0.0, high=1.0)
-        init_gate = _real_arg("init_gate", init_gate, low=0.0, high=1.0, low_open=True, high_open=True)
-        off_gate = _real_arg("off_gate", off_gate, low=0.0, high=1.0, low_open=True, high_open=True)
-        off_discard = _real_arg("off_discard", off_discard, low=0.0, high=1.0, low_open=True, high_open=True)
-        if _is_real(init_discard):
+        gamma0 = check_real("gamma0", gamma0, low=0.0, high=1.0)
+        tau0 = check_real("tau0", tau0, low=self.eps, low_open=True)
+        theta0 = check_real("theta0", theta0, low=-1.0, high=1.0)
+        rho0 = check_real("rho0", rho0, low=0.0, high=1.0)
+        nu0 = check_real("nu0", nu0, low=0.0, high=1.0)
+        init_gate = check_real("init_gate", init_gate, low=0.0, high=1.0, low_open=True, high_open=True)
+        off_gate = check_real("off_gate", off_gate, low=0.0, high=1.0, low_open=True, high_open=True)
+        off_discard = check_real("off_discard", off_discard, low=0.0, high=1.0, low_open=True, high_open=True)
+        if is_real(init_discard):
             discards = [init_discard] * len(layers)
         elif isinstance(init_discard, Sequence) and not isinstance(init_discard, (str, bytes)):
             discards = list(init_discard)
@@ -192,7 +157,7 @@ class SearchSpace(nn.Module):
                 )
         else:
             raise TypeError(f"init_discard must be a float or a sequence of floats, got {type(init_discard).__name__}")
-        discards = [_real_arg(f"init_discard[{i}]" if not _is_real(init_discard) else "init_discard", c,
+        discards = [check_real(f"init_discard[{i}]" if not is_real(init_discard) else "init_discard", c,
                               low=0.0, high=1.0, low_open=True, high_open=True) for i, c in enumerate(discards)]
 
         def unit_logit(p: float) -> float:
@@ -255,7 +220,7 @@ class SearchSpace(nn.Module):
                 "theta": self.theta(), "rho": self.rho(), "nu": self.nu()}
 
     def _layer(self, layer: Any) -> int:
-        layer = _int_arg("layer", layer, 0)
+        layer = check_int("layer", layer, 0)
         if layer >= self.num_layers:
             raise ValueError(f"layer must be in 0..{self.num_layers - 1}, got {layer}")
         return layer
@@ -273,7 +238,7 @@ class SearchSpace(nn.Module):
 
         The product is taken in float64 from the current g and c."""
         layer = self._layer(layer)
-        incoming = _int_arg("incoming", incoming, 0)
+        incoming = check_int("incoming", incoming, 0)
         with torch.no_grad():
             gc = float(self.gates()[layer].double() * self.discard()[layer].double())
         return min(incoming, max(self.k_min, math.floor((1.0 - gc) * incoming)))
@@ -289,8 +254,8 @@ class SearchSpace(nn.Module):
         """``weight · [N / budget − 1]_+²`` with N = ``tokens`` if given, else N̄_L.
 
         Zero whenever N <= budget (one-sided)."""
-        budget = _real_arg("budget", budget, low=0.0, low_open=True)
-        weight = _real_arg("weight", weight, low=0.0)
+        budget = check_real("budget", budget, low=0.0, low_open=True)
+        weight = check_real("weight", weight, low=0.0)
         if tokens is None:
             tokens = self.expected_tokens()[-1]
         elif not isinstance(tokens, Tensor):
@@ -299,8 +264,8 @@ class SearchSpace(nn.Module):
 
     def layer_penalty(self, max_reducers: float, *, weight: float = 1.0) -> Tensor:
         """``weight · [Σ_l g_l − max_reducers]_+²``; zero whenever Σ g <= max_reducers."""
-        c = _real_arg("max_reducers", max_reducers, low=0.0)
-        weight = _real_arg("weight", weight, low=0.0)
+        c = check_real("max_reducers", max_reducers, low=0.0)
+        weight = check_real("weight", weight, low=0.0)
         return weight * torch.relu(self.gates().sum() - c) ** 2
 
     # ---- equation 12
@@ -331,10 +296,10 @@ class SearchSpace(nn.Module):
                              f"shape {tuple(scores.shape)} dtype {scores.dtype}")
         layer = self._layer(layer)
         n = scores.shape[-1]
-        k = _int_arg("k", k, 1)
+        k = check_int("k", k, 1)
         if k > n:
             raise ValueError(f"k must be <= the number of scores ({n}), got {k}")
-        a = self.alpha if alpha is None else _real_arg("alpha", alpha, low=0.0, low_open=True)
+        a = self.alpha if alpha is None else check_real("alpha", alpha, low=0.0, low_open=True)
         q_k = torch.topk(scores.detach(), k, dim=-1).values[..., k - 1:k]
         soft = torch.sigmoid(a * (scores - q_k))
         u = 1.0 - self.gates()[layer] * self.discard()[layer]
@@ -360,10 +325,10 @@ class SearchSpace(nn.Module):
         ``K = max(K_min, floor((1 − g_l c_l) · N))``, capped at N. Operator
         parameters become floats; β, K_min and norm come from the module.
         """
-        thr = _real_arg("gate_threshold", gate_threshold, low=0.0, high=1.0)
+        thr = check_real("gate_threshold", gate_threshold, low=0.0, high=1.0)
         if max_reducers is not None:
-            max_reducers = _int_arg("max_reducers", max_reducers, 0)
-        n = self.num_visual_tokens if num_visual_tokens is None else _int_arg("num_visual_tokens", num_visual_tokens, 1)
+            max_reducers = check_int("max_reducers", max_reducers, 0)
+        n = self.num_visual_tokens if num_visual_tokens is None else check_int("num_visual_tokens", num_visual_tokens, 1)
         if n < self.k_min:
             raise ValueError(f"num_visual_tokens ({n}) must be >= k_min ({self.k_min})")
         with torch.no_grad():

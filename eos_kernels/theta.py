@@ -72,11 +72,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import numbers
 import os
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+from eos_kernels._checks import check_int, is_int, is_real
 
 __all__ = ["Reducer", "Theta", "SCHEMA", "SCHEMA_VERSION", "SPARSEVLM_SCHEDULES"]
 
@@ -107,23 +108,6 @@ _PAPER_HYBRID = dict(gamma=0.083, tau=0.22, theta=0.10, rho=0.0, nu=0.0)
 
 
 # --------------------------------------------------------------------------- helpers
-def _is_int(x: Any) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-def _is_real(x: Any) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
-def _check_int(name: str, value: Any, minimum: int | None = None) -> int:
-    if not _is_int(value):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    value = int(value)
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
 def _fraction_of(keep: float) -> Fraction:
     """Exact rational meant by the float ``keep`` (see the module docstring)."""
     simple = Fraction(keep).limit_denominator(10**6)
@@ -169,7 +153,7 @@ def _check_count(count: Any) -> str:
 
 
 def _check_budget(budget: Any) -> float:
-    if not _is_real(budget):
+    if not is_real(budget):
         raise TypeError(f"budget must be a number, got {type(budget).__name__} {budget!r}")
     if not (math.isfinite(budget) and budget > 0):
         raise ValueError(f"budget must be a finite number > 0, got {budget!r}")
@@ -211,11 +195,11 @@ class Reducer:
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
-        set_(self, "layer", _check_int("layer", self.layer, 0))
+        set_(self, "layer", check_int("layer", self.layer, 0))
         keep = self.keep
-        if _is_int(keep):
-            set_(self, "keep", _check_int("keep", keep, 1))
-        elif _is_real(keep):
+        if is_int(keep):
+            set_(self, "keep", check_int("keep", keep, 1))
+        elif is_real(keep):
             keep = float(keep)
             if not (math.isfinite(keep) and 0.0 < keep <= 1.0):
                 raise ValueError(
@@ -228,7 +212,7 @@ class Reducer:
             )
         for name in _FLOAT_FIELDS:
             value = getattr(self, name)
-            if not _is_real(value):
+            if not is_real(value):
                 raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
             value = float(value)
             if not math.isfinite(value):
@@ -242,7 +226,7 @@ class Reducer:
             raise ValueError(f"tau must be > 0, got {self.tau!r}")
         if self.beta <= 0.0:
             raise ValueError(f"beta must be > 0, got {self.beta!r}")
-        set_(self, "k_min", _check_int("k_min", self.k_min, 1))
+        set_(self, "k_min", check_int("k_min", self.k_min, 1))
         if not isinstance(self.norm, str) or self.norm not in _NORMS:
             raise ValueError(f"norm must be one of {_NORMS}, got {self.norm!r}")
 
@@ -283,7 +267,7 @@ class Reducer:
         Raises:
             ValueError: if the result exceeds ``incoming``.
         """
-        incoming = _check_int("incoming", incoming, 0)
+        incoming = check_int("incoming", incoming, 0)
         if self.is_fraction:
             n = math.floor(_fraction_of(self.keep) * incoming)
         else:
@@ -434,7 +418,7 @@ class Theta:
         Raises:
             ValueError: if a reducer would keep more tokens than it receives.
         """
-        current = _check_int("num_visual_tokens", num_visual_tokens, 1)
+        current = check_int("num_visual_tokens", num_visual_tokens, 1)
         out = []
         for i, r in enumerate(self._reducers):
             try:
@@ -453,8 +437,8 @@ class Theta:
             ValueError: naming the reducer and field (a layer >= num_layers, a
                 keep larger than its incoming count, ...).
         """
-        num_layers = _check_int("num_layers", num_layers, 1)
-        _check_int("num_visual_tokens", num_visual_tokens, 1)
+        num_layers = check_int("num_layers", num_layers, 1)
+        check_int("num_visual_tokens", num_visual_tokens, 1)
         for i, r in enumerate(self._reducers):
             if r.layer >= num_layers:
                 raise ValueError(
@@ -500,9 +484,9 @@ class Theta:
         (importance scores and the operator, O(K·M·d) each).
         """
         self.validate(num_layers, num_visual_tokens)
-        text_tokens = _check_int("text_tokens", text_tokens, 0)
-        d = _check_int("hidden_size", hidden_size, 1)
-        ffn = _check_int("intermediate_size", intermediate_size, 1)
+        text_tokens = check_int("text_tokens", text_tokens, 0)
+        d = check_int("hidden_size", hidden_size, 1)
+        ffn = check_int("intermediate_size", intermediate_size, 1)
         sched = self.schedule(num_visual_tokens)
         layers = [s[0] for s in sched]
         kept = [s[2] for s in sched]
@@ -663,7 +647,7 @@ class Theta:
         if data["schema"] != SCHEMA:
             raise ValueError(f"schema must be {SCHEMA!r}, got {data['schema']!r}")
         version = data["version"]
-        if not _is_int(version) or version != SCHEMA_VERSION:
+        if not is_int(version) or version != SCHEMA_VERSION:
             raise ValueError(f"version: unsupported schema version {version!r} (supported: {SCHEMA_VERSION})")
         name = data.get("name")
         if name is not None and not isinstance(name, str):
@@ -730,10 +714,10 @@ class Theta:
         The budget is SparseVLM's "retain" label (its ``mean_leaving`` is
         192.4375 for v2/192, see :meth:`token_report`).
         """
-        if not _is_int(version) or version not in SPARSEVLM_SCHEDULES:
+        if not is_int(version) or version not in SPARSEVLM_SCHEDULES:
             raise ValueError(f"version must be one of {sorted(SPARSEVLM_SCHEDULES)}, got {version!r}")
         table = SPARSEVLM_SCHEDULES[version]
-        if not _is_int(budget) or budget not in table:
+        if not is_int(budget) or budget not in table:
             raise ValueError(f"budget for SparseVLM v{version} must be one of {sorted(table, reverse=True)}, got {budget!r}")
         reducers = [Reducer(layer, k) for layer, k in zip(SPARSEVLM_LAYERS, table[budget])]
         return cls(reducers, name=f"sparsevlm-v{version}-{budget}")

@@ -198,6 +198,23 @@ def _row_stats_kernel(
         tl.store(spart_ptr + (b * num_mb + pid_m) * K + offs_k, tl.sum(p, axis=0), mask=mask_k)
 
 
+@triton.jit
+def _sum_over_candidates(x_ptr, d_ptr, b, M, K, offs_k, mask_k, offs_d, mask_d, sdb, sdm, sdd,
+                         PRECISION: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr):
+    # sum_i X[b, i, k] D[b, i, d] for the (anchor, feature) tile: X^T D with X an
+    # fp32 [B, M, K] matrix (C forward, dS backward), streamed over candidate blocks
+    acc = tl.zeros((BK, BD), dtype=tl.float32)
+    for m0 in range(0, M, BM):
+        offs_m = m0 + tl.arange(0, BM)
+        mask_m = offs_m < M
+        x = tl.load(x_ptr + b * M * K + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :],
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        dt = tl.load(d_ptr + b * sdb + offs_m.to(tl.int64)[:, None] * sdm + offs_d[None, :] * sdd,
+                     mask=mask_m[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+        acc += tl.dot(tl.trans(x), dt, input_precision=PRECISION)
+    return acc
+
+
 # --------------------------------------------------------------------------- #
 # Grid (K-blocks, d-blocks, B). For anchors j in the block and features in the
 # d-block: T = C^T D over all candidates, s_j = sum of the column partials,
@@ -227,16 +244,11 @@ def _transfer_kernel(
     offs_d = (pid_d * BD + tl.arange(0, BD)).to(tl.int64)
     mask_k = offs_k < K
     mask_d = offs_d < D
-    acc = tl.zeros((BK, BD), dtype=tl.float32)
     if HAS_TRANSFER:
-        for m0 in range(0, M, BM):
-            offs_m = m0 + tl.arange(0, BM)
-            mask_m = offs_m < M
-            c = tl.load(c_ptr + b * M * K + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :],
-                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            dt = tl.load(d_ptr + b * sdb + offs_m.to(tl.int64)[:, None] * sdm + offs_d[None, :] * sdd,
-                         mask=mask_m[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-            acc += tl.dot(tl.trans(c), dt, input_precision=PRECISION)
+        acc = _sum_over_candidates(c_ptr, d_ptr, b, M, K, offs_k, mask_k, offs_d, mask_d, sdb, sdm, sdd,
+                                   PRECISION, BM, BK, BD)
+    else:
+        acc = tl.zeros((BK, BD), dtype=tl.float32)
     s = tl.zeros((BK,), tl.float32)
     for p in range(0, num_mb):
         s += tl.load(spart_ptr + (b * num_mb + p) * K + offs_k, mask=mask_k, other=0.0)
@@ -630,15 +642,8 @@ def _grad_anchors_kernel(
     offs_d = (pid_d * BD + tl.arange(0, BD)).to(tl.int64)
     mask_k = offs_k < K
     mask_d = offs_d < D
-    acc = tl.zeros((BK, BD), tl.float32)
-    for m0 in range(0, M, BM):
-        offs_m = m0 + tl.arange(0, BM)
-        mask_m = offs_m < M
-        dsc = tl.load(dsc_ptr + b * M * K + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :],
-                      mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        dt = tl.load(d_ptr + b * sdb + offs_m.to(tl.int64)[:, None] * sdm + offs_d[None, :] * sdd,
-                     mask=mask_m[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-        acc += tl.dot(tl.trans(dsc), dt, input_precision=PRECISION)
+    acc = _sum_over_candidates(dsc_ptr, d_ptr, b, M, K, offs_k, mask_k, offs_d, mask_d, sdb, sdm, sdd,
+                               PRECISION, BM, BK, BD)
     lam = tl.zeros((BK,), tl.float32)
     for p in range(0, num_mb):
         lam += tl.load(lampart_ptr + (b * num_mb + p) * K + offs_k, mask=mask_k, other=0.0)
