@@ -63,6 +63,16 @@ records the prompt length. No class, global registry or config is modified.
 unpatched model. The report of the last prefill is ``model.eos_report``
 (:func:`get_report`), an :class:`EOSReport`.
 
+Plans, suspension, prompts: a Theta is turned into a :class:`ReductionPlan`
+that the prefill asks for its schedule and each reducer's operator arguments;
+the differentiable search (:mod:`eos_kernels.search`) patches with its own plan
+(``patch_model(model, None, adapter, plan=...)``: differentiable 0-d operator
+parameters, a schedule re-derived from the search space at every forward, a
+straight-through factor on the anchors) and runs through exactly the same
+reduction code. :func:`suspended` runs prefills unreduced without removing the
+hooks (the search's reference forward); :func:`prompt_lengths` limits the
+rating rows to each sample's prompt in a teacher-forced forward.
+
 Limitations: every sample of a batch must hold the same number of visual tokens
 at prefill (true for LLaVA-1.5: one image of ``(image_size / patch_size)^2``
 tokens each; otherwise ``ValueError``); flex attention's ``BlockMask`` is not
@@ -75,6 +85,7 @@ is not safe to run from several threads at once.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -95,12 +106,15 @@ __all__ = [
     "TRANSFORMERS_MAX",
     "DecoderAdapter",
     "EOSReport",
+    "ReductionPlan",
     "StageRecord",
     "as_theta",
     "check_transformers_version",
     "get_report",
     "is_patched",
     "patch_model",
+    "prompt_lengths",
+    "suspended",
     "unpatch_model",
 ]
 
@@ -148,6 +162,67 @@ def as_theta(theta: Any) -> Theta:
         f"theta must be a Theta, a dict in the Theta JSON schema, or a path to a Theta JSON file; "
         f"got {type(theta).__name__}"
     )
+
+
+# --------------------------------------------------------------------------- plans
+class ReductionPlan:
+    """Where, how much and how a patched model reduces, asked afresh at every prefill.
+
+    A :class:`~eos_kernels.theta.Theta` is the usual plan (:class:`_ThetaPlan`,
+    made by :func:`patch_model`). The differentiable search
+    (:mod:`eos_kernels.search`) passes its own plan to ``patch_model(...,
+    plan=...)``: the reduction machinery is the same, only these answers differ.
+
+    Attributes:
+        name: label written into the report (``EOSReport.theta_name``).
+        layers: the decoder layers that may reduce (hooks are installed there).
+    """
+
+    name: str | None = None
+    layers: tuple[int, ...] = ()
+    #: report note when :meth:`schedule` returns no reducer
+    empty_note = "no reducer is active"
+
+    def schedule(self, num_visual_tokens: int) -> list[tuple[int, int, int]]:
+        """``(layer, incoming, kept)`` of the reducers of this prefill, chained, in layer order."""
+        raise NotImplementedError
+
+    def operator_kwargs(self, layer: int) -> dict:
+        """Keyword arguments of :func:`~eos_kernels.operator.eos_reduce` for ``layer``."""
+        raise NotImplementedError
+
+    def regime(self, layer: int) -> str:
+        """Display name of ``layer``'s operator regime (for the report)."""
+        raise NotImplementedError
+
+    def finish(self, layer: int, reduced: torch.Tensor, scores: torch.Tensor, anchor_idx: torch.Tensor,
+               kept: int) -> torch.Tensor:
+        """Last word on the reduced anchors [B, K, d] of ``layer`` (identity by default).
+
+        ``scores`` [B, N] are the importance of the incoming visual tokens,
+        ``anchor_idx`` [B, K] the anchors' indices into them."""
+        return reduced
+
+
+class _ThetaPlan(ReductionPlan):
+    """A fixed :class:`Theta`: float operator parameters, counts from the Theta's keeps."""
+
+    empty_note = "theta has no reducers"
+
+    def __init__(self, theta: Theta):
+        self.theta = theta
+        self.name = theta.name
+        self.reducers: dict[int, Reducer] = {r.layer: r for r in theta.reducers}
+        self.layers = tuple(self.reducers)
+
+    def schedule(self, num_visual_tokens: int) -> list[tuple[int, int, int]]:
+        return self.theta.schedule(num_visual_tokens)  # ValueError: keep > incoming, naming the reducer
+
+    def operator_kwargs(self, layer: int) -> dict:
+        return self.reducers[layer].operator_kwargs()
+
+    def regime(self, layer: int) -> str:
+        return self.reducers[layer].regime
 
 
 # --------------------------------------------------------------------------- adapter
@@ -366,6 +441,49 @@ def is_patched(model: nn.Module) -> bool:
     return _STATE_ATTR in model.__dict__
 
 
+def _state_of(model: nn.Module, what: str) -> "_PatchState":
+    state = model.__dict__.get(_STATE_ATTR)
+    if state is None:
+        raise ValueError(f"{what}: the model is not patched (patch_llava / patch_model first)")
+    return state
+
+
+@contextlib.contextmanager
+def suspended(model: nn.Module):
+    """Within the block, prefill forwards of the patched ``model`` run unreduced.
+
+    The hooks stay installed (the model is never left unpatched by accident);
+    the report of such a forward says the reduction was suspended. Decoding on
+    a cache that a reduced prefill filled still reads it correctly. Nests.
+    """
+    state = _state_of(model, "suspended")
+    previous, state.suspended = state.suspended, True
+    try:
+        yield model
+    finally:
+        state.suspended = previous
+
+
+@contextlib.contextmanager
+def prompt_lengths(model: nn.Module, lengths):
+    """Within the block, only each sample's first ``lengths[b]`` tokens rate the visual tokens.
+
+    A plain forward otherwise lets every text token after the image rate them
+    (inside ``generate``, the prompt). A teacher-forced forward of
+    prompt + answer uses this to rate with the prompt alone, as ``generate``
+    would at deployment. ``lengths``: an int (every sample) or a sequence /
+    long tensor [B]. ``generate`` inside the block still uses its own prompt.
+    """
+    state = _state_of(model, "prompt_lengths")
+    if not isinstance(lengths, int):
+        lengths = torch.as_tensor(lengths, dtype=torch.long).reshape(-1)
+    previous, state.prompt_length = state.prompt_length, lengths
+    try:
+        yield model
+    finally:
+        state.prompt_length = previous
+
+
 # --------------------------------------------------------------------------- cache map
 class _CacheMap:
     """Which original positions each reduced layer's cache slots hold (prefill part)."""
@@ -465,14 +583,15 @@ class _Context:
 
 
 class _PatchState:
-    def __init__(self, model, adapter: DecoderAdapter, theta: Theta):
+    def __init__(self, model, adapter: DecoderAdapter, plan: ReductionPlan):
         self.adapter = adapter
-        self.theta = theta
-        self.reducers: dict[int, Reducer] = {r.layer: r for r in theta.reducers}
+        self.plan = plan
+        self.reducers: frozenset[int] = frozenset(plan.layers)  # layers that may reduce (hooked)
         self.num_layers = adapter.num_layers(model)
         self.handles: list = []
         self.pending_visual: torch.Tensor | None = None
-        self.prompt_length: int | None = None
+        self.prompt_length: int | torch.Tensor | None = None
+        self.suspended = False
         self.ctx: _Context | None = None
         self.had_generate_attr = "generate" in model.__dict__
         self.old_generate = model.__dict__.get("generate")
@@ -608,6 +727,10 @@ def _text_pre_hook(state: _PatchState, model):
         # ---- prefill
         if cache is not None and hasattr(cache, "__dict__"):
             cache.__dict__.pop(_CACHE_MAP_ATTR, None)  # a reused cache: forget the old map
+        if state.suspended:
+            ctx.note = "reduction suspended (eos_kernels.patching.suspended)"
+            ctx.mode = "off"
+            return None
         if visual is None or visual.shape != (B, L):
             ctx.note = "no visual-token information (the input module was not called)"
             ctx.visual_counts = (0,) * B
@@ -621,7 +744,7 @@ def _text_pre_hook(state: _PatchState, model):
             ctx.mode = "off"
             return None
         if not state.reducers:
-            ctx.note = "theta has no reducers"
+            ctx.note = state.plan.empty_note
             ctx.mode = "off"
             return None
         if len(set(counts)) != 1:
@@ -637,7 +760,11 @@ def _text_pre_hook(state: _PatchState, model):
                 "checkpoints decoder-layer forward() with hooks outside the checkpoint (5.23 does); "
                 "disable gradient checkpointing or upgrade transformers"
             )
-        sched = state.theta.schedule(n)  # ValueError: keep > incoming, naming the reducer
+        sched = state.plan.schedule(n)  # Theta: ValueError for a keep > incoming, naming the reducer
+        if not sched:
+            ctx.note = state.plan.empty_note
+            ctx.mode = "off"
+            return None
         ctx.schedule = {layer: (inc, kept) for layer, inc, kept in sched}
         real = _real_tokens(kwargs.get("attention_mask"), B, L)
         if real is not None:
@@ -670,14 +797,20 @@ def _real_tokens(mask, B: int, L: int) -> torch.Tensor | None:
     return real.expand(B, L) if real.shape[0] != B else real
 
 
-def _rating_rows(visual: torch.Tensor, real: torch.Tensor | None, prompt_length: int | None) -> torch.Tensor:
-    """Text rows that rate the visual tokens: real, non-visual, after the first visual token, in the prompt."""
+def _rating_rows(visual: torch.Tensor, real: torch.Tensor | None,
+                 prompt_length: int | torch.Tensor | None) -> torch.Tensor:
+    """Text rows that rate the visual tokens: real, non-visual, after the first visual token, in the prompt.
+
+    ``prompt_length``: None (the whole input), an int (every sample) or a long
+    tensor [B] (per sample, :func:`prompt_lengths`)."""
     B, L = visual.shape
     pos = torch.arange(L, device=visual.device).unsqueeze(0)
     first = torch.where(visual, pos, L).min(dim=1, keepdim=True).values
     base = ~visual if real is None else (~visual & real)
     rows = base & (pos > first)
-    if prompt_length is not None and prompt_length < L:
+    if torch.is_tensor(prompt_length):
+        rows = rows & (pos < prompt_length.to(visual.device).view(B, 1))
+    elif prompt_length is not None and prompt_length < L:
         rows = rows & (pos < prompt_length)
     # fallbacks for a sample without such rows (e.g. a prompt ending with its image):
     # every real non-visual token, then every real token
@@ -697,7 +830,7 @@ def _text_post_hook(state: _PatchState, model):
         if ctx.mode == "prefill" and len(ctx.stages) != len(ctx.schedule):
             note = "the forward stopped before every reducer ran"
         model.__dict__[_REPORT_ATTR] = EOSReport(
-            theta_name=state.theta.name,
+            theta_name=state.plan.name,
             num_layers=state.num_layers,
             batch_size=ctx.batch,
             sequence_length=ctx.length,
@@ -716,7 +849,7 @@ def _layer_pre_hook(state: _PatchState, model, layer_idx: int):
         if ctx is None:
             return None
         if ctx.mode == "prefill":
-            if layer_idx in state.reducers:
+            if layer_idx in ctx.schedule:
                 ctx.capturing = layer_idx
                 ctx.captured = {}
             if ctx.cur_idx is None:
@@ -811,7 +944,7 @@ def _layer_post_hook(state: _PatchState, model, layer_idx: int, is_last: bool):
             return None
         hidden = output[0] if isinstance(output, tuple) else output
         new_hidden = hidden
-        if layer_idx in state.reducers and ctx.capturing == layer_idx:
+        if layer_idx in ctx.schedule and ctx.capturing == layer_idx:
             ctx.capturing = None
             captured, ctx.captured = ctx.captured, {}
             new_hidden = _reduce(state, model, ctx, layer_idx, module, kwargs, hidden, captured)
@@ -832,7 +965,7 @@ def _layer_post_hook(state: _PatchState, model, layer_idx: int, is_last: bool):
 def _reduce(state: _PatchState, model, ctx: _Context, layer_idx: int, layer: nn.Module, kwargs: dict,
             hidden: torch.Tensor, captured: dict) -> torch.Tensor:
     """Reduce the visual tokens leaving ``layer_idx``; returns the shorter hidden states."""
-    reducer = state.reducers[layer_idx]
+    plan = state.plan
     incoming, kept = ctx.schedule[layer_idx]
     if "q" not in captured or "k" not in captured:
         raise RuntimeError(
@@ -859,7 +992,8 @@ def _reduce(state: _PatchState, model, ctx: _Context, layer_idx: int, layer: nn.
     cand_pos = vis_pos.gather(1, c_idx)
     anchors = _take(hidden, anchor_pos)
     candidates = _take(hidden, cand_pos)
-    reduced = eos_reduce(anchors, candidates, vis_scores.gather(1, c_idx), **reducer.operator_kwargs())
+    reduced = eos_reduce(anchors, candidates, vis_scores.gather(1, c_idx), **plan.operator_kwargs(layer_idx))
+    reduced = plan.finish(layer_idx, reduced, vis_scores, a_idx, kept)
     keep = (~visual).scatter(1, anchor_pos, True)
     new_len = Lc - (incoming - kept)
     new_pos = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :new_len]
@@ -869,7 +1003,7 @@ def _reduce(state: _PatchState, model, ctx: _Context, layer_idx: int, layer: nn.
     ctx.cur_idx = cur.gather(1, new_pos)
     ctx.stage_kwargs = None
     ctx.stages.append(StageRecord(
-        layer=layer_idx, regime=reducer.regime, visual_in=(incoming,) * B, visual_out=(kept,) * B,
+        layer=layer_idx, regime=plan.regime(layer_idx), visual_in=(incoming,) * B, visual_out=(kept,) * B,
         seq_in=Lc, seq_out=new_len, kept_positions=ctx.cur_idx.detach(),
     ))
     cache = _get_cache(kwargs)
@@ -905,7 +1039,7 @@ def _generate_wrapper(state: _PatchState, model):
 
 # --------------------------------------------------------------------------- patch / unpatch
 def patch_model(model: nn.Module, theta: Any, adapter: DecoderAdapter, *,
-                num_visual_tokens: int | None = None) -> nn.Module:
+                num_visual_tokens: int | None = None, plan: ReductionPlan | None = None) -> nn.Module:
     """Patch ``model`` (this instance only) to run ``theta`` through ``adapter``.
 
     Args:
@@ -915,6 +1049,10 @@ def patch_model(model: nn.Module, theta: Any, adapter: DecoderAdapter, *,
         num_visual_tokens: visual tokens per prompt used to validate ``theta``
             at patch time; defaults to ``adapter.visual_tokens_per_image``.
             The actual count is validated again at every prefill.
+        plan: instead of ``theta`` (which must then be None), a
+            :class:`ReductionPlan` asked at every prefill which layers reduce,
+            how many tokens they keep and with which operator parameters (the
+            differentiable search's mode, :mod:`eos_kernels.search`).
 
     Returns:
         ``model`` itself. Patching an already patched model replaces the old
@@ -926,26 +1064,37 @@ def patch_model(model: nn.Module, theta: Any, adapter: DecoderAdapter, *,
             (a layer beyond the model's layers, a keep above the incoming tokens).
     """
     check_transformers_version()
-    theta = as_theta(theta)
+    if plan is None:
+        theta = as_theta(theta)
+    elif theta is not None:
+        raise TypeError("patch_model: pass either theta or plan, not both")
+    elif not isinstance(plan, ReductionPlan):
+        raise TypeError(f"plan must be a ReductionPlan, got {type(plan).__name__}")
     adapter.check_model(model)
     num_layers = adapter.num_layers(model)
-    n_vis = num_visual_tokens if num_visual_tokens is not None else adapter.visual_tokens_per_image(model)
-    if n_vis is not None:
-        theta.validate(num_layers, int(n_vis))
+    if plan is None:
+        n_vis = num_visual_tokens if num_visual_tokens is not None else adapter.visual_tokens_per_image(model)
+        if n_vis is not None:
+            theta.validate(num_layers, int(n_vis))
+        else:
+            for i, r in enumerate(theta.reducers):
+                if r.layer >= num_layers:
+                    raise ValueError(
+                        f"reducers[{i}].layer: layer {r.layer} does not exist in a model with "
+                        f"{num_layers} layers (valid: 0..{num_layers - 1})"
+                    )
+        plan = _ThetaPlan(theta)
     else:
-        for i, r in enumerate(theta.reducers):
-            if r.layer >= num_layers:
-                raise ValueError(
-                    f"reducers[{i}].layer: layer {r.layer} does not exist in a model with "
-                    f"{num_layers} layers (valid: 0..{num_layers - 1})"
-                )
+        for layer_idx in plan.layers:
+            if not 0 <= layer_idx < num_layers:
+                raise ValueError(f"plan layer {layer_idx} does not exist in a model with {num_layers} layers")
     layers = adapter.decoder_layers(model)
-    for layer_idx in theta.layers:
+    for layer_idx in plan.layers:
         adapter.check_layer(layers[layer_idx])
     if is_patched(model):
         unpatch_model(model)
 
-    state = _PatchState(model, adapter, theta)
+    state = _PatchState(model, adapter, plan)
     handles = state.handles
     try:
         inp = adapter.input_module(model)
