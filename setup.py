@@ -15,6 +15,7 @@ setup(
         "eos_kernels",
         "eos_kernels.triton",
         "eos_kernels.integrations",
+        "eos_kernels.search",
     ],
     package_dir={
         "eos_kernels": "eos_kernels",
@@ -27,12 +28,23 @@ setup(
     ],
     extras_require={
         "hf": ["transformers>=5.0,<6"],
+        # the search driver (eos-search): data, progress, configs, plots
+        "search": ["transformers>=5.0,<6", "tqdm>=4.60", "pyyaml>=6", "matplotlib>=3.5", "pillow>=9"],
         "flash": ["flash-attn>=2.6"],
         "test": [
             "pytest>=8",
             "pytest-benchmark>=4",
             "hypothesis>=6.100",
             "transformers>=5.0,<6",
+            "tqdm>=4.60",
+            "pyyaml>=6",
+            "matplotlib>=3.5",
+            "pillow>=9",
+        ],
+    },
+    entry_points={
+        "console_scripts": [
+            "eos-search=eos_kernels.search.cli:main",
         ],
     },
 )

@@ -109,3 +109,100 @@ def pad_batch(prompts, side: str):
             ids[i, :n] = p
             mask[i, :n] = 1
     return ids, mask
+
+
+# --------------------------------------------------------------------------- a tiny model directory
+#: Words of the tiny word-level tokenizer (ids 4...), then filler words up to the image token.
+TINY_WORDS = (
+    ["USER:", "ASSISTANT:", "what", "colour", "is", "the", "image", "?", "which", "shape", "are", "there",
+     "how", "many", "red", "green", "blue", "yellow", "purple", "white", "black", "yes", "no",
+     "circle", "square", "triangle", "cross", "one", "two", "three", "four", "a", "an", "of", "in"]
+)
+UNK_TOKEN_ID = 3
+
+
+def tiny_tokenizer(chat_template: str | None = None):
+    """A word-level fast tokenizer over :data:`TINY_WORDS` (vocab 256, ``<image>`` = 255).
+
+    Ids: 0 ``<pad>``, 1 ``<s>`` (prepended), 2 ``</s>``, 3 ``<unk>``; text is split
+    on whitespace (so write ``"colour ?"``, not ``"colour?"``)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<unk>"] + list(TINY_WORDS)
+    words += [f"t{i}" for i in range(VOCAB - 1 - len(words))] + ["<image>"]
+    assert len(words) == VOCAB and words[IMAGE_TOKEN_ID] == "<image>"
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS_TOKEN_ID)])
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", additional_special_tokens=["<image>"])
+    if chat_template is not None:
+        fast.chat_template = chat_template
+    return fast
+
+
+def tiny_processor(image_size: int = 56, patch_size: int = 14, chat_template: str | None = None):
+    """A ``LlavaProcessor`` (PIL CLIP image processor + :func:`tiny_tokenizer`) for :func:`tiny_llava`."""
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+    images = CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                   crop_size={"height": image_size, "width": image_size})
+    return LlavaProcessor(image_processor=images, tokenizer=tiny_tokenizer(), patch_size=patch_size,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                          chat_template=chat_template)
+
+
+def save_tiny_llava(path, seed: int = 0, num_layers: int = 6, image_size: int = 56,
+                    chat_template: str | None = None, attn_implementation: str = "sdpa") -> str:
+    """Write :func:`tiny_llava` and :func:`tiny_processor` into the directory ``path`` with
+    ``save_pretrained``, so that it loads like a hub checkpoint (``from_pretrained(path)``)."""
+    import os
+
+    path = os.fspath(path)
+    model = tiny_llava(seed=seed, num_layers=num_layers, image_size=image_size,
+                       attn_implementation=attn_implementation)
+    model.save_pretrained(path)
+    tiny_processor(image_size=image_size, chat_template=chat_template).save_pretrained(path)
+    return path
+
+
+_COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 60, 220), "yellow": (240, 220, 20)}
+_SHAPES = ("circle", "square", "triangle", "cross")
+
+
+def write_llava_dataset(root, n: int = 8, seed: int = 0, json_name: str = "data.json") -> str:
+    """``n`` records of a tiny LLaVA-format data set with real PNG files under ``root/images``.
+
+    Each image is a plain colour with a few random dots (sizes vary, so the
+    image processor's resize and crop are exercised); questions and answers use
+    :data:`TINY_WORDS` only. Every third record has a second human/gpt turn.
+    Returns the JSON path (image paths are relative to ``root``)."""
+    import json
+    import os
+    import random
+
+    from PIL import Image
+
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    rng = random.Random(seed)
+    records = []
+    for i in range(n):
+        colour = rng.choice(sorted(_COLOURS))
+        image = Image.new("RGB", (48 + 4 * (i % 3), 56 - 3 * (i % 2)), _COLOURS[colour])
+        for _ in range(40):
+            image.putpixel((rng.randrange(image.width), rng.randrange(image.height)),
+                           tuple(rng.randrange(256) for _ in range(3)))
+        rel = f"images/{i:03d}.png"
+        image.save(os.path.join(root, rel))
+        conv = [{"from": "human", "value": "<image>\nwhat colour is the image ?"},
+                {"from": "gpt", "value": colour}]
+        if i % 3 == 2:
+            conv += [{"from": "human", "value": "which shape is in the image ?"},
+                     {"from": "gpt", "value": f"a {rng.choice(_SHAPES)}"}]
+        records.append({"id": f"rec-{i}", "image": rel, "conversations": conv})
+    path = os.path.join(root, json_name)
+    with open(path, "w") as f:
+        json.dump(records, f, indent=1)
+    return path

@@ -1,0 +1,134 @@
+"""The differentiable EOS search (paper §2.4–§2.6, appendix A.1): ``eos-search``.
+
+Usage::
+
+    from eos_kernels.search import SearchConfig, run, evaluate
+    result = run(SearchConfig(model="llava-1.5-7b-hf/", data="mix.json", budget=64, output="out/"))
+    result.theta                      # the deployable Θ, also out/theta.json
+    evaluate(SearchConfig(model="llava-1.5-7b-hf/", data="heldout.json", output="out/"),
+             ["out/theta.json", "sparsevlm-v2-64", "none"])
+
+    eos-search --model DIR --data mix.json --budget 64 --output out/ [--config search.yaml] [--resume]
+    torchrun --nproc_per_node=8 -m eos_kernels.search --model DIR --data mix.json --budget 64 --output out/
+    eos-search --eval out/theta.json sparsevlm-v2-64 none --model DIR --data heldout.json --output out/
+
+Only the :class:`~eos_kernels.search_space.SearchSpace` parameters train; the
+model is frozen (``requires_grad=False`` everywhere, eval mode; flags and mode
+are restored afterwards when a loaded model is passed to :func:`run`). Each
+step: AdamW on Θ, gradient norm clipped, cosine schedule with linear warm-up,
+bf16 autocast on CUDA.
+
+The search forward (decisions the paper leaves open)
+----------------------------------------------------
+1. **Which layers reduce, and how much.** At every forward the search space is
+   exported with the deployment rule (:meth:`SearchSpace.export`): layers with
+   ``g_l > gate_threshold`` (0.5), at most ``max_reducers`` (C) of them, the
+   strongest gates first; K_l from equation 11 (hard top-K, ``floor((1 − g_l
+   c_l) N_l)``, at least K_min) along the chain of those layers. The search
+   forward and the exported Θ therefore agree exactly (the paper says "≥ 0.5";
+   export's strict ">" is used so that both are one rule). The operator gets
+   the layer's differentiable 0-d tensors γ, τ, θ, ρ, ν
+   (:meth:`SearchSpace.operator_params`) through the package's own
+   ``patch_llava`` machinery (``patching.patch_model(..., plan=SearchPlan)``,
+   the same ``_reduce`` as deployment) and :func:`~eos_kernels.eos_reduce`
+   (``--impl``: fused Triton autograd kernels on CUDA with "auto", the PyTorch
+   reference on the CPU), so the task loss reaches Ω through the operator.
+2. **Straight-through keep probability (equation 12).** The reduced anchors
+   are multiplied by ``p_i / sg(p_i)`` (forward value exactly 1), with
+   ``p_i = SearchSpace.keep_probability(z, l, K_l)`` gathered at the anchors.
+   Importance scores are attention probabilities (~1/N), so equation 12 is
+   applied to log-scores ``z = log(max(q, 1e-30))``: ``α (z_i − z_(K)) = α
+   log(q_i / q_(K))`` means the same for any N (α = 10: a token with 10% more
+   importance than the K-th gets σ(0.95) ≈ 0.72). The importance kernel is
+   forward-only (scores carry no gradient), so in the backward the factor's
+   gradient is that of ``(1 − g c) / (1 − sg(g c))``: the task loss reaches
+   g_l and c_l of the active layers through it; α shapes only p's value
+   (logged as ``soft_kept``, Σ_i p_i, the relaxed count per active reducer).
+3. **Loss (equations 13–14).** ``λ_ce · CE + λ_a · align + λ_b [N̄_L/B − 1]₊²
+   + λ_c [Σ g − C]₊²``. CE: summed over the answer tokens (labels −100
+   elsewhere), divided by the number of answer tokens of the *global* batch.
+   align: for each alignment layer l (0-indexed; the output of decoder layer
+   l, after its own reduction if it is a reducer), the squared error between
+   the reduced forward's and a no-grad unreduced forward's hidden states at the
+   text (non-visual, non-padded) positions, summed, divided by (global text
+   tokens × hidden size), averaged over the layers -- a mean squared error.
+   Reduced forwards are shorter after a reducer: text positions are mapped
+   through ``StageRecord.kept_positions`` (text tokens are never removed).
+   The unreduced forward is the same patched model inside
+   ``patching.suspended(model)`` (hooks stay installed; the model is never
+   left unpatched by accident). N̄_L and the penalties come from the
+   SearchSpace.
+4. **Prompts.** ``apply_chat_template`` when the processor (or tokenizer) has
+   a chat template, else LLaVA-1.5's ``"USER: <image>\\n{question}
+   ASSISTANT:"`` with the answer appended as ``" {answer}"`` + eos; multi-turn
+   records continue ``"USER: {q} ASSISTANT: {a}</s>"``. Details, and how the
+   answer tokens are found, in :mod:`eos_kernels.search.data`.
+5. **Rating rows.** In ``generate`` only the prompt rates the visual tokens;
+   a teacher-forced forward would let the answer tokens rate them too (a leak
+   of the answer into the selection). The search limits the rating rows to
+   each sample's prompt (the tokens before its first answer token) with
+   ``patching.prompt_lengths``, so the search sees the deployed selection.
+
+Defaults (:class:`SearchConfig`)
+--------------------------------
+Table 5: AdamW lr 1e-3, weight decay 0, betas (0.9, 0.999), clip 1.0, cosine
+with 5% linear warm-up (``round(0.05·steps)`` steps, lr ramps ``(s+1)/W``),
+4,000 steps, global batch 4, λ_a 0.1, seed 42, bf16 autocast on CUDA (model
+weights bf16 on CUDA, fp32 on the CPU; ``--eval`` loads fp16 on CUDA, table 5's
+eval precision), γ0 = τ0 = 0.5, θ0 = ρ0 = ν0 = 0 (ρ0, ν0 start 0.001 inside
+(0, 1), see :mod:`eos_kernels.search_space`), C = 3 slots.
+
+Not in the paper, chosen here:
+
+- **λ_b = 10, λ_c = 10.** The constraints are meant to hold at the end, not be
+  traded freely against accuracy: at 10 a 10% budget overshoot costs 0.1 (and
+  a gradient of 2 per unit of N̄/B), comparable to the CE change a reduction
+  causes (~0.1–1 nats), and one surplus active layer costs 10. Both are
+  exposed (``--lambda-budget``, ``--lambda-layers``).
+- **Depth scaling.** Reducer slots: layer l of 32 becomes
+  ``floor(l·L/32 + 1/2)`` (2, 6, 15 at 32; 0, 1, 3 at 6; 3, 8, 19 at 40),
+  collisions moved to the next free layer, the first C of them when C < 3.
+  Alignment layers: every ``s = max(1, round(L/8))``-th layer from s to L − 1
+  (4, 8, …, 28 at 32; 1..5 at 6; 5, 10, …, 35 at 40).
+- **Warm start (§2.6).** The slots start at g0 = 0.95 (the SearchSpace
+  default; other layers 0.01) with a discard c0 such that the slots' chain
+  keeps the budget: ``N0 (1 − g0 c0)^slots = B`` (clamped to [0.01, 0.99];
+  ``--init-discard`` overrides). §2.6 also speaks of γ "close to zero"; table
+  5's γ0 = 0.5 is the default (``--gamma0`` sets it).
+- λ_ce = 1 (the paper's; 0 is allowed, for ablations and tests).
+
+Note: N̄_L multiplies ``(1 − g_l c_l)`` over *all* layers, so the inactive
+layers' small gates (0.01 · 0.5 each) make N̄_L a few per cent lower than the
+deployed final count on a 32-layer model (both are logged:
+``expected_tokens``, ``deployed_tokens``).
+
+Outputs and control
+-------------------
+``--output`` holds ``theta.json`` (the exported Θ at the model's visual
+tokens), ``search_state.pt`` (search parameters, AdamW and scheduler state,
+step, data position, RNG states, the config), ``log.jsonl`` (one JSON object
+per step: ce, align, budget, layers -- unweighted -- and the weighted total,
+expected_tokens N̄_L, deployed_tokens, active_layers, kept schedule,
+soft_kept, every layer's g, c, gamma, tau, theta, rho, nu as used by that
+step's forward, lr, grad_norm, answer/text token counts, the sample indices,
+and the wall-clock fields ``step_time`` and ``time``), and ``trajectories.png``,
+``profile.png``, ``loss.png``. A checkpoint is written at step 0, every
+``--checkpoint-every`` steps and at the end (atomically). ``--resume``
+continues bit for bit on the CPU (the log is truncated to the checkpoint's
+step, options that change the maths must match). Ctrl-C saves a checkpoint of
+the last completed step and exits (the optimizer update itself is shielded
+from the signal); a non-finite loss or gradient raises
+:class:`NonFiniteLossError` without touching the last good checkpoint.
+
+Data parallelism: under ``torchrun`` (gloo on CPU, nccl on CUDA) the global
+batch is split evenly across ranks (``batch_size`` must be a multiple of the
+world size), the CE and alignment are normalised by global counts, the search
+parameters' gradients are summed with ``all_reduce`` (so N ranks compute the
+same gradient as one process with the whole batch), the penalties are added
+once after the reduction, and rank 0 writes every output.
+"""
+from eos_kernels.search.config import SearchConfig
+from eos_kernels.search.driver import NonFiniteLossError, SearchResult, run
+from eos_kernels.search.evaluate import evaluate
+
+__all__ = ["SearchConfig", "SearchResult", "NonFiniteLossError", "run", "evaluate"]

@@ -1,0 +1,152 @@
+"""``eos-search``: the command line of :func:`eos_kernels.search.run` and :func:`eos_kernels.search.evaluate`.
+
+Every option is a field of :class:`~eos_kernels.search.config.SearchConfig`;
+``--config FILE`` (YAML or JSON) sets any of them, options given on the
+command line override the file. ``--eval THETA [...]`` evaluates instead of
+searching. Also ``python -m eos_kernels.search``. Under
+``torchrun --nproc_per_node=N`` the same command runs data-parallel.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from eos_kernels.search.config import DTYPES, IMPLS, SearchConfig
+
+__all__ = ["main", "build_parser"]
+
+
+def _bool_flag(parser, name, help_on, help_off, dest):
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(f"--{name}", dest=dest, action="store_const", const=True, help=help_on)
+    group.add_argument(f"--no-{name}", dest=dest, action="store_const", const=False, help=help_off)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = SearchConfig()
+    p = argparse.ArgumentParser(
+        prog="eos-search",
+        description="Differentiable EOS search on a frozen Hugging Face LLaVA model (paper §2.4-2.6), or, with "
+                    "--eval, accuracy and token accounting of Θ configurations on a held-out split.",
+        epilog="Outputs in --output: theta.json, search_state.pt, log.jsonl, trajectories.png, profile.png, "
+               "loss.png (eval: eval.json). Multi-GPU: torchrun --nproc_per_node=N -m eos_kernels.search ...",
+        argument_default=argparse.SUPPRESS,
+    )
+    p.add_argument("--config", metavar="FILE", help="YAML or JSON file setting any option below "
+                   "(keys are option names); the command line overrides it")
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", metavar="DIR", help="local Hugging Face LLaVA checkpoint directory (model + processor)")
+    g.add_argument("--data", metavar="JSON", help="LLaVA-format JSON (with --eval: the held-out split)")
+    g.add_argument("--image-folder", metavar="DIR", help="folder the image paths are relative to "
+                   "(default: the data file's folder)")
+    g.add_argument("--output", metavar="DIR", help=f"output folder (default: {d.output})")
+    g = p.add_argument_group("objective (equations 13-14)")
+    g.add_argument("--budget", type=float, metavar="B", help="target visual tokens leaving the last layer (required)")
+    g.add_argument("--max-reducers", type=int, metavar="C", help=f"most active reduction layers (default {d.max_reducers})")
+    g.add_argument("--lambda-ce", type=float, help=f"weight of the answer cross-entropy (default {d.lambda_ce})")
+    g.add_argument("--lambda-align", type=float, help=f"λ_a, hidden-state alignment (default {d.lambda_align})")
+    g.add_argument("--lambda-budget", type=float, help=f"λ_b, budget penalty (default {d.lambda_budget})")
+    g.add_argument("--lambda-layers", type=float, help=f"λ_c, active-layer penalty (default {d.lambda_layers})")
+    g.add_argument("--align-layers", type=int, nargs="+", metavar="L",
+                   help="decoder layers (0-indexed) whose outputs are aligned (default: every round(L/8)-th: "
+                        "4 8 ... 28 for 32 layers)")
+    g = p.add_argument_group("optimisation (table 5)")
+    g.add_argument("--steps", type=int, help=f"search steps (default {d.steps})")
+    g.add_argument("--batch-size", type=int, help=f"global batch, split across processes (default {d.batch_size})")
+    g.add_argument("--micro-batch-size", type=int, help="per-process micro-batch (gradient accumulation)")
+    g.add_argument("--lr", type=float, help=f"AdamW learning rate (default {d.lr})")
+    g.add_argument("--weight-decay", type=float, help=f"(default {d.weight_decay})")
+    g.add_argument("--grad-clip", type=float, help=f"gradient norm clip (default {d.grad_clip})")
+    g.add_argument("--warmup-ratio", type=float, help=f"linear warm-up share of the cosine schedule (default {d.warmup_ratio})")
+    g.add_argument("--adam-betas", type=float, nargs=2, help="(default 0.9 0.999)")
+    g.add_argument("--adam-eps", type=float, help=f"(default {d.adam_eps})")
+    g.add_argument("--seed", type=int, help=f"(default {d.seed})")
+    g = p.add_argument_group("search space and warm start (equations 10-12, §2.6)")
+    g.add_argument("--init-layers", type=int, nargs="+", metavar="L",
+                   help="reducer slots that start active (default: 2 6 15 scaled to the depth)")
+    g.add_argument("--init-gate", type=float, help=f"initial g of the slots (default {d.init_gate})")
+    g.add_argument("--off-gate", type=float, help=f"initial g elsewhere (default {d.off_gate})")
+    g.add_argument("--init-discard", type=float, help="initial c of the slots (default: the chain meets the budget)")
+    g.add_argument("--off-discard", type=float, help=f"initial c elsewhere (default {d.off_discard})")
+    for name in ("gamma0", "tau0", "theta0", "rho0", "nu0"):
+        g.add_argument(f"--{name}", type=float, help=f"(default {getattr(d, name)})")
+    g.add_argument("--gate-temperature", type=float, help="T_g (default 1)")
+    g.add_argument("--keep-temperature", type=float, help="T_c (default 1)")
+    g.add_argument("--alpha", type=float, help=f"α of equation 12, on log-scores (default {d.alpha})")
+    g.add_argument("--beta", type=float, help=f"operator gate sharpness β (default {d.beta})")
+    g.add_argument("--k-min", type=int, help=f"K_min (default {d.k_min})")
+    g.add_argument("--gate-threshold", type=float, help=f"a layer reduces when g > this (default {d.gate_threshold})")
+    g = p.add_argument_group("execution")
+    g.add_argument("--impl", choices=IMPLS, help="operator implementation (default auto: fused Triton on CUDA)")
+    g.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    g.add_argument("--dtype", choices=DTYPES, help="model weights (default auto: bfloat16 on CUDA for the search, "
+                   "float16 for --eval, float32 on CPU)")
+    _bool_flag(g, "autocast", "bf16 autocast on CUDA (default)", "no autocast", "autocast")
+    g.add_argument("--attn-implementation", help="e.g. sdpa, eager, flash_attention_2 (default: the checkpoint's)")
+    g = p.add_argument_group("run control")
+    g.add_argument("--checkpoint-every", type=int, metavar="N", help=f"steps between checkpoints, 0: only at the end "
+                   f"(default {d.checkpoint_every})")
+    g.add_argument("--resume", action="store_const", const=True, help="continue the search in --output")
+    g.add_argument("--overwrite", action="store_const", const=True, help="start over in an --output that holds a search")
+    g.add_argument("--stop-after", type=int, metavar="N", help="end this invocation after N steps in total "
+                   "(checkpointed; the schedule still spans --steps)")
+    _bool_flag(g, "progress", "tqdm progress bar (default)", "no progress bar", "progress")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval", nargs="+", metavar="THETA", help="evaluate these Θ (JSON files, 'none', or presets "
+                   "sparsevlm-v2-192, paper-64, tome-64, pool-64, fastv-2-0.5, ...) on --data instead of searching")
+    g.add_argument("--eval-limit", type=int, metavar="N", help="evaluate the first N records")
+    g.add_argument("--max-new-tokens", type=int, help=f"generation length for --eval (default {d.max_new_tokens})")
+    return p
+
+
+def parse_config(argv=None) -> SearchConfig:
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    config_file = args.pop("config", None)
+    try:
+        base = SearchConfig.from_file(config_file) if config_file else SearchConfig()
+        return SearchConfig.from_dict(args, base=base, source="command line")
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
+def main(argv=None) -> int:
+    """Entry point of ``eos-search``; returns the exit status (0 success, 1 failure, 130 interrupted)."""
+    from eos_kernels.search.driver import NonFiniteLossError
+
+    config = parse_config(argv)
+    try:
+        if config.eval:
+            from eos_kernels.search.evaluate import evaluate, format_table
+
+            out = evaluate(config)
+            print(format_table(out["results"]))
+            if out["path"]:
+                print(f"eos-search: evaluation written to {out['path']}")
+            return 0
+        from eos_kernels.search.driver import run
+
+        result = run(config)
+    except ValueError as exc:
+        print(f"eos-search: error: {exc}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as exc:
+        print(f"eos-search: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        state = "finished" if result.completed else "stopped"
+        print(f"eos-search: {state} at step {result.step}/{config.steps}; Θ in {result.theta_path}")
+        print(result.theta)
+        print(json.dumps({k: v for k, v in result.theta.token_report(
+            result.space.num_visual_tokens, result.space.num_layers).items()
+            if k in ("final", "mean_leaving", "mean_processed")}))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,689 @@
+"""The search loop: setup, steps, distributed data parallelism, checkpoints, logs, plots.
+
+See :mod:`eos_kernels.search` for the method and its decisions; this module is
+the machinery. :func:`run` is the public entry point.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import threading
+import time
+import types
+import warnings
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from eos_kernels.search.config import (
+    RUN_CONTROL_FIELDS,
+    SearchConfig,
+    default_align_layers,
+    scale_init_layers,
+    warm_start_discard,
+)
+
+__all__ = ["run", "SearchResult", "NonFiniteLossError", "STATE_FILE", "THETA_FILE", "LOG_FILE",
+           "load_model", "resolve_device", "resolve_dtype", "TIMING_FIELDS"]
+
+STATE_FILE = "search_state.pt"
+THETA_FILE = "theta.json"
+LOG_FILE = "log.jsonl"
+STATE_FORMAT = "eos_kernels.search_state"
+STATE_VERSION = 1
+#: log fields that hold wall-clock measurements (excluded when comparing runs)
+TIMING_FIELDS = ("step_time", "time")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the gradient became NaN/inf; the last good checkpoint is left as it was."""
+
+
+@dataclasses.dataclass
+class SearchResult:
+    """What :func:`run` returns.
+
+    Attributes:
+        theta: the exported deployable Θ (also ``output/theta.json``).
+        space: the search space (on the CPU) after the last step.
+        step: steps completed in total.
+        completed: True when all ``config.steps`` steps ran.
+        output: the output directory; ``theta_path``, ``state_path``,
+            ``log_path`` and ``plots`` the files written there (rank 0; other
+            ranks get the same paths but write nothing).
+        last: the last step's log record (None if no step ran in this call).
+        config: the resolved configuration.
+    """
+
+    theta: Any
+    space: Any
+    step: int
+    completed: bool
+    output: str
+    theta_path: str
+    state_path: str
+    log_path: str
+    plots: list
+    last: dict | None
+    config: SearchConfig
+
+
+# ---------------------------------------------------------------------- environment
+def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
+    if spec == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as exc:
+        raise ValueError(f"device: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {spec!r} requested but CUDA is not available")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device(f"cuda:{local_rank}")
+    return device
+
+
+def resolve_dtype(spec: str, device: torch.device, cuda_default=torch.bfloat16) -> torch.dtype:
+    if spec == "auto":
+        return cuda_default if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[spec]
+
+
+def _load_llava_config(path):
+    if not isinstance(path, str) or not os.path.isdir(path):
+        raise ValueError(f"model: not a local Hugging Face checkpoint directory: {path!r}")
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"model: cannot read the config of {path}: {exc}") from None
+    if getattr(config, "model_type", None) != "llava" or getattr(config, "text_config", None) is None:
+        raise ValueError(f"model: {path} is not a LLaVA checkpoint (model_type {getattr(config, 'model_type', None)!r}; "
+                         "eos-search supports transformers' LlavaForConditionalGeneration)")
+    return config
+
+
+def _load_processor(path):
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ValueError(f"model: cannot load the processor from {path}: {exc}") from None
+
+
+def load_model(path: str, device: torch.device, dtype: torch.dtype, attn_implementation: str | None = None,
+               *, processor: bool = True):
+    """``(LlavaForConditionalGeneration, processor or None)`` from a local checkpoint directory."""
+    _load_llava_config(path)
+    from transformers import LlavaForConditionalGeneration
+
+    kwargs = {"dtype": dtype}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = LlavaForConditionalGeneration.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"model: cannot load a LLaVA model from {path}: {exc}") from None
+    return model.to(device), (_load_processor(path) if processor else None)
+
+
+class _Dist:
+    """torch.distributed when launched by torchrun (WORLD_SIZE > 1), else a single process."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.owned = False
+        self.enabled = False
+        self.comm_device = torch.device("cpu")
+
+    def setup(self, device: torch.device):
+        if self.world <= 1:
+            return
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            dist.init_process_group(backend=backend)
+            self.owned = True
+        self.enabled = True
+        self.world = dist.get_world_size()
+        self.rank = dist.get_rank()
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def barrier(self):
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def teardown(self):
+        if self.owned:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+            self.owned = False
+
+
+@contextlib.contextmanager
+def _defer_sigint():
+    """Hold Ctrl-C during a block (the commit of a step) and raise it after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+
+    def handler(signum, frame):
+        received.append(signum)
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main interpreter
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            raise KeyboardInterrupt
+
+
+class _CosineWarmup:
+    """lr factor: linear warm-up ``(s + 1) / W`` for s < W, then ``(1 + cos(π (s − W) / (T − W))) / 2``."""
+
+    def __init__(self, total: int, warmup: int):
+        self.total, self.warmup = total, warmup
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        span = max(1, self.total - self.warmup)
+        progress = min(1.0, (step - self.warmup) / span)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:  # pragma: no cover
+        pass
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+
+
+def _atomic_save(obj, path: str) -> None:
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_text(text: str, path: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------- the search
+class _Search:
+    def __init__(self, config: SearchConfig, model=None, processor=None):
+        self.config = config
+        self.dist = _Dist()
+        self.device = None
+        self.model = None
+        self.patched = False
+        self.capture = None
+        self.log_file = None
+        self.saved_flags = None
+        self.bar = None
+        self.saved_step = None
+        try:
+            self._setup(model, processor)
+        except BaseException:
+            self._cleanup()
+            raise
+
+    # ---------------------------------------------------------------- setup
+    def _setup(self, model, processor):
+        from eos_kernels._dispatch import resolve_impl
+        from eos_kernels.integrations.llava import LlavaAdapter
+        from eos_kernels.search.data import BatchSampler, load_dataset
+        from eos_kernels.search_space import SearchSpace
+
+        cfg = self.config
+        if model is None:
+            cfg.require("model")
+        cfg.require("data", "budget")
+        dist = self.dist
+        if model is not None:
+            self.device = next(model.parameters()).device
+        else:
+            self.device = resolve_device(cfg.device, dist.local_rank)
+        try:
+            resolve_impl(cfg.impl, self.device)
+        except (RuntimeError, ValueError) as exc:
+            raise ValueError(f"impl={cfg.impl!r}: {exc}") from None
+        dist.setup(self.device)
+        dist.comm_device = self.device if self.device.type == "cuda" else torch.device("cpu")
+        if cfg.batch_size % dist.world:
+            raise ValueError(f"batch_size {cfg.batch_size} (the global batch) must be a multiple of the "
+                             f"number of processes ({dist.world})")
+        self.local_batch = cfg.batch_size // dist.world
+
+        # output folder
+        self.out = os.path.abspath(cfg.output)
+        self.state_path = os.path.join(self.out, STATE_FILE)
+        self.theta_path = os.path.join(self.out, THETA_FILE)
+        self.log_path = os.path.join(self.out, LOG_FILE)
+        if cfg.resume:
+            if not os.path.isfile(self.state_path):
+                raise ValueError(f"--resume: no checkpoint {self.state_path} to resume from")
+        elif not cfg.overwrite and (os.path.exists(self.state_path) or os.path.exists(self.log_path)):
+            raise ValueError(f"output folder {self.out} already holds a search ({STATE_FILE} / {LOG_FILE}); "
+                             "pass --resume to continue it or --overwrite to start over")
+
+        # the model's shape, processor and data first: every check before loading the weights
+        self.adapter = LlavaAdapter()
+        if model is not None:
+            self.adapter.check_model(model)
+            mconfig = model.config
+        else:
+            mconfig = _load_llava_config(cfg.model)
+        if processor is None:
+            if cfg.model is None:
+                raise ValueError("run(config, model=...) needs processor= or config.model (to load the processor)")
+            processor = _load_processor(cfg.model)
+        self.num_layers = L = int(mconfig.text_config.num_hidden_layers)
+        n0 = self.adapter.visual_tokens_per_image(types.SimpleNamespace(config=mconfig))
+        if n0 is None:
+            raise ValueError("cannot tell the number of visual tokens per image from the model config")
+        self.n0 = n0
+        if cfg.budget > n0:
+            raise ValueError(f"budget {cfg.budget:g} is larger than the {n0} visual tokens per image of this "
+                             "model: nothing to search for")
+        if cfg.max_reducers > L:
+            raise ValueError(f"max_reducers {cfg.max_reducers} exceeds the model's {L} decoder layers")
+        self.align_layers = list(cfg.align_layers) if cfg.align_layers is not None else default_align_layers(L)
+        for x in self.align_layers:
+            if x >= L:
+                raise ValueError(f"align_layers: layer {x} does not exist in a model with {L} layers "
+                                 f"(valid: 0..{L - 1})")
+        self.init_layers = (list(cfg.init_layers) if cfg.init_layers is not None
+                            else scale_init_layers(L, cfg.max_reducers))
+        for x in self.init_layers:
+            if x >= L:
+                raise ValueError(f"init_layers: layer {x} does not exist in a model with {L} layers")
+        self.init_discard = (cfg.init_discard if cfg.init_discard is not None else
+                             warm_start_discard(cfg.budget, n0, len(self.init_layers), cfg.init_gate))
+        image_size = getattr(getattr(mconfig, "vision_config", None), "image_size", None)
+        if isinstance(image_size, (list, tuple)):
+            image_size = image_size[0]
+        self.data = load_dataset(cfg.data, processor, num_visual_tokens=n0, image_token_id=mconfig.image_token_id,
+                                 image_folder=cfg.image_folder, check_image_size=image_size)
+
+        if model is None:
+            model, _ = load_model(cfg.model, self.device, resolve_dtype(cfg.dtype, self.device),
+                                  cfg.attn_implementation, processor=False)
+            self.adapter.check_model(model)
+        self.model = model
+        self.saved_flags = ([p.requires_grad for p in model.parameters()], model.training)
+        model.requires_grad_(False)
+        model.eval()
+        self.sampler = BatchSampler(len(self.data), cfg.batch_size, cfg.seed)
+        self.processor = processor
+
+        # search space, optimiser, schedule
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        self.space_kwargs = dict(
+            num_layers=L, num_visual_tokens=n0, init_layers=tuple(self.init_layers),
+            gate_temperature=cfg.gate_temperature, keep_temperature=cfg.keep_temperature,
+            gamma0=cfg.gamma0, tau0=cfg.tau0, theta0=cfg.theta0, rho0=cfg.rho0, nu0=cfg.nu0,
+            init_gate=cfg.init_gate, init_discard=self.init_discard, off_gate=cfg.off_gate,
+            off_discard=cfg.off_discard, k_min=cfg.k_min, beta=cfg.beta, alpha=cfg.alpha,
+        )
+        self.space = SearchSpace(**self.space_kwargs).to(self.device)
+        self.params = list(self.space.parameters())
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=tuple(cfg.adam_betas),
+                                           eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+        warmup = int(math.floor(cfg.warmup_ratio * cfg.steps + 0.5))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _CosineWarmup(cfg.steps, warmup))
+        self.step = 0
+        self.data_state = self.sampler.initial_state()
+        if cfg.resume:
+            self._load_state()
+        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) \
+            if (cfg.autocast and self.device.type == "cuda") else None
+
+        # make sure no rank writes before every rank has checked the output folder
+        self.dist.barrier()
+
+    # ---------------------------------------------------------------- state
+    def _state(self) -> dict:
+        return {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "step": self.step,
+            "space": {k: v.detach().cpu() for k, v in self.space.state_dict().items()},
+            "space_kwargs": self.space_kwargs,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "data_state": dict(self.data_state),
+            "rng": _rng_state(self.device),
+            "config": self.config.to_dict(),
+            "world_size": self.dist.world,
+        }
+
+    def _load_state(self):
+        try:
+            state = torch.load(self.state_path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file
+            raise ValueError(f"--resume: cannot read {self.state_path}: {exc}") from None
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ValueError(f"--resume: {self.state_path} is not an eos-search checkpoint")
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"--resume: unsupported checkpoint version {state.get('version')!r}")
+        old = state["config"]
+        new = self.config.to_dict()
+        differ = sorted(k for k in new if k not in RUN_CONTROL_FIELDS and old.get(k) != new[k])
+        if differ:
+            detail = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in differ)
+            raise ValueError(f"--resume: these options differ from the checkpoint's run: {detail}")
+        if state["space_kwargs"] != self.space_kwargs:
+            raise ValueError("--resume: the checkpoint's search space does not match this model/config")
+        self.space.load_state_dict({k: v.to(self.device) for k, v in state["space"].items()})
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        self.data_state = dict(state["data_state"])
+        _set_rng_state(state["rng"], self.device)
+
+    def _export(self):
+        name = f"eos-search-B{self.config.budget:g}"
+        return self.space.export(self.config.gate_threshold, self.config.max_reducers, self.n0, name=name)
+
+    def _checkpoint(self):
+        self.saved_step = self.step
+        if not self.dist.main:
+            return
+        os.makedirs(self.out, exist_ok=True)
+        _atomic_save(self._state(), self.state_path)
+        _atomic_text(self._export().to_json() + "\n", self.theta_path)
+        if self.log_file is not None:
+            self.log_file.flush()
+
+    def _open_log(self):
+        if not self.dist.main:
+            return
+        os.makedirs(self.out, exist_ok=True)
+        if self.config.resume and os.path.exists(self.log_path):
+            # keep the lines of the steps the checkpoint holds (a crash may have logged more)
+            with open(self.log_path, encoding="utf-8") as f:
+                lines = [ln for ln in f if ln.strip()]
+            keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= self.step]
+            _atomic_text("".join(keep), self.log_path)
+            self.log_file = open(self.log_path, "a", encoding="utf-8")
+        else:
+            self.log_file = open(self.log_path, "w", encoding="utf-8")
+
+    # ---------------------------------------------------------------- one step
+    def _one_step(self) -> dict:
+        from eos_kernels.search import objective
+
+        cfg, dist, space, model = self.config, self.dist, self.space, self.model
+        t0 = time.perf_counter()
+        indices, next_state = self.sampler.batch(self.data_state)
+        mine = indices[dist.rank * self.local_batch:(dist.rank + 1) * self.local_batch]
+        pixel_dtype = next(model.parameters()).dtype
+        batch = self.data.collate(mine).to(self.device, pixel_dtype)
+
+        # global counts first: every rank normalises by the whole batch's tokens
+        labels = batch.labels
+        n_answer = int((labels[:, 1:] != -100).sum())
+        n_text = int((batch.attention_mask.bool() & (batch.input_ids != model.config.image_token_id)).sum())
+        counts = torch.tensor([n_answer, n_text], dtype=torch.float64, device=dist.comm_device)
+        dist.all_sum(counts)
+        g_answer, g_text = float(counts[0]), float(counts[1])
+        hidden = self.adapter.text_model(model).config.hidden_size
+
+        # values used by this step's forward (logged)
+        with torch.no_grad():
+            values = {k: v.detach().double().cpu().tolist() for k, v in space.constrained_values().items()}
+        self.optimizer.zero_grad(set_to_none=True)
+        use_align = cfg.lambda_align > 0 and bool(self.align_layers)
+        micro = batch.split(cfg.micro_batch_size) if cfg.micro_batch_size else [batch]
+        ce_sum = torch.zeros((), dtype=torch.float64)
+        sse = torch.zeros(len(self.align_layers), dtype=torch.float64)
+        report = None
+        soft = {}
+        for mb in micro:
+            terms = objective.data_terms(model, mb, self.capture, autocast=self.autocast, align=use_align)
+            loss = cfg.lambda_ce * terms["ce_sum"] / max(g_answer, 1.0)
+            if use_align:
+                per_layer = torch.stack([terms["align_sse"][i] for i in self.align_layers])
+                loss = loss + cfg.lambda_align * per_layer.sum() / (len(self.align_layers) * max(g_text, 1.0) * hidden)
+                sse += per_layer.detach().double().cpu()
+            if loss.requires_grad:
+                loss.backward()
+            ce_sum += terms["ce_sum"].detach().double().cpu()
+            report = terms["report"]
+            soft = {k: float(v) for k, v in self.plan.soft_kept.items()}
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        if dist.enabled:
+            flat = torch.cat([p.grad.reshape(-1) for p in self.params]).to(dist.comm_device)
+            dist.all_sum(flat)
+            offset = 0
+            for p in self.params:
+                n = p.numel()
+                p.grad.copy_(flat[offset:offset + n].view_as(p).to(p.device))
+                offset += n
+            stats = torch.cat([ce_sum.view(1), sse]).to(dist.comm_device)
+            dist.all_sum(stats)
+            stats = stats.cpu()
+            ce_sum, sse = stats[0], stats[1:]
+        ce = float(ce_sum) / max(g_answer, 1.0)
+        align = float(sse.sum()) / (len(self.align_layers) * max(g_text, 1.0) * hidden) if use_align else 0.0
+
+        pen = objective.penalty_terms(space, cfg.budget, cfg.max_reducers)
+        pen_loss = cfg.lambda_budget * pen["budget"] + cfg.lambda_layers * pen["layers"]
+        pen_loss.backward()
+        budget_term, layers_term = float(pen["budget"].detach()), float(pen["layers"].detach())
+        total = (cfg.lambda_ce * ce + cfg.lambda_align * align + cfg.lambda_budget * budget_term
+                 + cfg.lambda_layers * layers_term)
+        step_no = self.step + 1
+        if not math.isfinite(total):
+            raise NonFiniteLossError(
+                f"non-finite loss at step {step_no} (ce={ce!r}, align={align!r}, budget={budget_term!r}, "
+                f"layers={layers_term!r})")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip))
+        if not math.isfinite(grad_norm):
+            raise NonFiniteLossError(f"non-finite gradient at step {step_no} (norm {grad_norm!r}, loss {total!r})")
+        lr = self.optimizer.param_groups[0]["lr"]
+        schedule = self.plan.last_schedule if report is not None and report.stages else []
+        deployed = schedule[-1][2] if schedule else self.n0
+        record = {
+            "step": step_no,
+            "ce": ce,
+            "align": align,
+            "budget": budget_term,
+            "layers": layers_term,
+            "total": total,
+            "expected_tokens": float(pen["expected_tokens"].detach()),
+            "deployed_tokens": deployed,
+            "active_layers": [s[0] for s in schedule],
+            "kept": [[s[0], s[1], s[2]] for s in schedule],
+            "soft_kept": {str(k): v for k, v in sorted(soft.items())},
+            **{k: values[k] for k in ("g", "c", "gamma", "tau", "theta", "rho", "nu")},
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "answer_tokens": int(g_answer),
+            "text_tokens": int(g_text),
+            "samples": indices,
+        }
+        return record, next_state, t0
+
+    def _commit(self, record, next_state, t0):
+        with _defer_sigint():
+            self.optimizer.step()
+            self.scheduler.step()
+            self.step += 1
+            self.data_state = next_state
+            record["step_time"] = time.perf_counter() - t0
+            record["time"] = time.time()
+            if self.log_file is not None:
+                self.log_file.write(json.dumps(record, allow_nan=True) + "\n")
+                self.log_file.flush()
+        self.last = record
+
+    # ---------------------------------------------------------------- the loop
+    def run(self) -> SearchResult:
+        from eos_kernels.patching import patch_model
+        from eos_kernels.search.objective import LayerCapture, SearchPlan
+
+        cfg = self.config
+        self.plan = SearchPlan(self.space, cfg.max_reducers, cfg.gate_threshold, cfg.impl)
+        self.last = None
+        self.saved_step = self.step if cfg.resume else None
+        stop = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
+        plots = []
+        try:
+            patch_model(self.model, None, self.adapter, plan=self.plan)
+            self.patched = True
+            # registered after the patch hooks: they see each layer's output after its reduction
+            self.capture = LayerCapture(self.adapter.decoder_layers(self.model), self.align_layers)
+            self._open_log()
+            if self.saved_step is None:
+                self._checkpoint()  # step 0: the warm start, so a failure at step 1 leaves a good checkpoint
+            if self.dist.main and cfg.progress:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=cfg.steps, initial=self.step, desc="eos-search", dynamic_ncols=True)
+            try:
+                while self.step < stop:
+                    record, next_state, t0 = self._one_step()
+                    self._commit(record, next_state, t0)
+                    if self.bar is not None:
+                        self.bar.update(1)
+                        self.bar.set_postfix(loss=f"{record['total']:.4g}", tokens=f"{record['expected_tokens']:.1f}",
+                                             active=len(record["active_layers"]),
+                                             s_step=f"{record['step_time']:.2f}")
+                    if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < stop:
+                        self._checkpoint()
+            except KeyboardInterrupt:
+                if self.bar is not None:
+                    self.bar.close()
+                self._checkpoint()
+                if self.dist.main:
+                    print(f"\neos-search: interrupted; checkpoint of step {self.step} saved in {self.state_path} "
+                          "(continue with --resume)", flush=True)
+                raise
+            except NonFiniteLossError as exc:
+                where = (f"the last good checkpoint (step {self.saved_step}) is kept in {self.state_path}"
+                         if self.saved_step is not None else "no checkpoint was written")
+                raise NonFiniteLossError(f"{exc}; stopping: {where}") from None
+            self._checkpoint()
+            if self.dist.main:
+                from eos_kernels.search.plots import plot_log
+
+                try:
+                    plots = plot_log(self.log_path, self.out)
+                except Exception as exc:  # noqa: BLE001 - a plot must not lose a finished search
+                    warnings.warn(f"eos-search: plotting failed: {exc}")
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+            self._cleanup()
+        space = self.space.to("cpu")
+        return SearchResult(theta=self._export(), space=space, step=self.step, completed=self.step >= cfg.steps,
+                            output=self.out, theta_path=self.theta_path, state_path=self.state_path,
+                            log_path=self.log_path, plots=plots, last=self.last, config=cfg)
+
+    def _cleanup(self):
+        from eos_kernels.patching import unpatch_model
+
+        if self.capture is not None:
+            self.capture.remove()
+            self.capture = None
+        if self.patched:
+            unpatch_model(self.model)
+            self.patched = False
+        if self.log_file is not None:
+            self.log_file.close()
+            self.log_file = None
+        if self.saved_flags is not None:
+            flags, training = self.saved_flags
+            for p, f in zip(self.model.parameters(), flags):
+                p.requires_grad_(f)
+            self.model.train(training)
+            self.saved_flags = None
+        self.dist.teardown()
+
+
+def run(config: SearchConfig | Mapping[str, Any] | None = None, *, model: nn.Module | None = None,
+        processor=None, **overrides) -> SearchResult:
+    """Run the EOS search (see :mod:`eos_kernels.search`).
+
+    Args:
+        config: a :class:`SearchConfig`, a mapping of its fields, or None.
+        model: optionally an already loaded ``LlavaForConditionalGeneration``
+            (used instead of loading ``config.model``; it is patched during the
+            run and unpatched, with its ``requires_grad`` flags and mode
+            restored, afterwards).
+        processor: the processor matching ``model`` (default: loaded from
+            ``config.model``).
+        **overrides: fields of :class:`SearchConfig` overriding ``config``.
+
+    Returns:
+        :class:`SearchResult`.
+
+    Raises:
+        ValueError: bad options, data or model, found before any step.
+        NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
+        KeyboardInterrupt: after saving a checkpoint of the last completed step.
+    """
+    config = SearchConfig.coerce(config, **overrides)
+    search = _Search(config, model=model, processor=processor)
+    try:
+        return search.run()
+    except BaseException:
+        search._cleanup()
+        raise
