@@ -1,25 +1,108 @@
-"""One search step (forward, alignment reference, backward), ``impl="triton"`` vs ``impl="torch"``.
+"""One search step (reference forward, reduced forward, backward): ``impl="triton"`` vs ``impl="torch"``.
 
-Placeholder until the search driver exists: the module skips unless
-``eos_kernels.search`` is importable (a folder without ``__init__.py`` being
-written does not count). When it lands, time one optimisation step of the
-search on the LLaVA-7B-shaped model of ``test_bench_e2e.py`` (frozen backbone,
-Θ trainable) with the operator's ``impl`` set to "triton" and to "torch",
-``benchmark.group = "search step cuda B4"``, ids ``cuda-triton-B4`` /
-``cuda-torch-B4`` and ``extra_info`` subject="search", impl, B, device: the
-report already pairs them.
+The model is the end-to-end benchmark's LLaVA (``test_bench_e2e.build_llava``:
+LLaVA-1.5-7B-shaped in bf16 on CUDA, a small 32-layer model in fp32 on the
+CPU), frozen, patched with the search's :class:`~eos_kernels.search.objective.SearchPlan`
+over a :class:`~eos_kernels.SearchSpace` with the paper's warm start (slots at
+layers 2, 6, 15, γ₀ = τ₀ = 0.5). One timed step is what ``eos-search`` does per
+micro-batch: the no-grad unreduced reference forward, the reduced forward with
+the answer-token cross-entropy and the hidden-state alignment at layers
+4, 8, …, 28, and the backward into the search parameters (bf16 autocast on
+CUDA, as the driver). The operator runs through the fused kernels
+(``impl="triton"``, CUDA only) or the PyTorch reference (``impl="torch"``).
+
+Batch: 4 samples (table 5) of the e2e prompt (64 text + 576 visual tokens) on
+CUDA, 1 on the CPU; the last 16 text tokens are the "answer" (labels).
 """
-import importlib
+from __future__ import annotations
+
+import gc
 
 import pytest
+import torch
 
-try:
-    _search = importlib.import_module("eos_kernels.search")
-except Exception:  # ImportError, or a module being written
-    _search = None
-if _search is None or getattr(_search, "__file__", None) is None:
-    pytest.skip("eos_kernels.search is not implemented yet", allow_module_level=True)
+from bench.common import HAS_CUDA, cpu_param, device_label, gpu_param, peak_extra_memory, sync
+
+pytest.importorskip("transformers", reason="the search benchmark needs transformers")
+from eos_kernels.integrations.llava import LlavaAdapter  # noqa: E402
+from eos_kernels.patching import patch_model, unpatch_model  # noqa: E402
+from eos_kernels.search.data import Batch  # noqa: E402
+from eos_kernels.search.objective import LayerCapture, SearchPlan, data_terms  # noqa: E402
+from eos_kernels.search_space import SearchSpace  # noqa: E402
+
+from bench.test_bench_e2e import N_VISUAL, SHAPES, build_llava, make_inputs  # noqa: E402
+
+ANSWER_TOKENS = 16
+BUDGET = 64
+CASES = [
+    gpu_param("cuda", 4, "triton", id="cuda-triton-B4"),
+    gpu_param("cuda", 4, "torch", id="cuda-torch-B4"),
+    cpu_param("cpu", 1, "torch", id="cpu-torch-B1"),
+]
 
 
-def test_search_step(benchmark):
-    pytest.skip("eos_kernels.search exists, but this benchmark has not been written against its API yet")
+@pytest.fixture(scope="module")
+def search_models():
+    cache = {}
+
+    def get(device):
+        if device not in cache:
+            model = build_llava(device)
+            for p in model.parameters():
+                p.requires_grad_(False)
+            cache[device] = model
+        return cache[device]
+
+    yield get
+    cache.clear()
+    gc.collect()
+    if HAS_CUDA:
+        torch.cuda.empty_cache()
+
+
+def _batch(device: str, B: int) -> Batch:
+    ids, pixels = make_inputs(device, B)
+    labels = torch.full_like(ids, -100)
+    labels[:, -ANSWER_TOKENS:] = ids[:, -ANSWER_TOKENS:]
+    prompt = torch.full((B,), ids.shape[1] - ANSWER_TOKENS, device=ids.device)
+    return Batch(ids, torch.ones_like(ids), labels, pixels, prompt, list(range(B)))
+
+
+@pytest.mark.parametrize("device, B, impl", CASES)
+def test_search_step(benchmark, search_models, device, B, impl):
+    model = search_models(device)
+    layers = SHAPES[device]["layers"]
+    space = SearchSpace(layers, N_VISUAL).to(device)
+    plan = SearchPlan(space, max_reducers=3, impl=impl)
+    adapter = LlavaAdapter()
+    patch_model(model, None, adapter, plan=plan)
+    capture = LayerCapture(adapter.decoder_layers(model), list(range(4, layers, 4)))
+    batch = _batch(device, B)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device == "cuda" else None
+    hidden = SHAPES[device]["hidden"]
+
+    def step():
+        space.zero_grad(set_to_none=True)
+        terms = data_terms(model, batch, capture, autocast=autocast)
+        align = torch.stack(list(terms["align_sse"].values())).sum() / (
+            len(capture.indices) * terms["text_tokens"] * hidden)
+        loss = terms["ce_sum"] / terms["answer_tokens"] + 0.1 * align
+        loss.backward()
+        sync(device)
+        return loss
+
+    try:
+        step()  # warm-up: kernel compilation, allocator
+        peak, _ = peak_extra_memory(step, device)
+        benchmark.group = f"search step {device} B{B}"
+        benchmark.extra_info.update(
+            subject="search", impl=impl, B=B, device=device_label(device), budget=BUDGET,
+            align_layers=capture.indices, reducers=[list(s) for s in plan.last_schedule],
+            peak_extra_memory_bytes=peak,
+        )
+        rounds = (5, 2) if device == "cuda" else (3, 1)
+        benchmark.pedantic(step, rounds=rounds[0], warmup_rounds=rounds[1], iterations=1)
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in space.parameters())
+    finally:
+        capture.remove()
+        unpatch_model(model)
