@@ -723,11 +723,17 @@ class Theta:
         return cls(reducers, name=f"sparsevlm-v{version}-{budget}")
 
     @staticmethod
-    def _v2_base(budget: float) -> tuple[int, int, int]:
-        """SparseVLM v2 schedule at the published budget nearest ``budget`` (ties: larger)."""
+    def _v2_base(budget: float, num_visual_tokens: int = 576) -> tuple[int, ...]:
+        """SparseVLM v2's schedule at the published budget nearest ``budget``, for ``num_visual_tokens``.
+
+        The published schedules are for 576 visual tokens: the nearest budget is
+        chosen by ratio (budget / num_visual_tokens against b / 576, ties: larger)
+        and its kept counts are scaled by num_visual_tokens / 576 (floored, at
+        least 1): the same keep ratios. At 576 tokens the schedule is as published.
+        """
         table = SPARSEVLM_SCHEDULES[2]
-        nearest = min(table, key=lambda b: (abs(b - budget), -b))
-        return table[nearest]
+        nearest = min(table, key=lambda b: (abs(Fraction(b, 576) - Fraction(budget) / num_visual_tokens), -b))
+        return tuple(max(1, k * num_visual_tokens // 576) for k in table[nearest])
 
     @classmethod
     def _corner_preset(
@@ -747,7 +753,7 @@ class Theta:
         if schedule is None:
             if budget is None:
                 raise ValueError("budget must be given when schedule is None")
-            base = cls._v2_base(_check_budget(budget))
+            base = cls._v2_base(_check_budget(budget), check_int("num_visual_tokens", num_visual_tokens, 1))
             if len(layers) != len(base):
                 raise ValueError(
                     f"layers must have {len(base)} entries to take SparseVLM v2's keep ratios "
@@ -823,7 +829,7 @@ class Theta:
         is <= ``budget``.
         """
         budget = _check_budget(budget)
-        base = cls._v2_base(budget)
+        base = cls._v2_base(budget, check_int("num_visual_tokens", num_visual_tokens, 1))
         ops = [{}, _PAPER_HYBRID, {}]
         theta = cls([Reducer(layer, k, **op) for layer, k, op in zip(_PAPER_LAYERS, base, ops)], name="eos-paper")
         theta = theta.rescale(budget, count, num_visual_tokens=num_visual_tokens, num_layers=num_layers)

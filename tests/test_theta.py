@@ -584,3 +584,22 @@ class TestRescale:
     def test_name(self):
         assert Theta.sparsevlm(2, 192).rescale(64).name == "sparsevlm-v2-192@mean_leaving=64"
         assert Theta.sparsevlm(2, 192).rescale(64, name="mine").name == "mine"
+
+
+@pytest.mark.parametrize("preset", ["tome", "pool"])
+@pytest.mark.parametrize("n, layers, budget", [(64, (1, 2, 4), 8), (144, (2, 6, 15), 24), (100, (0, 3, 5), 10)])
+def test_corner_presets_scale_the_sparsevlm_ratios_to_other_token_counts(preset, n, layers, budget):
+    """Regression: the presets applied SparseVLM's 576-token counts to any model (66 > 64 incoming)."""
+    theta = getattr(Theta, preset)(budget, layers, count="final", num_visual_tokens=n, num_layers=16)
+    sched = theta.schedule(n)
+    assert [s[0] for s in sched] == list(layers)
+    kept = [s[2] for s in sched]
+    assert kept == sorted(kept, reverse=True) and kept[0] <= n
+    assert kept[-1] <= budget
+    # the retain ratios start from SparseVLM v2's (the 64 budget is nearest to 1/8 .. 1/6 of the tokens)
+    assert theta.token_report(n, 16)["final"] == kept[-1]
+
+
+def test_paper_preset_on_another_token_count():
+    theta = Theta.paper(16, count="final", num_visual_tokens=144, num_layers=32)
+    assert theta.token_report(144, 32)["final"] <= 16
