@@ -16,11 +16,14 @@ setup(
         "eos_kernels.triton",
         "eos_kernels.integrations",
         "eos_kernels.search",
+        "eos_kernels.demo",
     ],
     package_dir={
         "eos_kernels": "eos_kernels",
         "eos_kernels.integrations": "integrations",
     },
+    # the demo model's checkpoint (safetensors, config, tokenizer, processor), a few MB
+    package_data={"eos_kernels.demo": ["checkpoint/*"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.6",

@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="eos-search",
         description="Differentiable EOS search on a frozen Hugging Face LLaVA model (paper §2.4-2.6), or, with "
                     "--eval, accuracy and token accounting of Θ configurations on a held-out split.",
-        epilog="Outputs in --output: theta.json, search_state.pt, log.jsonl, trajectories.png, profile.png, "
+        epilog="Built-in demo on the CPU, no download: eos-search --demo (options: eos-search --demo --help). "
+               "Outputs in --output: theta.json, search_state.pt, log.jsonl, trajectories.png, profile.png, "
                "loss.png (eval: eval.json). Multi-GPU: torchrun --nproc_per_node=N -m eos_kernels.search ...",
         argument_default=argparse.SUPPRESS,
     )
@@ -115,6 +116,11 @@ def main(argv=None) -> int:
     """Entry point of ``eos-search``; returns the exit status (0 success, 1 failure, 130 interrupted)."""
     from eos_kernels.search.driver import NonFiniteLossError
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--demo" in argv:  # the built-in demo has its own options (eos-search --demo --help)
+        from eos_kernels.demo.run import main as demo_main
+
+        return demo_main(argv)
     config = parse_config(argv)
     try:
         if config.eval:
