@@ -16,12 +16,10 @@ CUDA, 1 on the CPU; the last 16 text tokens are the "answer" (labels).
 """
 from __future__ import annotations
 
-import gc
-
 import pytest
 import torch
 
-from bench.common import HAS_CUDA, cpu_param, device_label, gpu_param, peak_extra_memory, sync
+from bench.common import cpu_param, device_label, gpu_param, peak_extra_memory, sync
 
 pytest.importorskip("transformers", reason="the search benchmark needs transformers")
 from eos_kernels.integrations.llava import LlavaAdapter  # noqa: E402
@@ -30,7 +28,7 @@ from eos_kernels.search.data import Batch  # noqa: E402
 from eos_kernels.search.objective import LayerCapture, SearchPlan, data_terms  # noqa: E402
 from eos_kernels.search_space import SearchSpace  # noqa: E402
 
-from bench.test_bench_e2e import N_VISUAL, SHAPES, build_llava, make_inputs  # noqa: E402
+from bench.test_bench_e2e import N_VISUAL, SHAPES, make_inputs, models  # noqa: E402,F401  (fixture)
 
 ANSWER_TOKENS = 16
 BUDGET = 64
@@ -39,25 +37,6 @@ CASES = [
     gpu_param("cuda", 4, "torch", id="cuda-torch-B4"),
     cpu_param("cpu", 1, "torch", id="cpu-torch-B1"),
 ]
-
-
-@pytest.fixture(scope="module")
-def search_models():
-    cache = {}
-
-    def get(device):
-        if device not in cache:
-            model = build_llava(device)
-            for p in model.parameters():
-                p.requires_grad_(False)
-            cache[device] = model
-        return cache[device]
-
-    yield get
-    cache.clear()
-    gc.collect()
-    if HAS_CUDA:
-        torch.cuda.empty_cache()
 
 
 def _batch(device: str, B: int) -> Batch:
@@ -69,8 +48,10 @@ def _batch(device: str, B: int) -> Batch:
 
 
 @pytest.mark.parametrize("device, B, impl", CASES)
-def test_search_step(benchmark, search_models, device, B, impl):
-    model = search_models(device)
+def test_search_step(benchmark, models, device, B, impl):
+    model = models(device)
+    for p in model.parameters():  # frozen backbone: only Θ trains
+        p.requires_grad_(False)
     layers = SHAPES[device]["layers"]
     space = SearchSpace(layers, N_VISUAL).to(device)
     plan = SearchPlan(space, max_reducers=3, impl=impl)

@@ -39,12 +39,7 @@ N_VIS = 16
 PARAMS = ("w_g", "w_c", "w_gamma", "w_tau", "w_theta", "w_rho", "w_nu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -507,6 +507,20 @@ def _anchor_grad_coef_kernel(
 # dS is written pre-scaled as dS_ij / (max|d_i|,eps) / (max|a_j|,eps) over Q in place.
 # --------------------------------------------------------------------------- #
 @triton.jit
+def _dsim_tile(srow, qrow, ds_ptr, b, k0, K, mask_m, inv_tau, lse_tau, lse_one, BK: tl.constexpr):
+    # one [BM, BK] tile of the row block: S, Q, W = softmax(S / tau), P = softmax(S), ds_j
+    offs_k = k0 + tl.arange(0, BK)
+    mask_k = offs_k < K
+    valid = mask_m[:, None] & mask_k[None, :]
+    st = tl.load(srow + offs_k[None, :], mask=valid, other=0.0)
+    qt = tl.load(qrow + offs_k[None, :], mask=valid, other=0.0)
+    w = tl.where(valid, tl.exp(st * inv_tau - lse_tau[:, None]), 0.0)
+    p = tl.where(valid, tl.exp(st - lse_one[:, None]), 0.0)
+    dsk = tl.load(ds_ptr + b * K + offs_k, mask=mask_k, other=0.0)
+    return offs_k, mask_k, valid, st, qt, w, p, dsk
+
+
+@triton.jit
 def _dsim_kernel(
     s_ptr, q_ptr, params_ptr,
     lse_tau_ptr, lse1_ptr, pre_ptr, amax_ptr, lseq_ptr, nd_ptr, na_ptr, ds_ptr, sc_ptr,
@@ -536,14 +550,8 @@ def _dsim_kernel(
     r_sum = tl.zeros((BM,), tl.float32)
     ps = tl.zeros((BM,), tl.float32)
     for k0 in range(0, K, BK):
-        offs_k = k0 + tl.arange(0, BK)
-        mask_k = offs_k < K
-        valid = mask_m[:, None] & mask_k[None, :]
-        st = tl.load(srow + offs_k[None, :], mask=valid, other=0.0)
-        qt = tl.load(qrow + offs_k[None, :], mask=valid, other=0.0)
-        w = tl.where(valid, tl.exp(st * inv_tau - lse_tau[:, None]), 0.0)
-        p = tl.where(valid, tl.exp(st - lse_one[:, None]), 0.0)
-        dsk = tl.load(ds_ptr + b * K + offs_k, mask=mask_k, other=0.0)
+        offs_k, mask_k, valid, st, qt, w, p, dsk = _dsim_tile(srow, qrow, ds_ptr, b, k0, K, mask_m, inv_tau,
+                                                              lse_tau, lse_one, BK)
         r_sum += tl.sum(w * qt, axis=1)
         ps += tl.sum(p * dsk[None, :], axis=1)
     dpre = gamma * r_sum * slope
@@ -552,14 +560,8 @@ def _dsim_kernel(
     dtau_lane = tl.zeros((BM,), tl.float32)
     rnd = 1.0 / tl.maximum(nd, eps)
     for k0 in range(0, K, BK):
-        offs_k = k0 + tl.arange(0, BK)
-        mask_k = offs_k < K
-        valid = mask_m[:, None] & mask_k[None, :]
-        st = tl.load(srow + offs_k[None, :], mask=valid, other=0.0)
-        qt = tl.load(qrow + offs_k[None, :], mask=valid, other=0.0)
-        w = tl.where(valid, tl.exp(st * inv_tau - lse_tau[:, None]), 0.0)
-        p = tl.where(valid, tl.exp(st - lse_one[:, None]), 0.0)
-        dsk = tl.load(ds_ptr + b * K + offs_k, mask=mask_k, other=0.0)
+        offs_k, mask_k, valid, st, qt, w, p, dsk = _dsim_tile(srow, qrow, ds_ptr, b, k0, K, mask_m, inv_tau,
+                                                              lse_tau, lse_one, BK)
         dz = gamma * gate[:, None] * w * (qt - r_sum[:, None])
         dst = dz * inv_tau + p * u[:, None] * (dsk[None, :] - ps[:, None])
         dst += tl.where(offs_k[None, :] == amax[:, None], beta * dpre[:, None], 0.0)
