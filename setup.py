@@ -30,15 +30,15 @@ setup(
         "numpy>=1.24",
     ],
     extras_require={
-        "hf": ["transformers>=5.0,<6"],
+        "hf": ["transformers>=5.0,<6.0"],
         # the search driver (eos-search): data, progress, configs, plots
-        "search": ["transformers>=5.0,<6", "tqdm>=4.60", "pyyaml>=6", "matplotlib>=3.5", "pillow>=9"],
+        "search": ["transformers>=5.0,<6.0", "tqdm>=4.60", "pyyaml>=6", "matplotlib>=3.5", "pillow>=9"],
         "flash": ["flash-attn>=2.6"],
         "test": [
             "pytest>=8",
             "pytest-benchmark>=4",
             "hypothesis>=6.100",
-            "transformers>=5.0,<6",
+            "transformers>=5.0,<6.0",
             "tqdm>=4.60",
             "pyyaml>=6",
             "matplotlib>=3.5",

@@ -86,6 +86,7 @@ is not safe to run from several threads at once.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import os
@@ -118,9 +119,12 @@ __all__ = [
     "unpatch_model",
 ]
 
-#: Supported transformers versions: ``TRANSFORMERS_MIN <= version < TRANSFORMERS_MAX``.
+#: Supported transformers versions: ``TRANSFORMERS_MIN <= version < TRANSFORMERS_MAX`` (setup.py's range).
 TRANSFORMERS_MIN = "5.0"
 TRANSFORMERS_MAX = "6.0"
+#: The oldest and newest releases CI runs the patching tests on (``.ci/run`` pins both exactly).
+#: A release newer than ``TESTED_TRANSFORMERS[1]`` patches with one warning naming this range.
+TESTED_TRANSFORMERS = ("5.0.0", "5.24.0")
 
 _STATE_ATTR = "_eos_patch_state"
 _REPORT_ATTR = "eos_report"
@@ -128,26 +132,143 @@ _CACHE_MAP_ATTR = "_eos_map"
 _CACHE_WRAPPED_ATTR = "_eos_wrapped"
 
 
-# --------------------------------------------------------------------------- versions / theta
-def check_transformers_version() -> str:
-    """Return the installed transformers version; ``RuntimeError`` outside the supported range."""
+# --------------------------------------------------------------------------- versions / drift
+class TransformersDriftError(RuntimeError):
+    """A patched model met a call from transformers that it does not understand.
+
+    Raised instead of running on with a guess: the patch reads what
+    transformers' modules hand each other (the KV cache, the position
+    embeddings, the attention mask, a layer's output), and a release that
+    changes those would otherwise make the reduction silently wrong. The
+    message names the installed transformers version, the tested range and the
+    expectation that failed."""
+
+
+def _transformers_version() -> str:
     try:
         import transformers
-    except ImportError as exc:  # pragma: no cover - transformers is a hard requirement here
-        raise RuntimeError(
-            "eos_kernels model patching needs transformers "
-            f">={TRANSFORMERS_MIN},<{TRANSFORMERS_MAX} (pip install 'eos_kernels[hf]')"
-        ) from exc
+    except ImportError:  # pragma: no cover - only reached without transformers
+        return "(not installed)"
+    return str(transformers.__version__)
+
+
+def _drift(what: str) -> TransformersDriftError:
+    lo, hi = TESTED_TRANSFORMERS
+    return TransformersDriftError(
+        f"EOS patch: {what} (transformers {_transformers_version()}; eos_kernels' model patching is "
+        f"tested on transformers {lo} to {hi}). Refusing to guess: unpatch the model, or install a tested "
+        "release, and report this error with the transformers version."
+    )
+
+
+def check_transformers_version(version: str | None = None) -> str:
+    """Return the installed transformers version (or ``version``) after checking it against the supported range.
+
+    Raises ``RuntimeError`` below ``TRANSFORMERS_MIN`` (or without transformers);
+    a release newer than the newest tested one (``TESTED_TRANSFORMERS[1]``)
+    gives one ``UserWarning`` naming the tested range, and the patch's runtime
+    checks (:class:`TransformersDriftError`) guard what such a release may have
+    changed.
+    """
+    if version is None:
+        try:
+            import transformers
+        except ImportError as exc:  # pragma: no cover - transformers is a hard requirement here
+            raise RuntimeError(
+                "eos_kernels model patching needs transformers "
+                f">={TRANSFORMERS_MIN},<{TRANSFORMERS_MAX} (pip install 'eos_kernels[hf]')"
+            ) from exc
+        version = transformers.__version__
     from packaging.version import Version
 
-    version = transformers.__version__
-    v = Version(version)
-    if not (Version(TRANSFORMERS_MIN) <= Version(v.base_version) < Version(TRANSFORMERS_MAX)):
+    v = Version(Version(version).base_version)
+    lo, hi = TESTED_TRANSFORMERS
+    if v < Version(TRANSFORMERS_MIN):
         raise RuntimeError(
-            f"eos_kernels model patching supports transformers >={TRANSFORMERS_MIN},<{TRANSFORMERS_MAX} "
-            f"(the 5.x decoder-layer API); found transformers {version}"
+            f"eos_kernels model patching needs transformers >={TRANSFORMERS_MIN} (the 5.x decoder-layer "
+            f"API; tested on {lo} to {hi}); found transformers {version}"
+        )
+    newest = Version(hi)
+    if v.release[:2] > newest.release[:2]:
+        import warnings
+
+        warnings.warn(
+            f"eos_kernels model patching is tested on transformers {lo} to {hi}; found {version}. "
+            "It checks what it reads from transformers at every call and raises TransformersDriftError "
+            "if that changed, rather than reducing wrongly.",
+            UserWarning,
+            stacklevel=3,
         )
     return version
+
+
+def _is_cache(obj) -> bool:
+    from transformers.cache_utils import Cache
+
+    return isinstance(obj, Cache)
+
+
+def find_cache(args: tuple, kwargs: dict):
+    """The ``transformers.Cache`` among a call's arguments, found by type (any keyword), or None.
+
+    transformers renames the keyword that carries the cache between its own
+    modules (``past_key_value`` -> ``past_key_values`` -> ``cache`` in 5.24), so
+    the patch never looks for it by name. Raises :class:`TransformersDriftError`
+    when the arguments hold two different caches, or a legacy tuple cache.
+    """
+    found = None
+    for value in (*args, *kwargs.values()):
+        if value is None or torch.is_tensor(value):
+            continue
+        if _is_cache(value):
+            if found is not None and found is not value:
+                raise _drift("a call received two different KV caches; cannot tell which one is the model's")
+            found = value
+    for name in ("cache", "past_key_values", "past_key_value"):
+        value = kwargs.get(name)
+        if isinstance(value, (tuple, list)) and value:
+            raise _drift(f"the KV cache arrived as a {type(value).__name__} under `{name}`, not a "
+                         "transformers Cache")
+    return found
+
+
+def _output_cache(output):
+    """The Cache held by a model output (a ``ModelOutput`` mapping or a tuple), found by type."""
+    if output is None or torch.is_tensor(output):
+        return None
+    values = output.values() if isinstance(output, Mapping) else output if isinstance(output, tuple) else ()
+    for value in values:
+        if value is not None and not torch.is_tensor(value) and _is_cache(value):
+            return value
+    return None
+
+
+def _is_rope_pair(value, length: int) -> bool:
+    """(cos, sin): two tensors of one shape [..., length, head_dim]."""
+    return (isinstance(value, (tuple, list)) and len(value) == 2
+            and all(torch.is_tensor(t) for t in value) and value[0].shape == value[1].shape
+            and value[0].dim() >= 3 and value[0].shape[-2] == length)
+
+
+def find_position_embeddings(kwargs: dict, length: int) -> str | None:
+    """Keyword of the rotary ``(cos, sin)`` pair of a decoder-layer call, found by role, or None.
+
+    The role: a pair of same-shaped tensors whose second-last dimension is the
+    sequence length. ``TransformersDriftError`` if several arguments look like it.
+    """
+    names = [k for k, v in kwargs.items() if _is_rope_pair(v, length)]
+    if len(names) > 1:
+        if "position_embeddings" in names:
+            return "position_embeddings"
+        raise _drift(f"several arguments of a decoder layer look like rotary (cos, sin) pairs: {names}")
+    return names[0] if names else None
+
+
+#: Decoder-layer keywords the patch understands besides the cache (found by type) and the rotary pair
+#: (found by role). A tensor argument with the sequence length under any other name is drift.
+_MASK_KEYS = ("attention_mask",)
+_POSITION_ID_KEYS = ("position_ids",)
+_CACHE_POSITION_KEYS = ("cache_position",)
 
 
 def as_theta(theta: Any) -> Theta:
@@ -207,7 +328,7 @@ class ReductionPlan:
 class _ThetaPlan(ReductionPlan):
     """A fixed :class:`Theta`: float operator parameters, counts from the Theta's keeps."""
 
-    empty_note = "theta has no reducers"
+    empty_note = "no reducer of the theta removes a visual token (a keep-all reducer does not run)"
 
     def __init__(self, theta: Theta):
         self.theta = theta
@@ -216,7 +337,9 @@ class _ThetaPlan(ReductionPlan):
         self.layers = tuple(self.reducers)
 
     def schedule(self, num_visual_tokens: int) -> list[tuple[int, int, int]]:
-        return self.theta.schedule(num_visual_tokens)  # ValueError: keep > incoming, naming the reducer
+        # ValueError for a keep > incoming, naming the reducer; a reducer that keeps every token it
+        # receives does not run at all, so a keep-all Theta is the stock model bit for bit
+        return [s for s in self.theta.schedule(num_visual_tokens) if s[2] < s[1]]
 
     def operator_kwargs(self, layer: int) -> dict:
         return self.reducers[layer].operator_kwargs()
@@ -260,6 +383,14 @@ class DecoderAdapter:
     def visual_tokens_per_image(self, model: nn.Module) -> int | None:
         """Visual tokens per image from the config (for patch-time validation), or None."""
         return None
+
+    def placeholder_rows(self, model: nn.Module) -> torch.Tensor:
+        """[P, d] input-embedding rows of the visual placeholder token ids.
+
+        A visual position whose embedding still equals one of them when the
+        decoder stack starts holds no image feature (a forward without
+        ``pixel_values``): it is text and is never reduced."""
+        raise NotImplementedError
 
     # ---- Llama-style defaults
     def decoder_layers(self, model: nn.Module) -> Sequence[nn.Module]:
@@ -508,6 +639,24 @@ def _cache_seq_length(cache, layer_idx: int = 0) -> int:
     return int(n)
 
 
+def _crop_prefill(m: _CacheMap, new_length: int) -> None:
+    """Shorten the map's prefill to its first ``new_length`` original positions.
+
+    Assisted generation verifies candidate tokens appended to the prompt in
+    the same (reduced) prefill forward and crops the rejected ones. That is
+    possible when every removed position was kept by every reducer (it lies
+    after the visual tokens), so that each layer drops the same number of
+    slots; cropping into the reduced visual tokens is not."""
+    drop = m.prefill_length - new_length
+    if new_length < 0 or not all(bool(((kept >= new_length).sum(dim=1) == drop).all()) for kept in m.kept):
+        raise NotImplementedError(
+            f"EOS: cannot crop a KV cache to {new_length} tokens: that cuts into the visual tokens its "
+            "reduced prefill removed (only tokens after the last visual token can be cropped)"
+        )
+    m.kept = [kept[:, :kept.shape[1] - drop] for kept in m.kept]
+    m.prefill_length = new_length
+
+
 def _wrap_cache_methods(cache) -> None:
     """Keep ``cache._eos_map`` aligned when the cache's batch rows move (per instance)."""
     if cache.__dict__.get(_CACHE_WRAPPED_ATTR):
@@ -540,14 +689,10 @@ def _wrap_cache_methods(cache) -> None:
         # holding fewer tokens: it is turned into a removal count here
         m = self.__dict__.get(_CACHE_MAP_ATTR)
         if m is not None:
-            length = _cache_seq_length(self)
+            length = _cache_seq_length(self)  # layer 0 runs before any reducer: original positions
             remove = length - tokens if tokens > 0 else -tokens
-            generated = length - m.prefill_length
-            if remove > generated:
-                raise NotImplementedError(
-                    f"EOS: cannot crop {remove} tokens from a KV cache holding {generated} tokens after "
-                    "its reduced prefill (only tokens appended after the prefill can be cropped)"
-                )
+            if remove > length - m.prefill_length:
+                _crop_prefill(m, length - remove)
             return _bound("crop")(self, -remove if remove > 0 else 0)
         return _bound("crop")(self, tokens)
 
@@ -580,6 +725,8 @@ class _Context:
         self.stages: list[StageRecord] = []
         self.note: str | None = None
         self.visual_counts: tuple[int, ...] = ()
+        self.found_cache = None                   # the Cache among the decoder stack's arguments (prefill)
+        self.labels: torch.Tensor | None = None   # this forward's own copy of `labels`, if any
 
 
 class _PatchState:
@@ -590,6 +737,7 @@ class _PatchState:
         self.num_layers = adapter.num_layers(model)
         self.handles: list = []
         self.pending_visual: torch.Tensor | None = None
+        self.pending_labels: torch.Tensor | None = None
         self.prompt_length: int | torch.Tensor | None = None
         self.suspended = False
         self.ctx: _Context | None = None
@@ -605,19 +753,23 @@ class _PatchState:
 
 
 # --------------------------------------------------------------------------- helpers
-def _get_cache(kwargs: dict):
-    if "past_key_values" in kwargs:
-        return kwargs["past_key_values"]
-    return kwargs.get("past_key_value")
-
-
 def _gather_seq(x: torch.Tensor, idx: torch.Tensor, dim: int = 1) -> torch.Tensor:
-    """x [Bx, L, ...] gathered at idx [B, L'] along ``dim`` (1); Bx may be 1 (broadcast)."""
+    """x [*lead, Bx, L, *rest] gathered at idx [B, L'] along the sequence ``dim`` (the batch is ``dim - 1``;
+    Bx may be 1: broadcast)."""
+    lead, rest = x.shape[:dim - 1], x.shape[dim + 1:]
     B = idx.shape[0]
-    if x.shape[0] != B:
-        x = x.expand(B, *x.shape[1:])
-    index = idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand(*idx.shape, *x.shape[2:])
+    if x.shape[dim - 1] != B:
+        x = x.expand(*lead, B, *x.shape[dim:])
+    index = idx.view(*([1] * len(lead)), *idx.shape, *([1] * len(rest))).expand(*lead, *idx.shape, *rest)
     return x.gather(dim, index)
+
+
+def _gather_last(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x [..., Bx, L] (position ids, also multimodal [k, B, L]) gathered at idx [B, L'] along the last dim."""
+    lead = x.shape[:-2]
+    B = idx.shape[0]
+    x = x.expand(*lead, B, x.shape[-1]) if x.shape[-2] != B else x
+    return x.gather(-1, idx.expand(*lead, *idx.shape))
 
 
 def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -684,6 +836,39 @@ def _gather_mask(mask, rows: torch.Tensor | None, cols: torch.Tensor, invalid: t
 
 
 # --------------------------------------------------------------------------- hooks
+def _model_pre_hook(state: _PatchState, model):
+    """Give the forward its own copy of ``labels``, so that removed positions can leave the loss."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(model.forward).parameters)
+        labels_pos = params.index("labels") if "labels" in params else None
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        labels_pos = None
+
+    def hook(module, args, kwargs):
+        state.pending_labels = None
+        if torch.is_tensor(kwargs.get("labels")):
+            state.pending_labels = kwargs["labels"].clone()
+            return args, {**kwargs, "labels": state.pending_labels}
+        if labels_pos is not None and len(args) > labels_pos and torch.is_tensor(args[labels_pos]):
+            state.pending_labels = args[labels_pos].clone()
+            return args[:labels_pos] + (state.pending_labels,) + args[labels_pos + 1:], kwargs
+        return None
+
+    return hook
+
+
+def _mask_removed_labels(ctx: _Context) -> None:
+    """labels[t + 1] = -100 where the token at t was removed (its logits are zero; the loss shifts by one)."""
+    labels = ctx.labels
+    if labels.shape != (ctx.batch, ctx.length):
+        return  # not the prefill's labels; transformers raises its own error on a mismatch
+    idx = ctx.cur_idx.to(labels.device)
+    removed = torch.ones(labels.shape, dtype=torch.bool, device=labels.device).scatter(1, idx, False)
+    labels[:, 1:].masked_fill_(removed[:, :-1], -100)
+
+
 def _input_pre_hook(state: _PatchState, model):
     def hook(module, args, kwargs):
         state.pending_visual = None
@@ -706,14 +891,18 @@ def _text_pre_hook(state: _PatchState, model):
         ctx = _Context()
         state.ctx = ctx
         visual, state.pending_visual = state.pending_visual, None
+        ctx.labels, state.pending_labels = state.pending_labels, None
         embeds = kwargs.get("inputs_embeds")
         ids = kwargs.get("input_ids", args[0] if args else None)
         ref = embeds if embeds is not None else ids
         if ref is None:
+            if visual is not None and bool(visual.any()):
+                raise _drift("the decoder stack was called without `inputs_embeds` or `input_ids` after an input "
+                             "with visual tokens")
             return None
         B, L = ref.shape[0], ref.shape[1]
         ctx.batch, ctx.length = B, L
-        cache = _get_cache(kwargs)
+        cache = find_cache(args, kwargs)
         past = _cache_seq_length(cache) if cache is not None else 0
         if past > 0:  # decoding (or continuing) on a filled cache: never reduce
             cmap = cache.__dict__.get(_CACHE_MAP_ATTR) if hasattr(cache, "__dict__") else None
@@ -724,6 +913,7 @@ def _text_pre_hook(state: _PatchState, model):
             else:
                 ctx.mode = "continue"
             return None
+        ctx.found_cache = cache
         # ---- prefill
         if cache is not None and hasattr(cache, "__dict__"):
             cache.__dict__.pop(_CACHE_MAP_ATTR, None)  # a reused cache: forget the old map
@@ -737,6 +927,7 @@ def _text_pre_hook(state: _PatchState, model):
             ctx.mode = "off"
             return None
         visual = visual.to(device=ref.device, dtype=torch.bool)
+        visual = _with_features(state.adapter, model, visual, embeds)
         counts = visual.sum(dim=1).tolist()
         ctx.visual_counts = tuple(int(c) for c in counts)
         if not any(counts):
@@ -778,6 +969,20 @@ def _text_pre_hook(state: _PatchState, model):
         return None
 
     return hook
+
+
+def _with_features(adapter: DecoderAdapter, model, visual: torch.Tensor, embeds) -> torch.Tensor:
+    """The visual positions that hold an image feature: placeholders without one are text.
+
+    Decided from what the decoder stack receives, not from the name of the
+    argument that carried the image (``pixel_values``, precomputed encoder
+    outputs, ...): a placeholder whose embedding is still the token's own row
+    received no feature."""
+    if embeds is None or not bool(visual.any()):
+        return visual if embeds is not None else torch.zeros_like(visual)
+    rows = adapter.placeholder_rows(model).to(device=embeds.device, dtype=embeds.dtype)  # [P, d]
+    plain = (embeds.unsqueeze(-2) == rows).all(dim=-1).any(dim=-1)  # [B, L]
+    return visual & ~plain
 
 
 def _real_tokens(mask, B: int, L: int) -> torch.Tensor | None:
@@ -826,6 +1031,18 @@ def _text_post_hook(state: _PatchState, model):
         ctx, state.ctx = state.ctx, None
         if ctx is None or ctx.mode in ("decode", "continue") or ctx.batch == 0:
             return None
+        out_cache = _output_cache(output)
+        if out_cache is not None and out_cache is not ctx.found_cache and hasattr(out_cache, "__dict__"):
+            cmap = out_cache.__dict__.get(_CACHE_MAP_ATTR)
+            if cmap is not None and not ctx.stages:
+                # the forward ran on a cache that a reduced prefill filled, but the call did not show it
+                raise _drift("a forward ran on a KV cache filled by a reduced prefill, but that cache was not "
+                             "among the decoder stack's arguments, so the step was treated as a new prefill")
+            if ctx.stages and cmap is None:
+                raise _drift("a reduced prefill returned a KV cache that its decoder layers never received "
+                             "among their arguments; the reduced layers' cache slots cannot be mapped")
+        if ctx.stages and ctx.labels is not None:
+            _mask_removed_labels(ctx)
         note = ctx.note
         if ctx.mode == "prefill" and len(ctx.stages) != len(ctx.schedule):
             note = "the forward stopped before every reducer ran"
@@ -848,78 +1065,134 @@ def _layer_pre_hook(state: _PatchState, model, layer_idx: int):
         ctx = state.ctx
         if ctx is None:
             return None
-        if ctx.mode == "prefill":
-            if layer_idx in ctx.schedule:
-                ctx.capturing = layer_idx
-                ctx.captured = {}
-            if ctx.cur_idx is None:
-                return None
-            if ctx.stage_kwargs is None:
-                ctx.stage_kwargs = _slice_prefill_kwargs(state, model, ctx, kwargs)
-            new = dict(kwargs)
-            new.update(ctx.stage_kwargs)
-            if "cache_position" in kwargs and kwargs["cache_position"] is not None:
-                new["cache_position"] = torch.arange(ctx.cur_idx.shape[1], device=ctx.cur_idx.device)
-            return args, new
+        cache = find_cache(args, kwargs)
         if ctx.mode == "decode":
-            return _decode_kwargs(state, ctx, layer_idx, args, kwargs)
-        return None
+            if cache is None:
+                raise _drift(f"decoder layer {layer_idx} was called without the KV cache during a decode step "
+                             "(no transformers Cache among its arguments)")
+            return _decode_kwargs(state, ctx, layer_idx, module, args, kwargs)
+        if (cache is not None and ctx.mode != "continue" and hasattr(cache, "__dict__")
+                and cache.__dict__.get(_CACHE_MAP_ATTR) is not None and _cache_seq_length(cache) > 0
+                and ctx.found_cache is not cache):
+            raise _drift(f"decoder layer {layer_idx} received a KV cache filled by a reduced prefill that the "
+                         "decoder stack's call did not show, so this decode step was taken for a new prefill")
+        if ctx.mode != "prefill":
+            return None
+        if layer_idx in ctx.schedule:
+            ctx.capturing = layer_idx
+            ctx.captured = {}
+        if ctx.cur_idx is None:
+            return None
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if not torch.is_tensor(hidden) or hidden.shape[1] != ctx.cur_idx.shape[1]:
+            raise _drift(f"decoder layer {layer_idx} did not receive the shortened hidden states as its first "
+                         "argument or `hidden_states`")
+        if ctx.stage_kwargs is None:
+            ctx.stage_kwargs = _slice_prefill_kwargs(state, model, ctx, layer_idx, args, kwargs)
+        new = dict(kwargs)
+        new.update(ctx.stage_kwargs)
+        for name in _CACHE_POSITION_KEYS:
+            if kwargs.get(name) is not None:
+                new[name] = torch.arange(ctx.cur_idx.shape[1], device=ctx.cur_idx.device)
+        return args, new
 
     return hook
 
 
-def _slice_prefill_kwargs(state: _PatchState, model, ctx: _Context, kwargs: dict) -> dict:
+def _check_unknown_args(ctx: _Context, layer_idx: int, args: tuple, kwargs: dict, known: set, lengths) -> None:
+    """Drift guard: no tensor argument the patch does not understand may carry a sequence dimension."""
+    def has_length(value):
+        tensors = [value] if torch.is_tensor(value) else (
+            [t for t in value if torch.is_tensor(t)] if isinstance(value, (tuple, list)) else [])
+        return any(t.dim() >= 2 and any(n in lengths for n in t.shape[1:]) for t in tensors)
+
+    unknown = [f"`{k}`" for k, v in kwargs.items() if k not in known and has_length(v)]
+    unknown += [f"positional argument {i}" for i, v in enumerate(args[1:], 1) if has_length(v)]
+    if unknown:
+        raise _drift(f"decoder layer {layer_idx} received {', '.join(unknown)} with a sequence dimension that "
+                     "the patch does not know how to fit to the layer's shortened sequence")
+
+
+def _slice_prefill_kwargs(state: _PatchState, model, ctx: _Context, layer_idx: int, args: tuple,
+                          kwargs: dict) -> dict:
+    """The arguments of a layer behind a reducer, fitted to the kept tokens (once per stage)."""
     idx = ctx.cur_idx
     out = {}
-    pe = kwargs.get("position_embeddings")
-    if pe is not None:
-        out["position_embeddings"] = tuple(_gather_seq(t, idx.to(t.device)) for t in pe)
-    pid = kwargs.get("position_ids")
-    if pid is not None:
+    known = {"hidden_states"}
+    pe_key = find_position_embeddings(kwargs, ctx.length)
+    if pe_key is None:
+        raise _drift(f"decoder layer {layer_idx} was called without rotary position embeddings (no (cos, sin) "
+                     f"pair of tensors with the sequence length {ctx.length} among its arguments)")
+    known.add(pe_key)
+    out[pe_key] = tuple(_gather_seq(t, idx.to(t.device), dim=t.dim() - 2) for t in kwargs[pe_key])
+    for name in _POSITION_ID_KEYS:
+        pid = kwargs.get(name)
+        known.add(name)
+        if pid is None:
+            continue
+        if not (torch.is_tensor(pid) and pid.shape[-1] == ctx.length):
+            raise _drift(f"decoder layer {layer_idx}'s `{name}` is not a tensor [..., {ctx.length}]")
         if _is_flash(state.adapter.attn_implementation(model)):
             # flash attention reads non-contiguous position ids as packed sequences (batch 1, no mask);
-            # RoPE already comes from the sliced position_embeddings
-            out["position_ids"] = None
+            # RoPE already comes from the sliced position embeddings
+            out[name] = None
         else:
-            out["position_ids"] = _gather_seq(pid, idx.to(pid.device))
-    if "attention_mask" in kwargs:
-        mask = kwargs["attention_mask"]
+            out[name] = _gather_last(pid, idx.to(pid.device))
+    for name in _MASK_KEYS:
+        known.add(name)
+        if name not in kwargs:
+            continue
+        mask = kwargs[name]
         _check_mask(mask)
         if mask is not None:
             kv_total = mask.shape[-1]
+            if kv_total < ctx.length or (mask.dim() == 4 and mask.shape[-2] != ctx.length):
+                raise _drift(f"decoder layer {layer_idx}'s attention mask of shape {tuple(mask.shape)} does not "
+                             f"cover the prefill of {ctx.length} tokens")
             slots = kv_total - (ctx.length - idx.shape[1])
             if getattr(ctx.cache, "is_compileable", False):
                 slots = kv_total
             cols, invalid = _mask_cols(idx, ctx.length, kv_total, slots)
             rows = idx if mask.dim() == 4 else None
-            out["attention_mask"] = _gather_mask(mask, rows, cols, invalid)
+            out[name] = _gather_mask(mask, rows, cols, invalid)
+    known.update(_CACHE_POSITION_KEYS)
+    known.update(k for k, v in kwargs.items() if v is not None and not torch.is_tensor(v) and _is_cache(v))
+    _check_unknown_args(ctx, layer_idx, args, kwargs, known, {ctx.length})
     return out
 
 
-def _decode_kwargs(state: _PatchState, ctx: _Context, layer_idx: int, args, kwargs):
+def _decode_kwargs(state: _PatchState, ctx: _Context, layer_idx: int, module, args, kwargs):
     cmap = ctx.cache_map
     stage = cmap.stage_of(layer_idx)
     if stage is None:
         return None
     kept = cmap.kept[stage]
     changed = {}
-    mask = kwargs.get("attention_mask")
-    hidden = kwargs.get("hidden_states", args[0] if args else None)
-    q = hidden.shape[1] if hidden is not None else None
-    _check_mask(mask)
-    if mask is not None:
-        key = (stage, id(mask))
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    q = hidden.shape[1] if torch.is_tensor(hidden) else None
+    for name in _MASK_KEYS:
+        mask = kwargs.get(name)
+        _check_mask(mask)
+        if mask is None:
+            continue
+        kv_total = mask.shape[-1]
+        if kv_total < cmap.prefill_length:
+            raise _drift(f"decoder layer {layer_idx}'s attention mask has {kv_total} key columns during a decode "
+                         f"step, fewer than the {cmap.prefill_length} tokens of the reduced prefill")
+        # one gathered mask per stage and attention type for the whole forward; keyed on nothing that
+        # changes between decode steps (torch.compile guards on such keys and would recompile every step)
+        key = (stage, name, getattr(module, "attention_type", None))
         if key not in ctx.decode_cols:
-            kv_total = mask.shape[-1]
             removed = cmap.prefill_length - kept.shape[1]
             slots = kv_total if getattr(ctx.cache, "is_compileable", False) else kv_total - removed
             cols, invalid = _mask_cols(kept, cmap.prefill_length, kv_total, slots)
             ctx.decode_cols[key] = _gather_mask(mask, None, cols, invalid)
-        changed["attention_mask"] = ctx.decode_cols[key]
-    if kwargs.get("cache_position") is not None and q is not None:
-        removed = cmap.prefill_length - kept.shape[1]
-        start = _cache_seq_length(ctx.cache) - q - removed if ctx.cache is not None else 0
-        changed["cache_position"] = torch.arange(start, start + q, device=kept.device)
+        changed[name] = ctx.decode_cols[key]
+    for name in _CACHE_POSITION_KEYS:
+        if kwargs.get(name) is not None and q is not None:
+            removed = cmap.prefill_length - kept.shape[1]
+            start = _cache_seq_length(ctx.cache) - q - removed if ctx.cache is not None else 0
+            changed[name] = torch.arange(start, start + q, device=kept.device)
     if not changed:
         return None
     new = dict(kwargs)
@@ -942,12 +1215,15 @@ def _layer_post_hook(state: _PatchState, model, layer_idx: int, is_last: bool):
         ctx = state.ctx
         if ctx is None or ctx.mode != "prefill":
             return None
-        hidden = output[0] if isinstance(output, tuple) else output
+        hidden = output[0] if isinstance(output, (tuple, list)) and output else output
+        if not torch.is_tensor(hidden) or hidden.dim() != 3:
+            raise _drift(f"decoder layer {layer_idx} returned {type(output).__name__}; expected the hidden "
+                         "states [B, L, d] (a tensor, or a tuple starting with one)")
         new_hidden = hidden
         if layer_idx in ctx.schedule and ctx.capturing == layer_idx:
             ctx.capturing = None
             captured, ctx.captured = ctx.captured, {}
-            new_hidden = _reduce(state, model, ctx, layer_idx, module, kwargs, hidden, captured)
+            new_hidden = _reduce(state, model, ctx, layer_idx, module, args, kwargs, hidden, captured)
         if is_last and ctx.cur_idx is not None:
             B, _, d = new_hidden.shape
             full = new_hidden.new_zeros(B, ctx.length, d)
@@ -955,15 +1231,15 @@ def _layer_post_hook(state: _PatchState, model, layer_idx: int, is_last: bool):
             new_hidden = full.scatter(1, idx.unsqueeze(-1).expand(-1, -1, d), new_hidden)
         if new_hidden is hidden:
             return None
-        if isinstance(output, tuple):
-            return (new_hidden,) + tuple(output[1:])
+        if isinstance(output, (tuple, list)):
+            return type(output)((new_hidden, *output[1:]))
         return new_hidden
 
     return hook
 
 
-def _reduce(state: _PatchState, model, ctx: _Context, layer_idx: int, layer: nn.Module, kwargs: dict,
-            hidden: torch.Tensor, captured: dict) -> torch.Tensor:
+def _reduce(state: _PatchState, model, ctx: _Context, layer_idx: int, layer: nn.Module, args: tuple,
+            kwargs: dict, hidden: torch.Tensor, captured: dict) -> torch.Tensor:
     """Reduce the visual tokens leaving ``layer_idx``; returns the shorter hidden states."""
     plan = state.plan
     incoming, kept = ctx.schedule[layer_idx]
@@ -981,7 +1257,9 @@ def _reduce(state: _PatchState, model, ctx: _Context, layer_idx: int, layer: nn.
     visual = ctx.visual.to(device).gather(1, cur)
     rows = ctx.rows.to(device).gather(1, cur)
     real = ctx.real.to(device).gather(1, cur) if ctx.real is not None else None
-    query, key = state.adapter.query_key(layer, captured["q"], captured["k"], kwargs.get("position_embeddings"))
+    pe_key = find_position_embeddings(kwargs, Lc)
+    query, key = state.adapter.query_key(layer, captured["q"], captured["k"],
+                                         kwargs[pe_key] if pe_key is not None else None)
     scores = text_to_visual_importance(query, key, visual, rows, real,
                                        scale=state.adapter.attention_scale(layer))
     # positions (current coordinates) of each sample's visual tokens, ascending
@@ -1006,11 +1284,12 @@ def _reduce(state: _PatchState, model, ctx: _Context, layer_idx: int, layer: nn.
         layer=layer_idx, regime=plan.regime(layer_idx), visual_in=(incoming,) * B, visual_out=(kept,) * B,
         seq_in=Lc, seq_out=new_len, kept_positions=ctx.cur_idx.detach(),
     ))
-    cache = _get_cache(kwargs)
+    cache = find_cache(args, kwargs)
     if cache is not None and hasattr(cache, "__dict__"):
         if len(ctx.stages) == 1:  # first reduction of this prefill: a fresh map
             cache.__dict__[_CACHE_MAP_ATTR] = _CacheMap(ctx.length)
             _wrap_cache_methods(cache)
+            ctx.found_cache = cache  # this prefill's own cache (possibly created inside the decoder stack)
         cmap = cache.__dict__[_CACHE_MAP_ATTR]
         cmap.first_layers.append(layer_idx + 1)
         cmap.kept.append(ctx.cur_idx.detach())
@@ -1093,10 +1372,19 @@ def patch_model(model: nn.Module, theta: Any, adapter: DecoderAdapter, *,
         adapter.check_layer(layers[layer_idx])
     if is_patched(model):
         unpatch_model(model)
+    _install(model, adapter, plan)
+    model.__dict__.pop(_REPORT_ATTR, None)
+    return model
 
+
+def _install(model: nn.Module, adapter: DecoderAdapter, plan: ReductionPlan) -> None:
+    """Register the hooks and instance attributes of a patch (the checks are :func:`patch_model`'s)."""
+    num_layers = adapter.num_layers(model)
+    layers = adapter.decoder_layers(model)
     state = _PatchState(model, adapter, plan)
     handles = state.handles
     try:
+        handles.append(model.register_forward_pre_hook(_model_pre_hook(state, model), with_kwargs=True))
         inp = adapter.input_module(model)
         handles.append(inp.register_forward_pre_hook(_input_pre_hook(state, model), with_kwargs=True))
         handles.append(inp.register_forward_hook(_input_post_hook(state), with_kwargs=True, always_call=True))
@@ -1126,17 +1414,54 @@ def patch_model(model: nn.Module, theta: Any, adapter: DecoderAdapter, *,
         for h in handles:
             h.remove()
         raise
+    # copy.deepcopy and pickle look these up on the instance: a copy gets its own hooks and state
+    model.__dict__["__deepcopy__"] = types.MethodType(_deepcopy_patched, model)
+    model.__dict__["__reduce_ex__"] = types.MethodType(_refuse_pickle, model)
     model.__dict__[_STATE_ATTR] = state
-    model.__dict__.pop(_REPORT_ATTR, None)
-    return model
+
+
+def _deepcopy_patched(model: nn.Module, memo: dict) -> nn.Module:
+    """``copy.deepcopy`` of a patched model: an independent copy, patched with a copy of the same plan."""
+    state = model.__dict__[_STATE_ATTR]
+    report = model.__dict__.get(_REPORT_ATTR)
+    adapter, plan = state.adapter, state.plan
+    prompt_length, suspended_ = state.prompt_length, state.suspended
+    _uninstall(model)
+    try:
+        clone = copy.deepcopy(model, memo)
+    finally:
+        _install(model, adapter, plan)
+        new_state = model.__dict__[_STATE_ATTR]
+        new_state.prompt_length, new_state.suspended = prompt_length, suspended_
+        if report is not None:
+            model.__dict__[_REPORT_ATTR] = report
+    _install(clone, copy.deepcopy(adapter, memo), copy.deepcopy(plan, memo))
+    if report is not None:
+        clone.__dict__[_REPORT_ATTR] = report
+    return clone
+
+
+def _refuse_pickle(model: nn.Module, protocol):
+    raise TypeError(
+        f"cannot pickle a model patched by eos_kernels ({type(model).__name__}): its hooks hold per-instance "
+        "state. Unpatch it first (eos_kernels.unpatch_llava / unpatch_model), save it (or its state_dict), "
+        "and patch the loaded model again with the same Theta."
+    )
 
 
 def unpatch_model(model: nn.Module) -> nn.Module:
     """Remove every hook and attribute :func:`patch_model` added; a no-op on an unpatched model."""
-    state = model.__dict__.pop(_STATE_ATTR, None)
     model.__dict__.pop(_REPORT_ATTR, None)
+    _uninstall(model)
+    return model
+
+
+def _uninstall(model: nn.Module) -> None:
+    state = model.__dict__.pop(_STATE_ATTR, None)
     if state is None:
-        return model
+        return
+    for name in ("__deepcopy__", "__reduce_ex__"):
+        model.__dict__.pop(name, None)
     for h in state.handles:
         h.remove()
     state.handles.clear()
@@ -1146,4 +1471,3 @@ def unpatch_model(model: nn.Module) -> nn.Module:
             model.__dict__["generate"] = state.old_generate
         else:
             del model.__dict__["generate"]
-    return model

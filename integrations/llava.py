@@ -80,6 +80,10 @@ class LlavaAdapter(DecoderAdapter):
         token = table(torch.tensor(image_token_id, device=embeds.device))
         return (embeds == token.to(embeds.dtype)).all(dim=-1)
 
+    def placeholder_rows(self, model: nn.Module) -> torch.Tensor:
+        table = self._llava_model(model).get_input_embeddings()
+        return table.weight[model.config.image_token_id].unsqueeze(0)
+
     def visual_tokens_per_image(self, model: nn.Module) -> int | None:
         config = model.config
         vision = getattr(config, "vision_config", None)
