@@ -66,7 +66,8 @@ def reweight(anchors, candidates, scores, alpha: float = REWEIGHT_ALPHA):
     """Scale each anchor by 1 + alpha * importance.
 
     importance_j = sum_i P_ij * u_i, with P_ij the candidate's softmax over
-    anchors of cosine similarity and u the softmax of the candidate scores.
+    anchors of cosine similarity and u the softmax of the candidate scores
+    (u = 0 when every score of the sample is -inf: nothing left to weigh).
     """
     A, D, q, squeeze = _batched(anchors, candidates, scores)
     out = A.clone()
@@ -74,8 +75,11 @@ def reweight(anchors, candidates, scores, alpha: float = REWEIGHT_ALPHA):
         cosine = torch.einsum("md,kd->mk", _unit_rows(D[b]), _unit_rows(A[b]))
         e = torch.exp(cosine - cosine.amax(dim=-1, keepdim=True)) if D.shape[1] else cosine
         share = e / e.sum(dim=-1, keepdim=True)                     # [M, K]
-        eq = torch.exp(q[b] - q[b].max()) if D.shape[1] else q[b]
-        weight = eq / eq.sum()                                      # [M]
+        if bool((q[b] > float("-inf")).any()):
+            eq = torch.exp(q[b] - q[b].max())
+            weight = eq / eq.sum()                                  # [M]
+        else:  # no candidate, or every score -inf (masked): no importance to share
+            weight = torch.zeros_like(q[b])
         importance = (share * weight[:, None]).sum(dim=0)           # [K]
         out[b] = A[b] * (1.0 + alpha * importance[:, None])
     return out[0] if squeeze else out

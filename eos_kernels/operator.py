@@ -1,6 +1,8 @@
 """The public entry point of the unified reduction operator: validation and dispatch."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from eos_kernels._checks import is_real
@@ -12,6 +14,12 @@ PARAM_NAMES = ("gamma", "tau", "theta", "rho", "nu")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _value_error(name, value):
+    # tau must be > 0 (W = softmax(S / tau)); every parameter must be finite
+    need = "> 0 and finite" if name == "tau" else "finite"
+    return ValueError(f"{name} must be {need}, got {value!r}")
+
+
 def _check_param(name, value, device):
     if not (is_real(value) or torch.is_tensor(value)):
         raise TypeError(f"{name} must be a Python float or a 0-d floating tensor, got {type(value).__name__}")
@@ -21,7 +29,26 @@ def _check_param(name, value, device):
         if not value.is_floating_point():
             raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
         return value if value.device == device else value.to(device)
-    return float(value)
+    value = float(value)
+    if not math.isfinite(value) or (name == "tau" and not value > 0):
+        raise _value_error(name, value)
+    return value
+
+
+def _check_tensor_params(params):
+    """Finite tensor parameters (tau > 0) or a ValueError naming the first bad one.
+
+    One host read for all of them together (the tau > 0 check of a tensor tau
+    always needed one); the flags are computed on detached values, so the
+    autograd graph of the parameters is untouched.
+    """
+    named = [(n, p.detach()) for n, p in zip(PARAM_NAMES, params) if torch.is_tensor(p)]
+    if not named:
+        return
+    flags = torch.stack([torch.isfinite(p) & (p > 0) if n == "tau" else torch.isfinite(p) for n, p in named])
+    for (name, p), ok in zip(named, flags.tolist()):
+        if not ok:
+            raise _value_error(name, p.item())
 
 
 def _check_inputs(anchors, candidates, scores):
@@ -76,10 +103,13 @@ def eos_reduce(anchors, candidates, scores, gamma, tau, theta, rho, nu,
         anchors: [B, K, d] or [K, d] kept tokens (K >= 1).
         candidates: [B, M, d] or [M, d] tokens being reduced (M may be 0);
             same dtype and device as ``anchors``.
-        scores: [B, M] or [M] importance of each candidate (any floating dtype).
+        scores: [B, M] or [M] importance of each candidate (any floating dtype),
+            finite or -inf; -inf masks a candidate out of softmax(scores) (see
+            "Masked samples" below). +inf and NaN scores are not supported.
         gamma, tau, theta, rho, nu: operator parameters, Python floats or 0-d
-            floating tensors (which may require grad). ``tau`` must be > 0.
-        beta: gate sharpness (a Python float).
+            floating tensors (which may require grad); all finite, ``tau`` > 0.
+            Tensor values are checked with one host read (a device sync).
+        beta: gate sharpness, a finite Python float > 0.
         norm: "token" (per-token ratio r_j = ||a_j|| / max(||A^_j||, 1e-6),
             the default) or "frobenius" (r = ||A||_F / (||A^||_F + 1e-6) per
             sample, equation 6).
@@ -90,19 +120,37 @@ def eos_reduce(anchors, candidates, scores, gamma, tau, theta, rho, nu,
     Returns:
         Tensor of the anchors' shape and dtype. Gradients flow to anchors,
         candidates, scores and every tensor parameter on both paths.
+
+    Raises:
+        ValueError naming the parameter when gamma, tau, theta, rho, nu or
+        beta is not finite, or tau or beta is not > 0 (TypeError for a wrong
+        type); see also the shape, dtype and device checks.
+
+    Masked samples:
+        A sample whose scores are all -inf (every candidate masked) has no
+        finite score to take softmax(scores) over. Its softmax is defined as
+        the zero vector (an empty set of candidates gives no importance), so
+        its s_imp = 0 and A^ = A~: it gets the transfer (gamma, tau, theta)
+        and the norm blend (nu) but no reweighting, whatever rho is; the
+        gradient with respect to its scores is 0. Output and gradients are
+        finite on both paths. With rho = 0 the scores never matter: the output
+        is bit-identical whatever the (finite or -inf) scores. A sample with
+        some finite scores gives -inf candidates softmax weight 0, as usual.
+
+    Higher-order gradients:
+        ``impl="torch"`` is differentiable any number of times. The fused
+        Triton backward is first order only: gradients taken with
+        ``create_graph=True`` are correct, but differentiating them again
+        raises a RuntimeError that says to use ``impl="torch"``.
     """
     _check_inputs(anchors, candidates, scores)
     device = anchors.device
     params = [_check_param(n, v, device) for n, v in zip(PARAM_NAMES, (gamma, tau, theta, rho, nu))]
-    tau_value = params[1]
-    if torch.is_tensor(tau_value):
-        # a one-element host read; tau must be positive for W = softmax(S / tau)
-        if not bool((tau_value > 0).item()):
-            raise ValueError(f"tau must be > 0, got {tau_value.item()}")
-    elif not tau_value > 0:
-        raise ValueError(f"tau must be > 0, got {tau_value}")
+    _check_tensor_params(params)
     if not is_real(beta):
         raise TypeError(f"beta must be a Python float, got {type(beta).__name__}")
+    if not (math.isfinite(beta) and beta > 0):
+        raise ValueError(f"beta must be > 0 and finite, got {beta!r}")
     if not isinstance(norm, str) or norm not in NORM_MODES:
         raise ValueError(f"norm must be one of {NORM_MODES}, got {norm!r}")
     impl = resolve_impl(impl, device)

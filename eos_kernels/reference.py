@@ -18,6 +18,12 @@ with ``normalize(x) = x / max(||x||, 1e-12)`` and r either the per-token ratio
 ``||a_j|| / max(||A^_j||, 1e-6)`` (``norm="token"``, the executed code) or the
 whole-matrix ratio ``||A||_F / (||A^||_F + 1e-6)`` per sample (``norm="frobenius"``,
 equation 6).
+
+Masked candidates: a score of -inf gives u_i = softmax(q)_i = 0. When every
+score of a sample is -inf, softmax(q) is a softmax over an empty set of finite
+scores; it is taken as the zero vector (0/0 avoided), so s_imp = 0 and
+A^ = A~ for that sample, whatever rho is, and its score gradients are 0.
+Scores must otherwise be finite (+inf or NaN have no meaningful softmax).
 """
 from __future__ import annotations
 
@@ -30,6 +36,18 @@ NORMALIZE_EPS = 1e-12
 TOKEN_RATIO_EPS = 1e-6
 #: epsilon added to ||A^||_F in the whole-matrix ratio (equation 6)
 FROBENIUS_EPS = 1e-6
+
+
+def masked_softmax(q):
+    """softmax over the last dim, with an all -inf row giving zeros instead of NaN.
+
+    Rows holding a finite score are exactly ``torch.softmax``. All -inf rows go
+    through softmax(0) and are then zeroed: the double ``where`` keeps their
+    gradient 0 (a single ``where`` over softmax(-inf) would send NaN back).
+    """
+    empty = torch.isneginf(q).all(dim=-1, keepdim=True)
+    u = torch.softmax(torch.where(empty, torch.zeros_like(q), q), dim=-1)
+    return torch.where(empty, torch.zeros_like(u), u)
 
 
 def eos_reduce_reference(anchors, candidates, scores, gamma, tau, theta, rho, nu,
@@ -56,7 +74,7 @@ def eos_reduce_reference(anchors, candidates, scores, gamma, tau, theta, rho, nu
     transfer = W.transpose(-1, -2) @ (D * m.unsqueeze(-1))               # [B, K, d]
     A_tilde = A + gamma * transfer
 
-    s_imp = (torch.softmax(S, dim=-1) * torch.softmax(q, dim=-1).unsqueeze(-1)).sum(dim=-2)  # [B, K]
+    s_imp = (torch.softmax(S, dim=-1) * masked_softmax(q).unsqueeze(-1)).sum(dim=-2)  # [B, K]
     A_hat = A_tilde * (1.0 + rho * s_imp.unsqueeze(-1))
 
     if norm == "token":

@@ -43,6 +43,23 @@ def test_larger_and_awkward_sizes(impl, corner, B, K, M, d):
     assert (unified - expected).abs().max().item() <= CORNER_TOLERANCE
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("corner", list(CORNER_SETTINGS))
+def test_fully_masked_sample(impl, corner):
+    """A sample whose scores are all -inf beside a normal one: finite, and at the
+    reweight corner the masked sample gets no importance at all (out = A)."""
+    A, D, q = clustered(2, 6, 20, 32, seed=3)
+    q[1] = float("-inf")
+    if impl == "triton" and torch.cuda.is_available():
+        A, D, q = A.cuda(), D.cuda(), q.cuda()
+    unified = eos_reduce(A, D, q, *CORNER_SETTINGS[corner], impl=impl)
+    expected = CORNERS[corner](A, D, q)
+    assert torch.isfinite(unified).all() and torch.isfinite(expected).all()
+    assert (unified - expected).abs().max().item() <= CORNER_TOLERANCE
+    if corner == "reweight":
+        assert torch.equal(expected[1], A[1]) and torch.equal(unified[1], A[1])
+
+
 def test_corner_algorithms_by_hand():
     """The corner algorithms themselves, on a case small enough to do by hand."""
     A = torch.tensor([[1.0, 0.0], [0.0, 2.0]])

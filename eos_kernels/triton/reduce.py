@@ -8,6 +8,11 @@ parameters (gamma, tau, theta, rho, nu), gate sharpness beta.
     T = C^T D              s = P^T u                A~ = A + gamma T
     A^ = A~ * h, h = 1 + rho s                      out = A^ * f,  f = 1 - nu + nu r
 
+Masked scores: q_i = -inf gives u_i = 0. A sample whose scores are all -inf
+(fully masked) has no finite score to normalise over; its softmax is taken as
+u = 0 (lse_q = +inf below), so s = 0, h = 1 and A^ = A~ whatever rho is, and
+dL/dq = 0 for it. Scores are otherwise finite (+inf or NaN are unsupported).
+
 Nothing [M, d]-sized is ever materialised besides the inputs and dD: the
 [M, K] matrices (S, C and, in backward, dS) are small next to D, so they are
 kept in fp32 and the heavy products (S, T, dD, dA) stream D and A through
@@ -116,6 +121,9 @@ def _gate_and_slope(pre):
 #   sum_i exp(S_ij - lse1_i) u_i of s = P^T u, with u = softmax(q) over all M
 #   (log-sum-exp of q recomputed per program: M scalars, cheap). The gate's
 #   pre-activation beta (smax - theta) is stored for the backward's slope.
+# A fully masked sample (max_i q_i = -inf) stores lse_q = +inf instead of
+# -inf + log(0): then u_i = exp(q_i - lse_q) = 0 for every i, here and in the
+# backward (_dsim, _grad_scores), which read u only through lse_q.
 # Since tau > 0, max_j S_ij / tau = smax_i / tau: one max pass serves both lse.
 # --------------------------------------------------------------------------- #
 @triton.jit
@@ -138,13 +146,16 @@ def _row_stats_kernel(
         qv = tl.load(q_ptr + b * sqb + offs_q.to(tl.int64) * sqm, mask=offs_q < M, other=float("-inf"))
         qmax_lane = tl.maximum(qmax_lane, qv.to(tl.float32))
     qmax = tl.max(qmax_lane, axis=0)
+    has_score = qmax > float("-inf")  # False: every score is -inf (a fully masked sample)
+    qmax = tl.where(has_score, qmax, 0.0)  # no -inf - (-inf) = NaN below
     qsum_lane = tl.zeros((BQ,), tl.float32)
     for q0 in range(0, M, BQ):
         offs_q = q0 + tl.arange(0, BQ)
         mask_q = offs_q < M
         qv = tl.load(q_ptr + b * sqb + offs_q.to(tl.int64) * sqm, mask=mask_q, other=0.0).to(tl.float32)
         qsum_lane += tl.where(mask_q, tl.exp(qv - qmax), 0.0)
-    lse_q = qmax + tl.log(tl.sum(qsum_lane, axis=0))
+    qsum = tl.where(has_score, tl.sum(qsum_lane, axis=0), 1.0)  # >= 1 when a score is finite
+    lse_q = tl.where(has_score, qmax + tl.log(qsum), float("inf"))
     if pid_m == 0:
         tl.store(lseq_ptr + b, lse_q)
 
@@ -667,6 +678,8 @@ def _grad_anchors_kernel(
 # --------------------------------------------------------------------------- #
 # Per sample (grid (B,)): dq_i = u_i (Ps_i - sum_l u_l Ps_l) (softmax backward),
 # and the (gamma, tau, theta) gradient partials of the M-blocks summed in order.
+# u_i = exp(q_i - lse_q): 0 for a masked q_i, and for every i of a fully masked
+# sample (lse_q = +inf), whose dq is then 0.
 # --------------------------------------------------------------------------- #
 @triton.jit
 def _grad_scores_kernel(
@@ -865,8 +878,42 @@ def _backward(grad_out, anchors, candidates, scores, saved, beta, norm, needs):
     return d_anch, d_cand, d_scores, pgrad.sum(dim=0)
 
 
+DOUBLE_BACKWARD_ERROR = (
+    "eos_reduce(impl='triton') is differentiable once: its fused backward kernels compute "
+    "first-order gradients and build no autograd graph, so gradients taken with "
+    "create_graph=True cannot be differentiated again (double backward, Hessian-vector "
+    "products, gradient penalties). Use eos_reduce(..., impl='torch') for higher-order gradients."
+)
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """Identity on the fused backward's gradients, whose own backward raises.
+
+    ``forward(n, *tensors)`` returns the first ``n`` tensors (the gradients);
+    the others are the inputs of the operator and the incoming gradient, which
+    only link the result into the graph. Unlike ``@once_differentiable``, which
+    looks at the incoming gradient alone (a constant in the common
+    ``grad(out.sum(), x, create_graph=True)``, so it would silently return
+    gradients with no graph), any input that requires grad is linked here.
+    """
+
+    @staticmethod
+    def forward(ctx, n, *tensors):
+        return tuple(t.view_as(t) for t in tensors[:n])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+
+
 class EOSReduceFunction(torch.autograd.Function):
-    """Autograd glue: Triton forward, Triton backward (no PyTorch reference inside)."""
+    """Autograd glue: Triton forward, Triton backward (no PyTorch reference inside).
+
+    The backward is first order only; under ``create_graph=True`` its results
+    are routed through :class:`_FirstOrderOnly`, so that a second
+    differentiation raises ``DOUBLE_BACKWARD_ERROR`` instead of silently
+    returning gradients that are missing their second-order terms.
+    """
 
     @staticmethod
     def forward(ctx, anchors, candidates, scores, gamma, tau, theta, rho, nu, beta, norm):
@@ -874,25 +921,39 @@ class EOSReduceFunction(torch.autograd.Function):
         need_backward = any(ctx.needs_input_grad[:8])
         out, saved = _forward(anchors, candidates, scores, params, beta, norm, need_backward)
         if need_backward:
-            ctx.save_for_backward(anchors, candidates, scores)
-            ctx.saved = saved
+            # Everything goes through save_for_backward, so autograd frees it after the
+            # backward, or keeps it for another one under retain_graph=True. The tensor
+            # parameters are saved only to link a create_graph backward (see above).
+            tensor_params = [p for p in params if torch.is_tensor(p)]
+            ctx.n_tensor_params = len(tensor_params)
+            ctx.saved_keys = tuple(saved)
+            ctx.save_for_backward(anchors, candidates, scores, *tensor_params, *saved.values())
             ctx.beta, ctx.norm = beta, norm
             ctx.param_dtypes = [p.dtype if torch.is_tensor(p) else None for p in params]
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        anchors, candidates, scores = ctx.saved_tensors
+        anchors, candidates, scores, *rest = ctx.saved_tensors
+        tensor_params, rest = rest[:ctx.n_tensor_params], rest[ctx.n_tensor_params:]
+        saved = dict(zip(ctx.saved_keys, rest))
         needs = ctx.needs_input_grad
-        d_a, d_c, d_s, pgrad = _backward(grad_out, anchors, candidates, scores, ctx.saved,
-                                         ctx.beta, ctx.norm, needs)
-        param_grads = [
-            pgrad[i].to(dt) if (dt is not None and needs[3 + i]) else None
-            for i, dt in enumerate(ctx.param_dtypes)
-        ]
-        ctx.saved = None
-        return (d_a if needs[0] else None, d_c if needs[1] else None, d_s if needs[2] else None,
-                *param_grads, None, None)
+        create_graph = torch.is_grad_enabled()
+        with torch.no_grad():
+            d_a, d_c, d_s, pgrad = _backward(grad_out, anchors, candidates, scores, saved,
+                                             ctx.beta, ctx.norm, needs)
+            param_grads = [
+                pgrad[i].to(dt) if (dt is not None and needs[3 + i]) else None
+                for i, dt in enumerate(ctx.param_dtypes)
+            ]
+        grads = [d_a if needs[0] else None, d_c if needs[1] else None, d_s if needs[2] else None, *param_grads]
+        links = [t for t in (grad_out, anchors, candidates, scores, *tensor_params) if t.requires_grad]
+        given = [i for i, g in enumerate(grads) if g is not None]
+        if create_graph and links and given:
+            guarded = _FirstOrderOnly.apply(len(given), *(grads[i] for i in given), *links)
+            for i, g in zip(given, guarded):
+                grads[i] = g
+        return (*grads, None, None)
 
 
 def eos_reduce_triton(anchors, candidates, scores, gamma, tau, theta, rho, nu, *, beta=10.0, norm="token"):
