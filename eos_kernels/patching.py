@@ -3,9 +3,21 @@
 This module is the model-agnostic half of :func:`eos_kernels.patch_llava`; a
 model family plugs in through a small :class:`DecoderAdapter` (the LLaVA-1.5
 one lives in ``eos_kernels.integrations.llava``). Supported transformers:
-``5.0 <= version < 6`` (the 5.x decoder-layer API; the CPU test suite runs on
-5.23, the GPU machine has 5.17); anything else raises ``RuntimeError`` at patch
-time.
+``5.0 <= version < 6`` (the 5.x decoder-layer API), tested in CI on the oldest
+and newest releases of :data:`TESTED_TRANSFORMERS`; an older release raises
+``RuntimeError`` at patch time, a newer one warns once.
+
+Living on transformers' internals: everything the hooks read from a call is
+found by type or role -- the ``Cache`` among the arguments (whatever its
+keyword: ``past_key_values`` before 5.24, ``cache`` since), the rotary
+``(cos, sin)`` pair, the hidden states -- and every call that does not look as
+expected (a decode step on a reduced cache the decoder stack did not show, no
+rotary pair, a mask that does not cover the prefill, an unknown argument with a
+sequence dimension, a layer output of unknown type) raises
+:class:`TransformersDriftError` naming the installed version, never degrades
+quietly. Nothing reduced means nothing changed: a reducer that keeps all its
+tokens does not run, and image placeholders whose embeddings received no image
+feature (a forward without ``pixel_values``) are text.
 
 What a patched model does
 -------------------------
@@ -40,9 +52,11 @@ sin)``, position ids and attention mask are gathered at the kept tokens'
 KV cache holds exactly the tokens that layer processed. After the last layer
 the hidden states are scattered back to the input length so that logits,
 labels and ``logits_to_keep`` keep their usual shapes: positions whose token
-was removed get a zero hidden state (zero logits).
+was removed get a zero hidden state (zero logits), and with ``labels=`` they
+are left out of the loss (the forward gets its own copy of ``labels`` with -100
+at the label each removed position would predict).
 
-Decoding (``past_key_values`` not empty) never re-reduces. The layers behind a
+Decoding (the KV cache not empty) never re-reduces. The layers behind a
 reducer have shorter caches, so each one gets the model's attention mask
 gathered at the original positions its cache slots hold (for sdpa without
 padding the mask is ``None`` and stays ``None``). The slot -> position map
@@ -79,9 +93,13 @@ tokens each; otherwise ``ValueError``); flex attention's ``BlockMask`` is not
 supported (``NotImplementedError``); a prefill is one forward (chunked prefill
 would reduce the first chunk only); visual tokens arriving after the prefill
 (a later turn on the same cache) are not reduced; ``output_hidden_states``
-gives each layer's states at that layer's own length; the hooks keep Python
-state, so ``torch.compile`` of a patched model is untested; a patched instance
-is not safe to run from several threads at once.
+gives each layer's states at that layer's own length; a compiled forward
+(``torch.compile``, static cache) is tested to compile no more graphs while
+decoding than the stock model; a patched instance is not safe to run from
+several threads at once. ``copy.deepcopy`` gives an independent patched copy;
+pickling a patched model raises ``TypeError`` (unpatch first). Assisted
+generation may crop the rejected candidate tokens of its reduced prefill (they
+lie after the visual tokens); cropping into the visual tokens raises.
 """
 from __future__ import annotations
 
@@ -691,9 +709,11 @@ def _wrap_cache_methods(cache) -> None:
         if m is not None:
             length = _cache_seq_length(self)  # layer 0 runs before any reducer: original positions
             remove = length - tokens if tokens > 0 else -tokens
+            if remove <= 0:
+                return None  # nothing to remove (and crop(0) empties every layer on transformers < 5.23)
             if remove > length - m.prefill_length:
                 _crop_prefill(m, length - remove)
-            return _bound("crop")(self, -remove if remove > 0 else 0)
+            return _bound("crop")(self, -remove)
         return _bound("crop")(self, tokens)
 
     for name, fn in (("reorder_cache", reorder_cache), ("batch_select_indices", batch_select_indices),
