@@ -145,9 +145,14 @@ def tiny_tokenizer(chat_template: str | None = None):
 
 def tiny_processor(image_size: int = 56, patch_size: int = 14, chat_template: str | None = None):
     """A ``LlavaProcessor`` (PIL CLIP image processor + :func:`tiny_tokenizer`) for :func:`tiny_llava`."""
-    from transformers import CLIPImageProcessorPil, LlavaProcessor
+    from transformers import LlavaProcessor
 
-    images = CLIPImageProcessorPil(size={"shortest_edge": image_size},
+    try:  # transformers >= 5.x with torchvision-based defaults names the PIL processor explicitly
+        from transformers import CLIPImageProcessorPil as ImageProcessor
+    except ImportError:  # transformers 5.0: CLIPImageProcessor is the PIL one
+        from transformers import CLIPImageProcessor as ImageProcessor
+
+    images = ImageProcessor(size={"shortest_edge": image_size},
                                    crop_size={"height": image_size, "width": image_size})
     return LlavaProcessor(image_processor=images, tokenizer=tiny_tokenizer(), patch_size=patch_size,
                           vision_feature_select_strategy="default", num_additional_image_tokens=1,

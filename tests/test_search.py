@@ -282,32 +282,47 @@ def test_alignment_term(env, loaded, tmp_path):
     assert rec["total"] == rec["align"] > 0
     b = _reference_batch(env, processor, rec["samples"])
     text = b.mask.bool() & (b.input_ids != IMAGE_TOKEN_ID)
-    # transformers installs its hidden-state recorder hooks on the first output_hidden_states call and keeps
-    # them: on a fresh model patched first they run after the EOS hooks and see each layer's output after its
-    # reduction (hidden_states[l + 1] = the output of layer l)
+    # each decoder layer's output, seen by forward hooks registered after the patch's own (so after the
+    # reduction), as the search's LayerCapture sees them; output_hidden_states records them at a
+    # release-dependent point (before the reduction on transformers 5.0, after it on 5.24)
     from transformers import LlavaForConditionalGeneration
 
     fresh = LlavaForConditionalGeneration.from_pretrained(env.model).eval()
+
+    def outputs_of(forward):
+        seen, handles = {}, []
+        for layer in layers:
+            def hook(module, args, output, layer=layer):
+                seen[layer] = output[0] if isinstance(output, tuple) else output
+            handles.append(fresh.model.language_model.layers[layer].register_forward_hook(hook))
+        try:
+            forward()
+        finally:
+            for h in handles:
+                h.remove()
+        return seen
+
+    def forward():
+        fresh(input_ids=b.input_ids, attention_mask=b.mask, pixel_values=b.pixels)
+
     with torch.no_grad():
         patch_llava(fresh, _logged_theta(rec))
         try:
             with prompt_lengths(fresh, b.prompts):
-                red = fresh(input_ids=b.input_ids, attention_mask=b.mask, pixel_values=b.pixels,
-                            output_hidden_states=True).hidden_states
+                red = outputs_of(forward)
             stages = fresh.eos_report.stages
         finally:
             unpatch_llava(fresh)
-        full = fresh(input_ids=b.input_ids, attention_mask=b.mask, pixel_values=b.pixels,
-                     output_hidden_states=True).hidden_states
+        full = outputs_of(forward)
     mse = []
     for layer in layers:
-        h = red[layer + 1]  # the output of decoder layer `layer`
+        h = red[layer]  # the output of decoder layer `layer`
         positions = torch.arange(h.shape[1]).expand(h.shape[0], -1)
         for s in stages:
             if s.layer <= layer:
                 positions = s.kept_positions
         assert positions.shape[1] == h.shape[1]
-        mse.append(((h[text.gather(1, positions)] - full[layer + 1][text]) ** 2).mean())
+        mse.append(((h[text.gather(1, positions)] - full[layer][text]) ** 2).mean())
     expected = float(torch.stack(mse).mean())
     assert abs(rec["align"] - expected) < 1e-5 * expected
 
