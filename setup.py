@@ -13,6 +13,7 @@ setup(
     python_requires=">=3.10",
     packages=[
         "eos_kernels",
+        "eos_kernels.patching",
         "eos_kernels.triton",
         "eos_kernels.integrations",
         "eos_kernels.search",

@@ -23,6 +23,7 @@ import transformers  # noqa: E402
 from eos_kernels import patch_llava, unpatch_llava  # noqa: E402
 from eos_kernels import patching  # noqa: E402
 from eos_kernels.patching import TransformersDriftError, find_cache  # noqa: E402
+from eos_kernels.patching.compat import _output_cache as out_cache  # noqa: E402
 from eos_kernels.theta import Reducer, Theta  # noqa: E402
 
 from _tiny_models import EOS_TOKEN_ID, IMAGE_TOKEN_ID, make_pixels, make_prompt, pad_batch, tiny_llava  # noqa: E402
@@ -283,7 +284,7 @@ def test_crop_into_removed_visual_tokens_is_refused(model, prompts):
     patch_llava(model, PRUNE)
     with torch.no_grad():
         out = model(input_ids=ids, pixel_values=px, use_cache=True)
-    cache = patching._output_cache(out)
+    cache = out_cache(out)
     first_visual = int((ids[0] == IMAGE_TOKEN_ID).nonzero()[0])
     with pytest.raises(NotImplementedError, match="cuts into the visual tokens"):
         cache.crop(-(ids.shape[1] - first_visual - 2))

@@ -1,0 +1,123 @@
+"""What the generic patcher needs to know about one model family: :class:`DecoderAdapter`."""
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+class DecoderAdapter:
+    """What the generic patcher needs to know about one model family.
+
+    The defaults fit Llama-style decoder layers of transformers 5.x (Llama,
+    Mistral, Qwen2, ...): ``layer.self_attn`` with ``q_proj``/``k_proj`` (or
+    ``q_norm``/``k_norm`` applied after them), ``head_dim``, ``scaling``, and a
+    module-level ``apply_rotary_pos_emb(q, k, cos, sin)`` in the attention
+    module's own modeling file. A subclass provides the model-specific parts
+    marked below; :mod:`eos_kernels.integrations.llava` is the example.
+    """
+
+    #: Human-readable family name used in messages.
+    name = "decoder"
+
+    # ---- model-specific (override)
+    def check_model(self, model: nn.Module) -> None:
+        """Raise ``ValueError`` naming the problem if ``model`` is not supported."""
+        raise NotImplementedError
+
+    def input_module(self, model: nn.Module) -> nn.Module:
+        """The module called with ``input_ids`` before the decoder stack runs."""
+        raise NotImplementedError
+
+    def text_model(self, model: nn.Module) -> nn.Module:
+        """The decoder stack: its ``forward`` runs the decoder-layer loop."""
+        raise NotImplementedError
+
+    def visual_mask(self, model: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """bool [B, L] of visual-token positions, from the input module's call arguments."""
+        raise NotImplementedError
+
+    def visual_tokens_per_image(self, model: nn.Module) -> int | None:
+        """Visual tokens per image from the config (for patch-time validation), or None."""
+        return None
+
+    def placeholder_rows(self, model: nn.Module) -> torch.Tensor:
+        """[P, d] input-embedding rows of the visual placeholder token ids.
+
+        A visual position whose embedding still equals one of them when the
+        decoder stack starts holds no image feature (a forward without
+        ``pixel_values``): it is text and is never reduced."""
+        raise NotImplementedError
+
+    # ---- Llama-style defaults
+    def decoder_layers(self, model: nn.Module) -> Sequence[nn.Module]:
+        text = self.text_model(model)
+        layers = getattr(text, "layers", None)
+        if not isinstance(layers, (nn.ModuleList, list, tuple)):
+            raise ValueError(f"{type(text).__name__} has no `layers` list of decoder layers")
+        n = self.num_layers(model)
+        return list(layers)[:n]
+
+    def num_layers(self, model: nn.Module) -> int:
+        text = self.text_model(model)
+        n = getattr(getattr(text, "config", None), "num_hidden_layers", None)
+        return int(n) if n is not None else len(text.layers)
+
+    def attention(self, layer: nn.Module) -> nn.Module:
+        attn = getattr(layer, "self_attn", None)
+        if attn is None:
+            raise ValueError(f"decoder layer {type(layer).__name__} has no `self_attn`")
+        return attn
+
+    def check_layer(self, layer: nn.Module) -> None:
+        attn = self.attention(layer)
+        for name in ("q_proj", "k_proj"):
+            if not isinstance(getattr(attn, name, None), nn.Module):
+                raise ValueError(
+                    f"attention module {type(attn).__name__} has no `{name}`; this adapter expects "
+                    "Llama-style attention (separate q_proj / k_proj)"
+                )
+        if getattr(sys.modules.get(type(attn).__module__), "apply_rotary_pos_emb", None) is None:
+            raise ValueError(
+                f"no apply_rotary_pos_emb in {type(attn).__module__}; this adapter expects Llama-style RoPE"
+            )
+
+    def qk_modules(self, layer: nn.Module) -> tuple[nn.Module, nn.Module]:
+        """Modules whose outputs are the query / key before RoPE (hooked on reducer layers)."""
+        attn = self.attention(layer)
+        q = getattr(attn, "q_norm", None)
+        k = getattr(attn, "k_norm", None)
+        if isinstance(q, nn.Module) and isinstance(k, nn.Module):
+            return q, k
+        return attn.q_proj, attn.k_proj
+
+    def query_key(self, layer: nn.Module, q_out: torch.Tensor, k_out: torch.Tensor,
+                  position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query [B, Hq, L, dh] and key [B, Hkv, L, dh] after RoPE, as the attention saw them."""
+        attn = self.attention(layer)
+        head_dim = attn.head_dim
+        B, L = q_out.shape[0], q_out.shape[1]
+        q = q_out.reshape(B, L, -1, head_dim).transpose(1, 2)
+        k = k_out.reshape(B, L, -1, head_dim).transpose(1, 2)
+        if position_embeddings is None:
+            raise RuntimeError(
+                f"decoder layer {type(layer).__name__} was called without position_embeddings; "
+                "this adapter expects transformers 5.x Llama-style layers"
+            )
+        cos, sin = position_embeddings
+        rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        return rope(q, k, cos, sin)
+
+    def attention_scale(self, layer: nn.Module) -> float:
+        attn = self.attention(layer)
+        scale = getattr(attn, "scaling", None)
+        return float(scale) if scale is not None else float(attn.head_dim) ** -0.5
+
+    def attn_implementation(self, model: nn.Module) -> str:
+        config = getattr(self.text_model(model), "config", None)
+        impl = getattr(config, "_attn_implementation", None) or "eager"
+        return str(impl)
+
+

@@ -1,0 +1,183 @@
+"""The KV cache of a reduced prefill: which original positions each reduced layer's slots hold, the
+cache methods wrapped (per instance) to keep that map aligned, and attention masks fitted to it."""
+from __future__ import annotations
+
+import types
+
+import torch
+
+CACHE_MAP_ATTR = "_eos_map"
+_CACHE_WRAPPED_ATTR = "_eos_wrapped"
+
+
+class _CacheMap:
+    """Which original positions each reduced layer's cache slots hold (prefill part)."""
+
+    __slots__ = ("prefill_length", "first_layers", "kept")
+
+    def __init__(self, prefill_length: int):
+        self.prefill_length = prefill_length
+        self.first_layers: list[int] = []   # first layer of each stage (reducer layer + 1)
+        self.kept: list[torch.Tensor] = []  # long [B, L'_s]: original positions of the stage's prefill slots
+
+    def stage_of(self, layer_idx: int) -> int | None:
+        stage = None
+        for s, first in enumerate(self.first_layers):
+            if first <= layer_idx:
+                stage = s
+        return stage
+
+
+def _cache_seq_length(cache, layer_idx: int = 0) -> int:
+    n = cache.get_seq_length(layer_idx) if layer_idx else cache.get_seq_length()
+    return int(n)
+
+
+def _crop_prefill(m: _CacheMap, new_length: int) -> None:
+    """Shorten the map's prefill to its first ``new_length`` original positions.
+
+    Assisted generation verifies candidate tokens appended to the prompt in
+    the same (reduced) prefill forward and crops the rejected ones. That is
+    possible when every removed position was kept by every reducer (it lies
+    after the visual tokens), so that each layer drops the same number of
+    slots; cropping into the reduced visual tokens is not."""
+    drop = m.prefill_length - new_length
+    if new_length < 0 or not all(bool(((kept >= new_length).sum(dim=1) == drop).all()) for kept in m.kept):
+        raise NotImplementedError(
+            f"EOS: cannot crop a KV cache to {new_length} tokens: that cuts into the visual tokens its "
+            "reduced prefill removed (only tokens after the last visual token can be cropped)"
+        )
+    m.kept = [kept[:, :kept.shape[1] - drop] for kept in m.kept]
+    m.prefill_length = new_length
+
+
+def _wrap_cache_methods(cache) -> None:
+    """Keep ``cache._eos_map`` aligned when the cache's batch rows move (per instance)."""
+    if cache.__dict__.get(_CACHE_WRAPPED_ATTR):
+        return
+
+    def _bound(name):
+        return getattr(type(cache), name, None)
+
+    def reorder_cache(self, beam_idx):
+        m = self.__dict__.get(CACHE_MAP_ATTR)
+        if m is not None:
+            m.kept = [k.index_select(0, beam_idx.to(k.device)) for k in m.kept]
+        return _bound("reorder_cache")(self, beam_idx)
+
+    def batch_select_indices(self, indices):
+        m = self.__dict__.get(CACHE_MAP_ATTR)
+        if m is not None:
+            m.kept = [k[indices.to(k.device) if torch.is_tensor(indices) else indices] for k in m.kept]
+        return _bound("batch_select_indices")(self, indices)
+
+    def batch_repeat_interleave(self, repeats):
+        m = self.__dict__.get(CACHE_MAP_ATTR)
+        if m is not None:
+            m.kept = [k.repeat_interleave(repeats, dim=0) for k in m.kept]
+        return _bound("batch_repeat_interleave")(self, repeats)
+
+    def crop(self, tokens):
+        # transformers 5.23: crop(-n) removes the last n tokens of every layer (crop(0) removes none);
+        # older releases also took crop(max_length > 0), an absolute length, which is wrong for layers
+        # holding fewer tokens: it is turned into a removal count here
+        m = self.__dict__.get(CACHE_MAP_ATTR)
+        if m is not None:
+            length = _cache_seq_length(self)  # layer 0 runs before any reducer: original positions
+            remove = length - tokens if tokens > 0 else -tokens
+            if remove <= 0:
+                return None  # nothing to remove (and crop(0) empties every layer on transformers < 5.23)
+            if remove > length - m.prefill_length:
+                _crop_prefill(m, length - remove)
+            return _bound("crop")(self, -remove)
+        return _bound("crop")(self, tokens)
+
+    for name, fn in (("reorder_cache", reorder_cache), ("batch_select_indices", batch_select_indices),
+                     ("batch_repeat_interleave", batch_repeat_interleave), ("crop", crop)):
+        if _bound(name) is not None:
+            setattr(cache, name, types.MethodType(fn, cache))
+    cache.__dict__[_CACHE_WRAPPED_ATTR] = True
+
+
+def _gather_seq(x: torch.Tensor, idx: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """x [*lead, Bx, L, *rest] gathered at idx [B, L'] along the sequence ``dim`` (the batch is ``dim - 1``;
+    Bx may be 1: broadcast)."""
+    lead, rest = x.shape[:dim - 1], x.shape[dim + 1:]
+    B = idx.shape[0]
+    if x.shape[dim - 1] != B:
+        x = x.expand(*lead, B, *x.shape[dim:])
+    index = idx.view(*([1] * len(lead)), *idx.shape, *([1] * len(rest))).expand(*lead, *idx.shape, *rest)
+    return x.gather(dim, index)
+
+
+def _gather_last(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x [..., Bx, L] (position ids, also multimodal [k, B, L]) gathered at idx [B, L'] along the last dim."""
+    lead = x.shape[:-2]
+    B = idx.shape[0]
+    x = x.expand(*lead, B, x.shape[-1]) if x.shape[-2] != B else x
+    return x.gather(-1, idx.expand(*lead, *idx.shape))
+
+
+def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows of x [B, L, d] at idx [B, k] (no bounds check: no device sync)."""
+    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def _is_flash(impl: str) -> bool:
+    return "flash" in impl or "paged" in impl
+
+
+def _mask_cols(kept: torch.Tensor, prefill_len: int, kv_total: int, slots: int):
+    """Original kv column for each of a layer's ``slots`` cache slots, and which are invalid.
+
+    Slot s < L' holds ``kept[:, s]``; later slots hold the tokens appended after
+    the prefill, at original position ``prefill_len + (s - L')``. With a static
+    cache the layer has more slots than the mask has columns left for it: those
+    slots are empty and come back marked invalid (always masked).
+    """
+    B, Lk = kept.shape
+    device = kept.device
+    n_extra = max(slots - Lk, 0)
+    extra = torch.arange(prefill_len, prefill_len + n_extra, device=device)
+    cols = torch.cat([kept[:, :slots], extra.unsqueeze(0).expand(B, -1)], dim=1)
+    if prefill_len + n_extra > kv_total:  # kept positions are always < prefill_len <= kv_total
+        invalid = cols >= kv_total
+        return cols.clamp(max=kv_total - 1), invalid
+    return cols, None
+
+
+def _check_mask(mask) -> None:
+    if mask is not None and not (torch.is_tensor(mask) and mask.dim() in (2, 4)):
+        raise NotImplementedError(
+            "EOS patching supports 2-D or 4-D tensor attention masks (eager, sdpa, flash attention); "
+            f"got {type(mask).__name__} (flex attention's BlockMask and per-layer-type mask dicts are not "
+            "supported)"
+        )
+
+
+def _gather_mask(mask, rows: torch.Tensor | None, cols: torch.Tensor, invalid: torch.Tensor | None):
+    """Gather a 4-D [B|1, H|1, q, kv] or 2-D [B, kv] attention mask at query rows / kv columns."""
+    if mask is None:
+        return None
+    _check_mask(mask)
+    B = cols.shape[0]
+    if mask.dim() == 2:
+        m = mask if mask.shape[0] == B else mask.expand(B, -1)
+        m = m.gather(1, cols.to(m.device))
+        if invalid is not None:
+            m = m.masked_fill(invalid.to(m.device), 0)
+        return m
+    m = mask if mask.shape[0] == B else mask.expand(B, *mask.shape[1:])
+    H, q, _ = m.shape[1], m.shape[2], m.shape[3]
+    if rows is not None:
+        rows = rows.to(m.device)
+        m = m.gather(2, rows[:, None, :, None].expand(B, H, rows.shape[1], m.shape[3]))
+        q = rows.shape[1]
+    cols = cols.to(m.device)
+    m = m.gather(3, cols[:, None, None, :].expand(B, H, q, cols.shape[1]))
+    if invalid is not None:
+        fill = False if m.dtype == torch.bool else torch.finfo(m.dtype).min
+        m = m.masked_fill(invalid.to(m.device)[:, None, None, :], fill)
+    return m
+
+

@@ -1,0 +1,555 @@
+"""The per-forward context, the hooks of a patched model and the reduction step.
+
+Data flows one way: an adapter describes a model; :func:`~eos_kernels.patching.patch_model`
+installs these hooks; at each prefill they ask the plan for the schedule, reduce, and record
+into the report and the cache map; decoding reads the cache map."""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import nn
+
+from eos_kernels.importance import text_to_visual_importance
+from eos_kernels.operator import eos_reduce
+from eos_kernels.selection import select_anchors
+
+from .adapter import DecoderAdapter
+from .cache import (CACHE_MAP_ATTR, _CacheMap, _cache_seq_length, _check_mask, _gather_last, _gather_mask,
+                    _gather_seq, _is_flash, _mask_cols, _take, _wrap_cache_methods)
+from .compat import (_CACHE_POSITION_KEYS, _MASK_KEYS, _POSITION_ID_KEYS, _drift, _is_cache, _output_cache,
+                     find_cache, find_position_embeddings)
+from .plan import ReductionPlan
+from .report import EOSReport, StageRecord
+
+REPORT_ATTR = "eos_report"
+
+class _Context:
+    """State of one forward of the decoder stack."""
+
+    def __init__(self):
+        self.mode = "off"  # "prefill" (reducing), "decode" (on a reduced cache), "continue" (on another cache), "off"
+        self.batch = 0
+        self.length = 0             # input length of this forward
+        self.visual: torch.Tensor | None = None   # bool [B, L]
+        self.real: torch.Tensor | None = None     # bool [B, L] or None (no padding)
+        self.rows: torch.Tensor | None = None     # bool [B, L] rating rows
+        self.schedule: dict[int, tuple[int, int]] = {}
+        self.cur_idx: torch.Tensor | None = None  # long [B, L_cur] original positions (prefill)
+        self.stage_kwargs: dict | None = None     # sliced kwargs cached for the current stage
+        self.capturing: int | None = None
+        self.captured: dict[str, torch.Tensor] = {}
+        self.cache = None
+        self.cache_map: _CacheMap | None = None
+        self.decode_cols: dict[tuple, Any] = {}
+        self.stages: list[StageRecord] = []
+        self.note: str | None = None
+        self.visual_counts: tuple[int, ...] = ()
+        self.found_cache = None                   # the Cache among the decoder stack's arguments (prefill)
+        self.labels: torch.Tensor | None = None   # this forward's own copy of `labels`, if any
+
+
+class _PatchState:
+    def __init__(self, model, adapter: DecoderAdapter, plan: ReductionPlan):
+        self.adapter = adapter
+        self.plan = plan
+        self.reducers: frozenset[int] = frozenset(plan.layers)  # layers that may reduce (hooked)
+        self.num_layers = adapter.num_layers(model)
+        self.handles: list = []
+        self.pending_visual: torch.Tensor | None = None
+        self.pending_labels: torch.Tensor | None = None
+        self.prompt_length: int | torch.Tensor | None = None
+        self.suspended = False
+        self.ctx: _Context | None = None
+        self.had_generate_attr = "generate" in model.__dict__
+        self.old_generate = model.__dict__.get("generate")
+        self.first_reducer = min(self.reducers) if self.reducers else None
+        self.installed_generate = None
+        layers = adapter.decoder_layers(model)
+        # transformers releases whose GradientCheckpointingLayer checkpoints __call__ run module hooks
+        # again in the backward recomputation; 5.23 checkpoints forward (hooks outside)
+        self.hooks_in_checkpoint = bool(layers) and type(layers[0]).__call__ is not nn.Module.__call__
+        self.layers = layers
+
+
+def _model_pre_hook(state: _PatchState, model):
+    """Give the forward its own copy of ``labels``, so that removed positions can leave the loss."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(model.forward).parameters)
+        labels_pos = params.index("labels") if "labels" in params else None
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        labels_pos = None
+
+    def hook(module, args, kwargs):
+        state.pending_labels = None
+        if torch.is_tensor(kwargs.get("labels")):
+            state.pending_labels = kwargs["labels"].clone()
+            return args, {**kwargs, "labels": state.pending_labels}
+        if labels_pos is not None and len(args) > labels_pos and torch.is_tensor(args[labels_pos]):
+            state.pending_labels = args[labels_pos].clone()
+            return args[:labels_pos] + (state.pending_labels,) + args[labels_pos + 1:], kwargs
+        return None
+
+    return hook
+
+
+def _mask_removed_labels(ctx: _Context) -> None:
+    """labels[t + 1] = -100 where the token at t was removed (its logits are zero; the loss shifts by one)."""
+    labels = ctx.labels
+    if labels.shape != (ctx.batch, ctx.length):
+        return  # not the prefill's labels; transformers raises its own error on a mismatch
+    idx = ctx.cur_idx.to(labels.device)
+    removed = torch.ones(labels.shape, dtype=torch.bool, device=labels.device).scatter(1, idx, False)
+    labels[:, 1:].masked_fill_(removed[:, :-1], -100)
+
+
+def _input_pre_hook(state: _PatchState, model):
+    def hook(module, args, kwargs):
+        state.pending_visual = None
+        state.pending_visual = state.adapter.visual_mask(model, args, kwargs)
+        return None
+
+    return hook
+
+
+def _input_post_hook(state: _PatchState):
+    def hook(module, args, kwargs, output):
+        state.pending_visual = None
+        return None
+
+    return hook
+
+
+def _text_pre_hook(state: _PatchState, model):
+    def hook(module, args, kwargs):
+        ctx = _Context()
+        state.ctx = ctx
+        visual, state.pending_visual = state.pending_visual, None
+        ctx.labels, state.pending_labels = state.pending_labels, None
+        embeds = kwargs.get("inputs_embeds")
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        ref = embeds if embeds is not None else ids
+        if ref is None:
+            if visual is not None and bool(visual.any()):
+                raise _drift("the decoder stack was called without `inputs_embeds` or `input_ids` after an input "
+                             "with visual tokens")
+            return None
+        B, L = ref.shape[0], ref.shape[1]
+        ctx.batch, ctx.length = B, L
+        cache = find_cache(args, kwargs)
+        past = _cache_seq_length(cache) if cache is not None else 0
+        if past > 0:  # decoding (or continuing) on a filled cache: never reduce
+            cmap = cache.__dict__.get(CACHE_MAP_ATTR) if hasattr(cache, "__dict__") else None
+            if cmap is not None and cmap.first_layers:
+                ctx.mode = "decode"
+                ctx.cache = cache
+                ctx.cache_map = cmap
+            else:
+                ctx.mode = "continue"
+            return None
+        ctx.found_cache = cache
+        # ---- prefill
+        if cache is not None and hasattr(cache, "__dict__"):
+            cache.__dict__.pop(CACHE_MAP_ATTR, None)  # a reused cache: forget the old map
+        if state.suspended:
+            ctx.note = "reduction suspended (eos_kernels.patching.suspended)"
+            ctx.mode = "off"
+            return None
+        if visual is None or visual.shape != (B, L):
+            ctx.note = "no visual-token information (the input module was not called)"
+            ctx.visual_counts = (0,) * B
+            ctx.mode = "off"
+            return None
+        visual = visual.to(device=ref.device, dtype=torch.bool)
+        visual = _with_features(state.adapter, model, visual, embeds)
+        counts = visual.sum(dim=1).tolist()
+        ctx.visual_counts = tuple(int(c) for c in counts)
+        if not any(counts):
+            ctx.note = "no image tokens in the input: passed through unreduced"
+            ctx.mode = "off"
+            return None
+        if not state.reducers:
+            ctx.note = state.plan.empty_note
+            ctx.mode = "off"
+            return None
+        if len(set(counts)) != 1:
+            raise ValueError(
+                f"EOS: every sample of a batch must hold the same number of visual tokens, got {counts} "
+                "(batch prompts with the same number of images together)"
+            )
+        n = int(counts[0])
+        if state.hooks_in_checkpoint and torch.is_grad_enabled() and any(
+                getattr(layer, "gradient_checkpointing", False) and layer.training for layer in state.layers):
+            raise NotImplementedError(
+                "EOS: gradient checkpointing through a patched model needs a transformers release that "
+                "checkpoints decoder-layer forward() with hooks outside the checkpoint (5.23 does); "
+                "disable gradient checkpointing or upgrade transformers"
+            )
+        sched = state.plan.schedule(n)  # Theta: ValueError for a keep > incoming, naming the reducer
+        if not sched:
+            ctx.note = state.plan.empty_note
+            ctx.mode = "off"
+            return None
+        ctx.schedule = {layer: (inc, kept) for layer, inc, kept in sched}
+        real = _real_tokens(kwargs.get("attention_mask"), B, L)
+        if real is not None:
+            real = real.to(ref.device)
+            if bool(real.all()):
+                real = None
+        ctx.visual, ctx.real = visual, real
+        ctx.rows = _rating_rows(visual, real, state.prompt_length)
+        ctx.cache = cache
+        ctx.mode = "prefill"
+        return None
+
+    return hook
+
+
+def _with_features(adapter: DecoderAdapter, model, visual: torch.Tensor, embeds) -> torch.Tensor:
+    """The visual positions that hold an image feature: placeholders without one are text.
+
+    Decided from what the decoder stack receives, not from the name of the
+    argument that carried the image (``pixel_values``, precomputed encoder
+    outputs, ...): a placeholder whose embedding is still the token's own row
+    received no feature."""
+    if embeds is None or not bool(visual.any()):
+        return visual if embeds is not None else torch.zeros_like(visual)
+    rows = adapter.placeholder_rows(model).to(device=embeds.device, dtype=embeds.dtype)  # [P, d]
+    plain = (embeds.unsqueeze(-2) == rows).all(dim=-1).any(dim=-1)  # [B, L]
+    return visual & ~plain
+
+
+def _real_tokens(mask, B: int, L: int) -> torch.Tensor | None:
+    """bool [B, L], False at padding, from the prefill's attention mask (2-D, or a prepared 4-D one)."""
+    if not torch.is_tensor(mask):
+        return None
+    if mask.dim() == 2 and mask.shape[-1] >= L:
+        real = mask[:, :L] != 0
+    elif mask.dim() == 4 and mask.shape[-2] >= L and mask.shape[-1] >= L:
+        # a prepared mask (e.g. generate with a static cache): at prefill, token j sees itself
+        # unless it is padding, so the diagonal tells the padding apart
+        ar = torch.arange(L, device=mask.device)
+        diag = mask[:, 0, ar, ar]
+        real = diag if diag.dtype == torch.bool else diag > torch.finfo(diag.dtype).min / 2
+    else:
+        return None
+    return real.expand(B, L) if real.shape[0] != B else real
+
+
+def _rating_rows(visual: torch.Tensor, real: torch.Tensor | None,
+                 prompt_length: int | torch.Tensor | None) -> torch.Tensor:
+    """Text rows that rate the visual tokens: real, non-visual, after the first visual token, in the prompt.
+
+    ``prompt_length``: None (the whole input), an int (every sample) or a long
+    tensor [B] (per sample, :func:`prompt_lengths`)."""
+    B, L = visual.shape
+    pos = torch.arange(L, device=visual.device).unsqueeze(0)
+    first = torch.where(visual, pos, L).min(dim=1, keepdim=True).values
+    base = ~visual if real is None else (~visual & real)
+    rows = base & (pos > first)
+    if torch.is_tensor(prompt_length):
+        rows = rows & (pos < prompt_length.to(visual.device).view(B, 1))
+    elif prompt_length is not None and prompt_length < L:
+        rows = rows & (pos < prompt_length)
+    # fallbacks for a sample without such rows (e.g. a prompt ending with its image):
+    # every real non-visual token, then every real token
+    empty = ~rows.any(dim=1, keepdim=True)
+    rows = torch.where(empty, base, rows)
+    empty = ~rows.any(dim=1, keepdim=True)
+    every = torch.ones_like(visual) if real is None else real
+    return torch.where(empty, every, rows)
+
+
+def _text_post_hook(state: _PatchState, model):
+    def hook(module, args, kwargs, output):
+        ctx, state.ctx = state.ctx, None
+        if ctx is None or ctx.mode in ("decode", "continue") or ctx.batch == 0:
+            return None
+        out_cache = _output_cache(output)
+        if out_cache is not None and out_cache is not ctx.found_cache and hasattr(out_cache, "__dict__"):
+            cmap = out_cache.__dict__.get(CACHE_MAP_ATTR)
+            if cmap is not None and not ctx.stages:
+                # the forward ran on a cache that a reduced prefill filled, but the call did not show it
+                raise _drift("a forward ran on a KV cache filled by a reduced prefill, but that cache was not "
+                             "among the decoder stack's arguments, so the step was treated as a new prefill")
+            if ctx.stages and cmap is None:
+                raise _drift("a reduced prefill returned a KV cache that its decoder layers never received "
+                             "among their arguments; the reduced layers' cache slots cannot be mapped")
+        if ctx.stages and ctx.labels is not None:
+            _mask_removed_labels(ctx)
+        note = ctx.note
+        if ctx.mode == "prefill" and len(ctx.stages) != len(ctx.schedule):
+            note = "the forward stopped before every reducer ran"
+        model.__dict__[REPORT_ATTR] = EOSReport(
+            theta_name=state.plan.name,
+            num_layers=state.num_layers,
+            batch_size=ctx.batch,
+            sequence_length=ctx.length,
+            visual_tokens=ctx.visual_counts or (0,) * ctx.batch,
+            stages=tuple(ctx.stages),
+            note=note,
+        )
+        return None
+
+    return hook
+
+
+def _layer_pre_hook(state: _PatchState, model, layer_idx: int):
+    def hook(module, args, kwargs):
+        ctx = state.ctx
+        if ctx is None:
+            return None
+        cache = find_cache(args, kwargs)
+        if ctx.mode == "decode":
+            if cache is None:
+                raise _drift(f"decoder layer {layer_idx} was called without the KV cache during a decode step "
+                             "(no transformers Cache among its arguments)")
+            return _decode_kwargs(state, ctx, layer_idx, module, args, kwargs)
+        if (cache is not None and ctx.mode != "continue" and hasattr(cache, "__dict__")
+                and cache.__dict__.get(CACHE_MAP_ATTR) is not None and _cache_seq_length(cache) > 0
+                and ctx.found_cache is not cache):
+            raise _drift(f"decoder layer {layer_idx} received a KV cache filled by a reduced prefill that the "
+                         "decoder stack's call did not show, so this decode step was taken for a new prefill")
+        if ctx.mode != "prefill":
+            return None
+        if layer_idx in ctx.schedule:
+            ctx.capturing = layer_idx
+            ctx.captured = {}
+        if ctx.cur_idx is None:
+            return None
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if not torch.is_tensor(hidden) or hidden.shape[1] != ctx.cur_idx.shape[1]:
+            raise _drift(f"decoder layer {layer_idx} did not receive the shortened hidden states as its first "
+                         "argument or `hidden_states`")
+        if ctx.stage_kwargs is None:
+            ctx.stage_kwargs = _slice_prefill_kwargs(state, model, ctx, layer_idx, args, kwargs)
+        new = dict(kwargs)
+        new.update(ctx.stage_kwargs)
+        for name in _CACHE_POSITION_KEYS:
+            if kwargs.get(name) is not None:
+                new[name] = torch.arange(ctx.cur_idx.shape[1], device=ctx.cur_idx.device)
+        return args, new
+
+    return hook
+
+
+def _check_unknown_args(ctx: _Context, layer_idx: int, args: tuple, kwargs: dict, known: set, lengths) -> None:
+    """Drift guard: no tensor argument the patch does not understand may carry a sequence dimension."""
+    def has_length(value):
+        tensors = [value] if torch.is_tensor(value) else (
+            [t for t in value if torch.is_tensor(t)] if isinstance(value, (tuple, list)) else [])
+        return any(t.dim() >= 2 and any(n in lengths for n in t.shape[1:]) for t in tensors)
+
+    unknown = [f"`{k}`" for k, v in kwargs.items() if k not in known and has_length(v)]
+    unknown += [f"positional argument {i}" for i, v in enumerate(args[1:], 1) if has_length(v)]
+    if unknown:
+        raise _drift(f"decoder layer {layer_idx} received {', '.join(unknown)} with a sequence dimension that "
+                     "the patch does not know how to fit to the layer's shortened sequence")
+
+
+def _slice_prefill_kwargs(state: _PatchState, model, ctx: _Context, layer_idx: int, args: tuple,
+                          kwargs: dict) -> dict:
+    """The arguments of a layer behind a reducer, fitted to the kept tokens (once per stage)."""
+    idx = ctx.cur_idx
+    out = {}
+    known = {"hidden_states"}
+    pe_key = find_position_embeddings(kwargs, ctx.length)
+    if pe_key is None:
+        raise _drift(f"decoder layer {layer_idx} was called without rotary position embeddings (no (cos, sin) "
+                     f"pair of tensors with the sequence length {ctx.length} among its arguments)")
+    known.add(pe_key)
+    out[pe_key] = tuple(_gather_seq(t, idx.to(t.device), dim=t.dim() - 2) for t in kwargs[pe_key])
+    for name in _POSITION_ID_KEYS:
+        pid = kwargs.get(name)
+        known.add(name)
+        if pid is None:
+            continue
+        if not (torch.is_tensor(pid) and pid.shape[-1] == ctx.length):
+            raise _drift(f"decoder layer {layer_idx}'s `{name}` is not a tensor [..., {ctx.length}]")
+        if _is_flash(state.adapter.attn_implementation(model)):
+            # flash attention reads non-contiguous position ids as packed sequences (batch 1, no mask);
+            # RoPE already comes from the sliced position embeddings
+            out[name] = None
+        else:
+            out[name] = _gather_last(pid, idx.to(pid.device))
+    for name in _MASK_KEYS:
+        known.add(name)
+        if name not in kwargs:
+            continue
+        mask = kwargs[name]
+        _check_mask(mask)
+        if mask is not None:
+            kv_total = mask.shape[-1]
+            if kv_total < ctx.length or (mask.dim() == 4 and mask.shape[-2] != ctx.length):
+                raise _drift(f"decoder layer {layer_idx}'s attention mask of shape {tuple(mask.shape)} does not "
+                             f"cover the prefill of {ctx.length} tokens")
+            slots = kv_total - (ctx.length - idx.shape[1])
+            if getattr(ctx.cache, "is_compileable", False):
+                slots = kv_total
+            cols, invalid = _mask_cols(idx, ctx.length, kv_total, slots)
+            rows = idx if mask.dim() == 4 else None
+            out[name] = _gather_mask(mask, rows, cols, invalid)
+    known.update(_CACHE_POSITION_KEYS)
+    known.update(k for k, v in kwargs.items() if v is not None and not torch.is_tensor(v) and _is_cache(v))
+    _check_unknown_args(ctx, layer_idx, args, kwargs, known, {ctx.length})
+    return out
+
+
+def _decode_kwargs(state: _PatchState, ctx: _Context, layer_idx: int, module, args, kwargs):
+    cmap = ctx.cache_map
+    stage = cmap.stage_of(layer_idx)
+    if stage is None:
+        return None
+    kept = cmap.kept[stage]
+    changed = {}
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    q = hidden.shape[1] if torch.is_tensor(hidden) else None
+    for name in _MASK_KEYS:
+        mask = kwargs.get(name)
+        _check_mask(mask)
+        if mask is None:
+            continue
+        kv_total = mask.shape[-1]
+        if kv_total < cmap.prefill_length:
+            raise _drift(f"decoder layer {layer_idx}'s attention mask has {kv_total} key columns during a decode "
+                         f"step, fewer than the {cmap.prefill_length} tokens of the reduced prefill")
+        # one gathered mask per stage and attention type for the whole forward; keyed on nothing that
+        # changes between decode steps (torch.compile guards on such keys and would recompile every step)
+        key = (stage, name, getattr(module, "attention_type", None))
+        if key not in ctx.decode_cols:
+            removed = cmap.prefill_length - kept.shape[1]
+            slots = kv_total if getattr(ctx.cache, "is_compileable", False) else kv_total - removed
+            cols, invalid = _mask_cols(kept, cmap.prefill_length, kv_total, slots)
+            ctx.decode_cols[key] = _gather_mask(mask, None, cols, invalid)
+        changed[name] = ctx.decode_cols[key]
+    for name in _CACHE_POSITION_KEYS:
+        if kwargs.get(name) is not None and q is not None:
+            removed = cmap.prefill_length - kept.shape[1]
+            start = _cache_seq_length(ctx.cache) - q - removed if ctx.cache is not None else 0
+            changed[name] = torch.arange(start, start + q, device=kept.device)
+    if not changed:
+        return None
+    new = dict(kwargs)
+    new.update(changed)
+    return args, new
+
+
+def _capture_hook(state: _PatchState, layer_idx: int, which: str):
+    def hook(module, args, output):
+        ctx = state.ctx
+        if ctx is not None and ctx.capturing == layer_idx:
+            ctx.captured[which] = output
+        return None
+
+    return hook
+
+
+def _layer_post_hook(state: _PatchState, model, layer_idx: int, is_last: bool):
+    def hook(module, args, kwargs, output):
+        ctx = state.ctx
+        if ctx is None or ctx.mode != "prefill":
+            return None
+        hidden = output[0] if isinstance(output, (tuple, list)) and output else output
+        if not torch.is_tensor(hidden) or hidden.dim() != 3:
+            raise _drift(f"decoder layer {layer_idx} returned {type(output).__name__}; expected the hidden "
+                         "states [B, L, d] (a tensor, or a tuple starting with one)")
+        new_hidden = hidden
+        if layer_idx in ctx.schedule and ctx.capturing == layer_idx:
+            ctx.capturing = None
+            captured, ctx.captured = ctx.captured, {}
+            new_hidden = _reduce(state, model, ctx, layer_idx, module, args, kwargs, hidden, captured)
+        if is_last and ctx.cur_idx is not None:
+            B, _, d = new_hidden.shape
+            full = new_hidden.new_zeros(B, ctx.length, d)
+            idx = ctx.cur_idx.to(new_hidden.device)
+            new_hidden = full.scatter(1, idx.unsqueeze(-1).expand(-1, -1, d), new_hidden)
+        if new_hidden is hidden:
+            return None
+        if isinstance(output, (tuple, list)):
+            return type(output)((new_hidden, *output[1:]))
+        return new_hidden
+
+    return hook
+
+
+def _reduce(state: _PatchState, model, ctx: _Context, layer_idx: int, layer: nn.Module, args: tuple,
+            kwargs: dict, hidden: torch.Tensor, captured: dict) -> torch.Tensor:
+    """Reduce the visual tokens leaving ``layer_idx``; returns the shorter hidden states."""
+    plan = state.plan
+    incoming, kept = ctx.schedule[layer_idx]
+    if "q" not in captured or "k" not in captured:
+        raise RuntimeError(
+            f"EOS: the query/key of layer {layer_idx} were not captured (is {type(layer).__name__} "
+            "a Llama-style layer?)"
+        )
+    B, Lc, d = hidden.shape
+    device = hidden.device
+    if ctx.cur_idx is None:
+        cur = torch.arange(Lc, device=device).unsqueeze(0).expand(B, Lc)
+    else:
+        cur = ctx.cur_idx.to(device)
+    visual = ctx.visual.to(device).gather(1, cur)
+    rows = ctx.rows.to(device).gather(1, cur)
+    real = ctx.real.to(device).gather(1, cur) if ctx.real is not None else None
+    pe_key = find_position_embeddings(kwargs, Lc)
+    query, key = state.adapter.query_key(layer, captured["q"], captured["k"],
+                                         kwargs[pe_key] if pe_key is not None else None)
+    scores = text_to_visual_importance(query, key, visual, rows, real,
+                                       scale=state.adapter.attention_scale(layer))
+    # positions (current coordinates) of each sample's visual tokens, ascending
+    vis_pos = torch.sort((~visual).to(torch.int8), dim=1, stable=True).indices[:, :incoming]
+    vis_scores = scores.gather(1, vis_pos)
+    a_idx, c_idx = select_anchors(vis_scores, kept)
+    anchor_pos = vis_pos.gather(1, a_idx)
+    cand_pos = vis_pos.gather(1, c_idx)
+    anchors = _take(hidden, anchor_pos)
+    candidates = _take(hidden, cand_pos)
+    reduced = eos_reduce(anchors, candidates, vis_scores.gather(1, c_idx), **plan.operator_kwargs(layer_idx))
+    reduced = plan.finish(layer_idx, reduced, vis_scores, a_idx, kept)
+    keep = (~visual).scatter(1, anchor_pos, True)
+    new_len = Lc - (incoming - kept)
+    new_pos = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :new_len]
+    slots = (keep.to(torch.long).cumsum(dim=1) - 1).gather(1, anchor_pos)
+    out = _take(hidden, new_pos)
+    out = out.scatter(1, slots.unsqueeze(-1).expand(-1, -1, d), reduced.to(out.dtype))
+    ctx.cur_idx = cur.gather(1, new_pos)
+    ctx.stage_kwargs = None
+    ctx.stages.append(StageRecord(
+        layer=layer_idx, regime=plan.regime(layer_idx), visual_in=(incoming,) * B, visual_out=(kept,) * B,
+        seq_in=Lc, seq_out=new_len, kept_positions=ctx.cur_idx.detach(),
+    ))
+    cache = find_cache(args, kwargs)
+    if cache is not None and hasattr(cache, "__dict__"):
+        if len(ctx.stages) == 1:  # first reduction of this prefill: a fresh map
+            cache.__dict__[CACHE_MAP_ATTR] = _CacheMap(ctx.length)
+            _wrap_cache_methods(cache)
+            ctx.found_cache = cache  # this prefill's own cache (possibly created inside the decoder stack)
+        cmap = cache.__dict__[CACHE_MAP_ATTR]
+        cmap.first_layers.append(layer_idx + 1)
+        cmap.kept.append(ctx.cur_idx.detach())
+    return out
+
+
+def _generate_wrapper(state: _PatchState, model):
+    original = model.generate  # bound method (or an existing instance attribute)
+
+    def generate(*args, **kwargs):
+        prompt = args[0] if args else kwargs.get("inputs")
+        if prompt is None:
+            prompt = kwargs.get("input_ids")
+        if prompt is None:
+            prompt = kwargs.get("inputs_embeds")
+        previous = state.prompt_length
+        state.prompt_length = int(prompt.shape[1]) if torch.is_tensor(prompt) and prompt.dim() >= 2 else None
+        try:
+            return original(*args, **kwargs)
+        finally:
+            state.prompt_length = previous
+
+    functools.update_wrapper(generate, original, updated=())
+    return generate
+
+
