@@ -111,8 +111,9 @@ def patch_llava(model: nn.Module, theta: Any, *, num_visual_tokens: int | None =
             schema, or a path to a Theta JSON file.
         num_visual_tokens: visual tokens per prompt to validate ``theta``
             against at patch time (default: one image, ``(image_size /
-            patch_size)^2``, +1 with the "full" feature strategy). Every prefill
-            validates the actual count again.
+            patch_size)^2``, +1 with the "full" feature strategy). At every
+            prefill each sample follows the schedule for its own count; a
+            reducer's count above what a sample holds is clipped to it.
 
     Returns:
         ``model`` (patched in place). After each prefill forward,

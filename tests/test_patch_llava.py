@@ -419,10 +419,13 @@ def test_bad_theta_and_unsupported_model(sdpa_model, prompts):
         patch_llava(llama, Theta([Reducer(0, 4)]))
     with pytest.raises(TypeError):
         patch_llava(model, 42)
-    # valid at patch time (told to expect 32 visual tokens), invalid for the 16 the prompt has
-    patch_llava(model, Theta([Reducer(1, 20)]), num_visual_tokens=32)
-    with pytest.raises(ValueError, match="16 incoming"):
-        logits(model, prompts[0][None], make_pixels(1))
+    # valid at patch time (told to expect 32 visual tokens); a prompt with 16 has its count clipped to 16
+    # (samples of a batch may hold fewer visual tokens than the Theta was made for): nothing is removed
+    stock = logits(model, prompts[0][None], make_pixels(1))
+    patch_llava(model, Theta([Reducer(1, 20), Reducer(2, 12)]), num_visual_tokens=32)
+    out = logits(model, prompts[0][None], make_pixels(1))
+    assert [(s.visual_in, s.visual_out) for s in model.eos_report.stages] == [((16,), (12,))]
+    assert not torch.equal(out, stock)
 
 
 def test_prompt_without_image_passes_through(sdpa_model):

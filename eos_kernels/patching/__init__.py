@@ -87,9 +87,14 @@ reduction code. :func:`suspended` runs prefills unreduced without removing the
 hooks (the search's reference forward); :func:`prompt_lengths` limits the
 rating rows to each sample's prompt in a teacher-forced forward.
 
-Limitations: every sample of a batch must hold the same number of visual tokens
-at prefill (true for LLaVA-1.5: one image of ``(image_size / patch_size)^2``
-tokens each; otherwise ``ValueError``); flex attention's ``BlockMask`` is not
+Batches: each sample is reduced at its own visual-token count (one image, several
+images -- all of a prompt's images form one visual set -- or none): it follows
+the plan's schedule for its count, counts above what it holds are clipped, and
+a sample without visual tokens passes through. Samples reducing alike share one
+batched operator call; when they end at different lengths, the shorter ones
+are padded with masked slots inside the patched layers and their KV caches
+(``StageRecord.valid_slots``), so decoding, beam search and the scatter back
+stay right. Limitations: flex attention's ``BlockMask`` is not
 supported (``NotImplementedError``); a prefill is one forward (chunked prefill
 would reduce the first chunk only); visual tokens arriving after the prefill
 (a later turn on the same cache) are not reduced; ``output_hidden_states``

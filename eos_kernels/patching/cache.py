@@ -13,12 +13,18 @@ _CACHE_WRAPPED_ATTR = "_eos_wrapped"
 class _CacheMap:
     """Which original positions each reduced layer's cache slots hold (prefill part)."""
 
-    __slots__ = ("prefill_length", "first_layers", "kept")
+    __slots__ = ("prefill_length", "first_layers", "kept", "valid")
 
     def __init__(self, prefill_length: int):
         self.prefill_length = prefill_length
         self.first_layers: list[int] = []   # first layer of each stage (reducer layer + 1)
         self.kept: list[torch.Tensor] = []  # long [B, L'_s]: original positions of the stage's prefill slots
+        self.valid: list[torch.Tensor | None] = []  # bool [B, L'_s], False at a ragged prefill's padding slots
+
+    def move_rows(self, fn) -> None:
+        """Apply ``fn`` (a batch-row selection / reordering) to every per-row tensor of the map."""
+        self.kept = [fn(k) for k in self.kept]
+        self.valid = [None if v is None else fn(v) for v in self.valid]
 
     def stage_of(self, layer_idx: int) -> int | None:
         stage = None
@@ -42,6 +48,10 @@ def _crop_prefill(m: _CacheMap, new_length: int) -> None:
     after the visual tokens), so that each layer drops the same number of
     slots; cropping into the reduced visual tokens is not."""
     drop = m.prefill_length - new_length
+    if any(v is not None for v in m.valid):
+        raise NotImplementedError(
+            "EOS: cannot crop into the prefill of a ragged batch (samples reduced to different lengths)"
+        )
     if new_length < 0 or not all(bool(((kept >= new_length).sum(dim=1) == drop).all()) for kept in m.kept):
         raise NotImplementedError(
             f"EOS: cannot crop a KV cache to {new_length} tokens: that cuts into the visual tokens its "
@@ -62,19 +72,19 @@ def _wrap_cache_methods(cache) -> None:
     def reorder_cache(self, beam_idx):
         m = self.__dict__.get(CACHE_MAP_ATTR)
         if m is not None:
-            m.kept = [k.index_select(0, beam_idx.to(k.device)) for k in m.kept]
+            m.move_rows(lambda k: k.index_select(0, beam_idx.to(k.device)))
         return _bound("reorder_cache")(self, beam_idx)
 
     def batch_select_indices(self, indices):
         m = self.__dict__.get(CACHE_MAP_ATTR)
         if m is not None:
-            m.kept = [k[indices.to(k.device) if torch.is_tensor(indices) else indices] for k in m.kept]
+            m.move_rows(lambda k: k[indices.to(k.device) if torch.is_tensor(indices) else indices])
         return _bound("batch_select_indices")(self, indices)
 
     def batch_repeat_interleave(self, repeats):
         m = self.__dict__.get(CACHE_MAP_ATTR)
         if m is not None:
-            m.kept = [k.repeat_interleave(repeats, dim=0) for k in m.kept]
+            m.move_rows(lambda k: k.repeat_interleave(repeats, dim=0))
         return _bound("batch_repeat_interleave")(self, repeats)
 
     def crop(self, tokens):
@@ -127,23 +137,30 @@ def _is_flash(impl: str) -> bool:
     return "flash" in impl or "paged" in impl
 
 
-def _mask_cols(kept: torch.Tensor, prefill_len: int, kv_total: int, slots: int):
+def _mask_cols(kept: torch.Tensor, prefill_len: int, kv_total: int, slots: int,
+               valid: torch.Tensor | None = None):
     """Original kv column for each of a layer's ``slots`` cache slots, and which are invalid.
 
     Slot s < L' holds ``kept[:, s]``; later slots hold the tokens appended after
     the prefill, at original position ``prefill_len + (s - L')``. With a static
     cache the layer has more slots than the mask has columns left for it: those
-    slots are empty and come back marked invalid (always masked).
+    slots are empty and come back marked invalid (always masked), as do the
+    padding slots of a ragged prefill (``valid`` False).
     """
     B, Lk = kept.shape
     device = kept.device
     n_extra = max(slots - Lk, 0)
     extra = torch.arange(prefill_len, prefill_len + n_extra, device=device)
     cols = torch.cat([kept[:, :slots], extra.unsqueeze(0).expand(B, -1)], dim=1)
+    invalid = None
     if prefill_len + n_extra > kv_total:  # kept positions are always < prefill_len <= kv_total
         invalid = cols >= kv_total
-        return cols.clamp(max=kv_total - 1), invalid
-    return cols, None
+        cols = cols.clamp(max=kv_total - 1)
+    if valid is not None:
+        pad = torch.zeros(B, cols.shape[1], dtype=torch.bool, device=device)
+        pad[:, :min(Lk, slots)] = ~valid[:, :slots].to(device)
+        invalid = pad if invalid is None else invalid | pad
+    return cols, invalid
 
 
 def _check_mask(mask) -> None:

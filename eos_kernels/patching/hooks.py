@@ -35,8 +35,10 @@ class _Context:
         self.visual: torch.Tensor | None = None   # bool [B, L]
         self.real: torch.Tensor | None = None     # bool [B, L] or None (no padding)
         self.rows: torch.Tensor | None = None     # bool [B, L] rating rows
-        self.schedule: dict[int, tuple[int, int]] = {}
+        self.schedule: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}  # layer -> per-sample (in, kept)
         self.cur_idx: torch.Tensor | None = None  # long [B, L_cur] original positions (prefill)
+        self.valid: torch.Tensor | None = None    # bool [B, L_cur]: False at padding slots (ragged), or None
+        self.past = 0                             # decode: tokens in the cache before this step (layer 0)
         self.stage_kwargs: dict | None = None     # sliced kwargs cached for the current stage
         self.capturing: int | None = None
         self.captured: dict[str, torch.Tensor] = {}
@@ -147,6 +149,7 @@ def _text_pre_hook(state: _PatchState, model):
                 ctx.mode = "decode"
                 ctx.cache = cache
                 ctx.cache_map = cmap
+                ctx.past = past
             else:
                 ctx.mode = "continue"
             return None
@@ -175,12 +178,6 @@ def _text_pre_hook(state: _PatchState, model):
             ctx.note = state.plan.empty_note
             ctx.mode = "off"
             return None
-        if len(set(counts)) != 1:
-            raise ValueError(
-                f"EOS: every sample of a batch must hold the same number of visual tokens, got {counts} "
-                "(batch prompts with the same number of images together)"
-            )
-        n = int(counts[0])
         if state.hooks_in_checkpoint and torch.is_grad_enabled() and any(
                 getattr(layer, "gradient_checkpointing", False) and layer.training for layer in state.layers):
             raise NotImplementedError(
@@ -188,12 +185,11 @@ def _text_pre_hook(state: _PatchState, model):
                 "checkpoints decoder-layer forward() with hooks outside the checkpoint (5.23 does); "
                 "disable gradient checkpointing or upgrade transformers"
             )
-        sched = state.plan.schedule(n)  # Theta: ValueError for a keep > incoming, naming the reducer
-        if not sched:
+        ctx.schedule = _per_sample_schedule(state.plan, ctx.visual_counts)
+        if not ctx.schedule:
             ctx.note = state.plan.empty_note
             ctx.mode = "off"
             return None
-        ctx.schedule = {layer: (inc, kept) for layer, inc, kept in sched}
         real = _real_tokens(kwargs.get("attention_mask"), B, L)
         if real is not None:
             real = real.to(ref.device)
@@ -206,6 +202,23 @@ def _text_pre_hook(state: _PatchState, model):
         return None
 
     return hook
+
+
+def _per_sample_schedule(plan: ReductionPlan, counts: tuple[int, ...]) -> dict:
+    """``{layer: (incoming per sample, kept per sample)}`` over the layers where some sample reduces.
+
+    Each sample follows the plan's schedule for its own visual-token count (a
+    sample without visual tokens, or past its own reducers, passes through)."""
+    by_count = {n: {layer: kept for layer, _, kept in plan.schedule(n)} for n in set(counts) if n > 0}
+    layers = sorted({layer for sched in by_count.values() for layer in sched})
+    current = list(counts)
+    out = {}
+    for layer in layers:
+        incoming = tuple(current)
+        current = [by_count[n].get(layer, c) if n > 0 else 0 for n, c in zip(counts, current)]
+        if any(k < i for k, i in zip(current, incoming)):
+            out[layer] = (incoming, tuple(current))
+    return out
 
 
 def _with_features(adapter: DecoderAdapter, model, visual: torch.Tensor, embeds) -> torch.Tensor:
@@ -307,7 +320,7 @@ def _layer_pre_hook(state: _PatchState, model, layer_idx: int):
             if cache is None:
                 raise _drift(f"decoder layer {layer_idx} was called without the KV cache during a decode step "
                              "(no transformers Cache among its arguments)")
-            return _decode_kwargs(state, ctx, layer_idx, module, args, kwargs)
+            return _decode_kwargs(state, model, ctx, layer_idx, module, args, kwargs)
         if (cache is not None and ctx.mode != "continue" and hasattr(cache, "__dict__")
                 and cache.__dict__.get(CACHE_MAP_ATTR) is not None and _cache_seq_length(cache) > 0
                 and ctx.found_cache is not cache):
@@ -381,7 +394,12 @@ def _slice_prefill_kwargs(state: _PatchState, model, ctx: _Context, layer_idx: i
             continue
         mask = kwargs[name]
         _check_mask(mask)
-        if mask is not None:
+        if mask is None and ctx.valid is not None:
+            # ragged reduction: padding slots must be masked even though the batch had no padding
+            slots = idx.shape[1]
+            cols, invalid = _mask_cols(idx, ctx.length, ctx.length, slots, ctx.valid)
+            out[name] = _causal_mask(state, model, idx, cols, invalid, kwargs[pe_key][0].dtype)
+        elif mask is not None:
             kv_total = mask.shape[-1]
             if kv_total < ctx.length or (mask.dim() == 4 and mask.shape[-2] != ctx.length):
                 raise _drift(f"decoder layer {layer_idx}'s attention mask of shape {tuple(mask.shape)} does not "
@@ -389,7 +407,7 @@ def _slice_prefill_kwargs(state: _PatchState, model, ctx: _Context, layer_idx: i
             slots = kv_total - (ctx.length - idx.shape[1])
             if getattr(ctx.cache, "is_compileable", False):
                 slots = kv_total
-            cols, invalid = _mask_cols(idx, ctx.length, kv_total, slots)
+            cols, invalid = _mask_cols(idx, ctx.length, kv_total, slots, ctx.valid)
             rows = idx if mask.dim() == 4 else None
             out[name] = _gather_mask(mask, rows, cols, invalid)
     known.update(_CACHE_POSITION_KEYS)
@@ -398,12 +416,12 @@ def _slice_prefill_kwargs(state: _PatchState, model, ctx: _Context, layer_idx: i
     return out
 
 
-def _decode_kwargs(state: _PatchState, ctx: _Context, layer_idx: int, module, args, kwargs):
+def _decode_kwargs(state: _PatchState, model, ctx: _Context, layer_idx: int, module, args, kwargs):
     cmap = ctx.cache_map
     stage = cmap.stage_of(layer_idx)
     if stage is None:
         return None
-    kept = cmap.kept[stage]
+    kept, valid = cmap.kept[stage], cmap.valid[stage]
     changed = {}
     hidden = args[0] if args else kwargs.get("hidden_states")
     q = hidden.shape[1] if torch.is_tensor(hidden) else None
@@ -411,6 +429,18 @@ def _decode_kwargs(state: _PatchState, ctx: _Context, layer_idx: int, module, ar
         mask = kwargs.get(name)
         _check_mask(mask)
         if mask is None:
+            if valid is None or q is None:
+                continue
+            # a ragged prefill left padding slots in this layer's cache: mask them (transformers passed
+            # None because the batch has no padding of its own)
+            key = (stage, name, getattr(module, "attention_type", None))
+            if key not in ctx.decode_cols:
+                kv_total = ctx.past + q
+                slots = kv_total - (cmap.prefill_length - kept.shape[1])
+                cols, invalid = _mask_cols(kept, cmap.prefill_length, kv_total, slots, valid)
+                rows = torch.arange(ctx.past, kv_total, device=kept.device).expand(kept.shape[0], q)
+                ctx.decode_cols[key] = _causal_mask(state, model, rows, cols, invalid, hidden.dtype)
+            changed[name] = ctx.decode_cols[key]
             continue
         kv_total = mask.shape[-1]
         if kv_total < cmap.prefill_length:
@@ -422,7 +452,7 @@ def _decode_kwargs(state: _PatchState, ctx: _Context, layer_idx: int, module, ar
         if key not in ctx.decode_cols:
             removed = cmap.prefill_length - kept.shape[1]
             slots = kv_total if getattr(ctx.cache, "is_compileable", False) else kv_total - removed
-            cols, invalid = _mask_cols(kept, cmap.prefill_length, kv_total, slots)
+            cols, invalid = _mask_cols(kept, cmap.prefill_length, kv_total, slots, valid)
             ctx.decode_cols[key] = _gather_mask(mask, None, cols, invalid)
         changed[name] = ctx.decode_cols[key]
     for name in _CACHE_POSITION_KEYS:
@@ -463,9 +493,14 @@ def _layer_post_hook(state: _PatchState, model, layer_idx: int, is_last: bool):
             new_hidden = _reduce(state, model, ctx, layer_idx, module, args, kwargs, hidden, captured)
         if is_last and ctx.cur_idx is not None:
             B, _, d = new_hidden.shape
-            full = new_hidden.new_zeros(B, ctx.length, d)
             idx = ctx.cur_idx.to(new_hidden.device)
-            new_hidden = full.scatter(1, idx.unsqueeze(-1).expand(-1, -1, d), new_hidden)
+            if ctx.valid is None:
+                full = new_hidden.new_zeros(B, ctx.length, d)
+                new_hidden = full.scatter(1, idx.unsqueeze(-1).expand(-1, -1, d), new_hidden)
+            else:  # padding slots go to a spare column that is cut off
+                idx = idx.masked_fill(~ctx.valid.to(idx.device), ctx.length)
+                full = new_hidden.new_zeros(B, ctx.length + 1, d)
+                new_hidden = full.scatter(1, idx.unsqueeze(-1).expand(-1, -1, d), new_hidden)[:, :ctx.length]
         if new_hidden is hidden:
             return None
         if isinstance(output, (tuple, list)):
@@ -477,7 +512,13 @@ def _layer_post_hook(state: _PatchState, model, layer_idx: int, is_last: bool):
 
 def _reduce(state: _PatchState, model, ctx: _Context, layer_idx: int, layer: nn.Module, args: tuple,
             kwargs: dict, hidden: torch.Tensor, captured: dict) -> torch.Tensor:
-    """Reduce the visual tokens leaving ``layer_idx``; returns the shorter hidden states."""
+    """Reduce the visual tokens leaving ``layer_idx``; returns the shorter hidden states.
+
+    Samples reducing from the same count to the same count form one batched
+    operator call (one group when every sample holds as many visual tokens).
+    When samples end at different lengths, the shorter ones are padded with
+    copies of their last slot, marked invalid (``ctx.valid``): masked as keys in
+    every later layer and its cache, and never scattered back."""
     plan = state.plan
     incoming, kept = ctx.schedule[layer_idx]
     if "q" not in captured or "k" not in captured:
@@ -491,35 +532,68 @@ def _reduce(state: _PatchState, model, ctx: _Context, layer_idx: int, layer: nn.
         cur = torch.arange(Lc, device=device).unsqueeze(0).expand(B, Lc)
     else:
         cur = ctx.cur_idx.to(device)
+    valid = ctx.valid.to(device) if ctx.valid is not None else None
     visual = ctx.visual.to(device).gather(1, cur)
     rows = ctx.rows.to(device).gather(1, cur)
     real = ctx.real.to(device).gather(1, cur) if ctx.real is not None else None
+    if valid is not None:
+        visual, rows = visual & valid, rows & valid
+        real = valid if real is None else real & valid
     pe_key = find_position_embeddings(kwargs, Lc)
     query, key = state.adapter.query_key(layer, captured["q"], captured["k"],
                                          kwargs[pe_key] if pe_key is not None else None)
     scores = text_to_visual_importance(query, key, visual, rows, real,
                                        scale=state.adapter.attention_scale(layer))
     # positions (current coordinates) of each sample's visual tokens, ascending
-    vis_pos = torch.sort((~visual).to(torch.int8), dim=1, stable=True).indices[:, :incoming]
-    vis_scores = scores.gather(1, vis_pos)
-    a_idx, c_idx = select_anchors(vis_scores, kept)
-    anchor_pos = vis_pos.gather(1, a_idx)
-    cand_pos = vis_pos.gather(1, c_idx)
-    anchors = _take(hidden, anchor_pos)
-    candidates = _take(hidden, cand_pos)
-    reduced = eos_reduce(anchors, candidates, vis_scores.gather(1, c_idx), **plan.operator_kwargs(layer_idx))
-    reduced = plan.finish(layer_idx, reduced, vis_scores, a_idx, kept)
-    keep = (~visual).scatter(1, anchor_pos, True)
-    new_len = Lc - (incoming - kept)
+    vis_pos = torch.sort((~visual).to(torch.int8), dim=1, stable=True).indices[:, :max(incoming)]
+    keep = ~visual if valid is None else valid & ~visual
+    groups: dict[tuple[int, int], list[int]] = {}
+    for b, (n_in, n_kept) in enumerate(zip(incoming, kept)):
+        if n_kept < n_in:
+            groups.setdefault((n_in, n_kept), []).append(b)
+        else:  # this sample passes this layer unreduced
+            keep[b] = keep[b] | visual[b]
+    reduced_rows = []  # (samples, anchor positions, reduced anchors)
+    for (n_in, n_kept), members in groups.items():
+        whole = len(members) == B
+        g = None if whole else torch.tensor(members, device=device)
+        g_pos = vis_pos[:, :n_in] if whole else vis_pos[g, :n_in]
+        g_hidden = hidden if whole else hidden[g]
+        g_scores = scores.gather(1, vis_pos[:, :n_in]) if whole else scores[g].gather(1, g_pos)
+        a_idx, c_idx = select_anchors(g_scores, n_kept)
+        anchor_pos = g_pos.gather(1, a_idx)
+        reduced = eos_reduce(_take(g_hidden, anchor_pos), _take(g_hidden, g_pos.gather(1, c_idx)),
+                             g_scores.gather(1, c_idx), **plan.operator_kwargs(layer_idx))
+        reduced = plan.finish(layer_idx, reduced, g_scores, a_idx, n_kept)
+        if whole:
+            keep = keep.scatter(1, anchor_pos, True)
+        else:
+            keep[g] = keep[g].scatter(1, anchor_pos, True)
+        reduced_rows.append((g, anchor_pos, reduced))
+    lengths = keep.sum(dim=1)
+    new_len = int(lengths.max())
     new_pos = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :new_len]
-    slots = (keep.to(torch.long).cumsum(dim=1) - 1).gather(1, anchor_pos)
+    new_valid = None
+    if int(lengths.min()) < new_len:  # ragged: pad each shorter sample with copies of its last slot
+        new_valid = torch.arange(new_len, device=device).unsqueeze(0) < lengths.unsqueeze(1)
+        new_pos = torch.where(new_valid, new_pos, new_pos.gather(1, (lengths - 1).unsqueeze(1)))
+    slot_of = keep.to(torch.long).cumsum(dim=1) - 1
     out = _take(hidden, new_pos)
-    out = out.scatter(1, slots.unsqueeze(-1).expand(-1, -1, d), reduced.to(out.dtype))
+    for g, anchor_pos, reduced in reduced_rows:
+        if g is None:
+            slots = slot_of.gather(1, anchor_pos)
+            out = out.scatter(1, slots.unsqueeze(-1).expand(-1, -1, d), reduced.to(out.dtype))
+        else:
+            slots = slot_of[g].gather(1, anchor_pos)
+            rows_g = out[g].scatter(1, slots.unsqueeze(-1).expand(-1, -1, d), reduced.to(out.dtype))
+            out = out.index_copy(0, g, rows_g)
     ctx.cur_idx = cur.gather(1, new_pos)
+    ctx.valid = new_valid
     ctx.stage_kwargs = None
     ctx.stages.append(StageRecord(
-        layer=layer_idx, regime=plan.regime(layer_idx), visual_in=(incoming,) * B, visual_out=(kept,) * B,
+        layer=layer_idx, regime=plan.regime(layer_idx), visual_in=tuple(incoming), visual_out=tuple(kept),
         seq_in=Lc, seq_out=new_len, kept_positions=ctx.cur_idx.detach(),
+        valid_slots=None if new_valid is None else new_valid.detach(),
     ))
     cache = find_cache(args, kwargs)
     if cache is not None and hasattr(cache, "__dict__"):
@@ -530,7 +604,27 @@ def _reduce(state: _PatchState, model, ctx: _Context, layer_idx: int, layer: nn.
         cmap = cache.__dict__[CACHE_MAP_ATTR]
         cmap.first_layers.append(layer_idx + 1)
         cmap.kept.append(ctx.cur_idx.detach())
+        cmap.valid.append(None if new_valid is None else new_valid.detach())
     return out
+
+
+def _causal_mask(state: _PatchState, model, rows: torch.Tensor, cols: torch.Tensor, invalid: torch.Tensor,
+                 dtype: torch.dtype):
+    """A mask for a layer transformers gave none (no padding), hiding a ragged reduction's padding slots.
+
+    ``rows`` [B, q] and ``cols`` [B, S] are original positions: query i sees
+    key j when ``cols[j] <= rows[i]`` and slot j is valid. In the form the
+    model's attention implementation takes: 4-D bool (sdpa), 4-D additive
+    (eager), 2-D padding mask (flash attention, causal by itself)."""
+    impl = state.adapter.attn_implementation(model)
+    if _is_flash(impl):
+        return (~invalid).to(torch.long)
+    allowed = (cols[:, None, :] <= rows[:, :, None]) & ~invalid[:, None, :]
+    allowed = allowed[:, None]  # [B, 1, q, S]
+    if impl == "eager":
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min)
+    return allowed
 
 
 def _generate_wrapper(state: _PatchState, model):

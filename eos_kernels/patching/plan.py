@@ -74,9 +74,19 @@ class _ThetaPlan(ReductionPlan):
         self.layers = tuple(self.reducers)
 
     def schedule(self, num_visual_tokens: int) -> list[tuple[int, int, int]]:
-        # ValueError for a keep > incoming, naming the reducer; a reducer that keeps every token it
-        # receives does not run at all, so a keep-all Theta is the stock model bit for bit
-        return [s for s in self.theta.schedule(num_visual_tokens) if s[2] < s[1]]
+        # a count above what a sample has is clipped to it (samples differ: one image or several, any
+        # resolution); a reducer that keeps every token it receives does not run at all, so a keep-all
+        # Theta is the stock model bit for bit
+        current, out = num_visual_tokens, []
+        for r in self.theta.reducers:
+            try:
+                kept = r.kept(current)
+            except ValueError:  # keep > incoming
+                kept = current
+            if kept < current:
+                out.append((r.layer, current, kept))
+            current = kept
+        return out
 
     def operator_kwargs(self, layer: int) -> dict:
         return self.reducers[layer].operator_kwargs()

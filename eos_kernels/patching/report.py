@@ -17,6 +17,10 @@ class StageRecord:
         seq_in, seq_out: sequence length (padding included) entering / leaving.
         kept_positions: long [B, seq_out], the original positions (indices into
             the input sequence) of the tokens leaving the layer, ascending.
+        valid_slots: bool [B, seq_out], False at the padding slots of samples
+            left shorter than ``seq_out`` (ragged batches: each sample is
+            reduced at its own count; a padding slot repeats the sample's last
+            position and is masked everywhere), or None when there are none.
     """
 
     layer: int
@@ -26,6 +30,7 @@ class StageRecord:
     seq_in: int
     seq_out: int
     kept_positions: torch.Tensor = dataclasses.field(repr=False, compare=False)
+    valid_slots: torch.Tensor | None = dataclasses.field(default=None, repr=False, compare=False)
 
 
 @dataclasses.dataclass(frozen=True)
