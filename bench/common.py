@@ -12,7 +12,9 @@ Conventions of every suite in ``bench/``:
 - GPU cases are parametrized on every machine and skip with
   :data:`GPU_REASON` without CUDA; the CPU subset (PyTorch paths only: Triton's
   interpreter is meaningless for timing) runs on machines without CUDA, or
-  everywhere with ``EOS_BENCH_CPU=1``.
+  everywhere with ``EOS_BENCH_CPU=1``;
+- fixed-round cases take their counts through :func:`pedantic_rounds`
+  (``EOS_BENCH_MAX_ROUNDS`` caps them for a quick dry run).
 """
 from __future__ import annotations
 
@@ -62,6 +64,20 @@ def gpu_param(*values, id):
 def cpu_param(*values, id):
     """A CPU-subset case (skips on CUDA machines unless ``EOS_BENCH_CPU=1``)."""
     return pytest.param(*values, id=id, marks=pytest.mark.skipif(not RUN_CPU_SUBSET, reason=CPU_SUBSET_REASON))
+
+
+def pedantic_rounds(rounds: int, warmup: int) -> tuple[int, int]:
+    """``(rounds, warmup_rounds)`` of a fixed-round (``benchmark.pedantic``) case.
+
+    ``EOS_BENCH_MAX_ROUNDS=n`` caps them at ``n`` rounds and ``n - 1`` warm-up
+    rounds (a quick walk through the suites, as ``scripts/gpu_check.sh --cpu``
+    does); unset, the suites' own counts are used unchanged.
+    """
+    cap = os.environ.get("EOS_BENCH_MAX_ROUNDS")
+    if not cap:
+        return rounds, warmup
+    n = max(1, int(cap))
+    return min(rounds, n), min(warmup, n - 1)
 
 
 def sync(device) -> None:

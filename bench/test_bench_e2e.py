@@ -49,7 +49,7 @@ import pytest
 import torch
 
 from bench.common import (HAS_CUDA, cpu_param, device_label, gpu_param,
-                          peak_extra_memory, sync)
+                          peak_extra_memory, pedantic_rounds, sync)
 
 pytest.importorskip("transformers", reason="the end-to-end benchmark needs transformers")
 from eos_kernels import patch_llava, unpatch_llava  # noqa: E402
@@ -244,7 +244,7 @@ def test_e2e_prefill(benchmark, models, device, B, config):
         observed = _observed(model) if theta is not None else None
         del out
         benchmark.group = f"e2e prefill {device} B{B}"
-        rounds, warmup = SHAPES[device]["prefill_rounds"]
+        rounds, warmup = pedantic_rounds(*SHAPES[device]["prefill_rounds"])
         benchmark.pedantic(prefill, rounds=rounds, warmup_rounds=warmup, iterations=1)
     finally:
         _unpatch(model, theta)
@@ -286,7 +286,7 @@ def test_e2e_decode(benchmark, models, device, B, config):
         step()  # warm-up
         rewind()
         benchmark.group = f"e2e decode {device} B{B}"
-        rounds, warmup = SHAPES[device]["decode_rounds"]
+        rounds, warmup = pedantic_rounds(*SHAPES[device]["decode_rounds"])
         benchmark.pedantic(step, setup=rewind, rounds=rounds, warmup_rounds=warmup, iterations=1)
         length_after = cache.get_seq_length()
     finally:
@@ -312,7 +312,7 @@ def test_e2e_vision(benchmark, models, device, B, config):
 
     vision()
     benchmark.group = f"e2e vision {device} B{B}"
-    rounds, warmup = shape["vision_rounds"]
+    rounds, warmup = pedantic_rounds(*shape["vision_rounds"])
     benchmark.pedantic(vision, rounds=rounds, warmup_rounds=warmup, iterations=1)
     benchmark.extra_info.update({
         "subject": "e2e", "phase": "vision", "config": "vision", "config_id": "vision",

@@ -19,7 +19,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.common import cpu_param, device_label, gpu_param, peak_extra_memory, sync
+from bench.common import cpu_param, device_label, gpu_param, peak_extra_memory, pedantic_rounds, sync
 
 pytest.importorskip("transformers", reason="the search benchmark needs transformers")
 from eos_kernels.integrations.llava import LlavaAdapter  # noqa: E402
@@ -81,7 +81,7 @@ def test_search_step(benchmark, models, device, B, impl):
             align_layers=capture.indices, reducers=[list(s) for s in plan.last_schedule],
             peak_extra_memory_bytes=peak,
         )
-        rounds = (5, 2) if device == "cuda" else (3, 1)
+        rounds = pedantic_rounds(*((5, 2) if device == "cuda" else (3, 1)))
         benchmark.pedantic(step, rounds=rounds[0], warmup_rounds=rounds[1], iterations=1)
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in space.parameters())
     finally:
