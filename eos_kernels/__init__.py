@@ -7,7 +7,8 @@ not import Triton or transformers until they are needed):
 - :mod:`eos_kernels.corners` -- prune / merge / pool / reweight as plain algorithms.
 - :class:`Theta`, :class:`SearchSpace` -- deployable configurations and the search space.
 - :func:`text_to_visual_importance`, :func:`select_anchors` -- token importance and anchors.
-- :func:`patch_llava`, :func:`unpatch_llava` -- EOS inside a Hugging Face LLaVA model.
+- :func:`patch`, :func:`unpatch` -- EOS inside a supported Hugging Face model (the adapter is
+  chosen from its class); :func:`patch_llava`, :func:`unpatch_llava` for LLaVA-1.5.
 """
 import importlib.abc
 import importlib.util
@@ -50,6 +51,8 @@ _LAZY = {
     "select_anchors": "eos_kernels.selection",
     "patch_llava": "eos_kernels.integrations.llava",
     "unpatch_llava": "eos_kernels.integrations.llava",
+    "patch": "eos_kernels.integrations.auto",
+    "unpatch": "eos_kernels.integrations.auto",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -377,3 +377,16 @@ def test_removed_positions_do_not_count_in_the_loss(model, prompts):
     # before: every removed position counted, with zero logits (ln(vocab) each)
     naive = torch.nn.functional.cross_entropy(out.logits[0, :-1], labels[0, 1:])
     assert removed.sum() > 0 and not torch.isclose(out.loss, naive)
+
+
+def test_eos_kernels_patch_serves_llava(model, prompts):
+    import eos_kernels
+
+    ids, px = prompts[0][None], make_pixels(1, seed=12)
+    patch_llava(model, HYBRID)
+    expected = _logits(model, input_ids=ids, pixel_values=px)
+    unpatch_llava(model)
+    eos_kernels.patch(model, HYBRID)
+    assert torch.equal(_logits(model, input_ids=ids, pixel_values=px), expected)
+    eos_kernels.unpatch(model)
+    assert not patching.is_patched(model)

@@ -1,0 +1,167 @@
+"""EOS inside a stock Hugging Face LLaVA-NeXT (LLaVA-1.6) or LLaVA-OneVision.
+
+Usage::
+
+    import eos_kernels
+    from eos_kernels.integrations.llava_next import patch_llava_next, unpatch_llava_next
+    model = LlavaNextForConditionalGeneration.from_pretrained("llava-hf/llava-v1.6-mistral-7b-hf", ...)
+    patch_llava_next(model, eos_kernels.Theta(...))   # fractions suit any-resolution counts best
+    out = model.generate(**processor(...), max_new_tokens=32)
+    print(model.eos_report)
+    unpatch_llava_next(model)
+
+Supported classes: ``LlavaNextForConditionalGeneration`` / ``LlavaNextModel``
+(:func:`patch_llava_next`) and ``LlavaOnevisionForConditionalGeneration`` /
+``LlavaOnevisionModel`` (:func:`patch_llava_onevision`). The text model is a
+stock Llama / Mistral / Qwen2 decoder, so the generic Llama-style defaults of
+:class:`~eos_kernels.patching.DecoderAdapter` apply unchanged.
+
+Visual tokens and counts
+------------------------
+Any-resolution tiling: an image is seen as a base tile plus a grid of tiles
+chosen from ``config.image_grid_pinpoints`` by its size (``image_sizes``); the
+grid features are unpadded to the image's aspect ratio and each row of the
+grid ends with an *image-newline* token (the learned ``model.image_newline``
+vector). The number of tokens per image therefore depends on the image size
+(:meth:`LlavaNextAdapter.visual_tokens_per_image` is None: integer keeps are
+checked against the actual count at every prefill; fractions fit any count).
+
+**Image-newline tokens are visual and reducible.** In ``input_ids`` they carry
+the image token id like every other position of the image (the processor
+expands one ``<image>`` into base + grid + newlines, and the model scatters
+the packed features, newlines included, into all of them), so they are part
+of the per-image count and compete for the kept slots on their importance
+like any visual token. Treating them as text would also make them rate the
+visual tokens (every non-visual token after the first visual token rates),
+which they should not: they hold one learned constant, not prompt text.
+LLaVA-OneVision: its video tokens (``config.video_token_id``) are visual too;
+the images and videos of one prompt form one visual set.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from eos_kernels.patching import DecoderAdapter, get_report, patch_model, unpatch_model
+
+__all__ = [
+    "LlavaNextAdapter",
+    "LlavaOnevisionAdapter",
+    "get_report",
+    "patch_llava_next",
+    "patch_llava_onevision",
+    "unpatch_llava_next",
+    "unpatch_llava_onevision",
+]
+
+
+class LlavaNextAdapter(DecoderAdapter):
+    """LLaVA-NeXT: CLIP vision tower + projector + any-resolution packing + Llama-style text model."""
+
+    name = "llava_next"
+    #: (generation class, base class) names in ``transformers``
+    classes = ("LlavaNextForConditionalGeneration", "LlavaNextModel")
+    #: config attributes holding the visual placeholder ids
+    placeholder_attrs = ("image_token_id",)
+    entry = "patch_llava_next"
+
+    def _classes(self) -> tuple[type, type]:
+        import transformers
+
+        return getattr(transformers, self.classes[0]), getattr(transformers, self.classes[1])
+
+    def _base(self, model: nn.Module) -> nn.Module:
+        gen, _ = self._classes()
+        return model.model if isinstance(model, gen) else model
+
+    def _placeholder_ids(self, model: nn.Module) -> list[int]:
+        ids = [getattr(model.config, a, None) for a in self.placeholder_attrs]
+        return [int(i) for i in ids if i is not None]
+
+    def check_model(self, model: nn.Module) -> None:
+        gen, base = self._classes()
+        if not isinstance(model, (gen, base)):
+            raise ValueError(f"{self.entry} supports transformers.{self.classes[0]} and {self.classes[1]}; "
+                             f"got {type(model).__module__}.{type(model).__name__}")
+        text = getattr(self._base(model), "language_model", None)
+        if not isinstance(getattr(text, "layers", None), nn.ModuleList):
+            raise ValueError(f"{self.entry}: the language model {type(text).__name__} has no `layers` "
+                             "ModuleList of decoder layers")
+        if getattr(model.config, "image_token_id", None) is None:
+            raise ValueError(f"{self.entry}: model.config.image_token_id is not set")
+
+    def input_module(self, model: nn.Module) -> nn.Module:
+        return self._base(model)
+
+    def text_model(self, model: nn.Module) -> nn.Module:
+        return self._base(model).language_model
+
+    def visual_mask(self, model: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        # LlavaNextModel.forward(input_ids=None, pixel_values=None, image_sizes=None, ..., inputs_embeds=None, ...)
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is not None:
+            mask = torch.zeros_like(input_ids, dtype=torch.bool)
+            for i in self._placeholder_ids(model):
+                mask |= input_ids == i
+            return mask
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            return None
+        # the placeholder test the model itself uses when only embeddings are given
+        rows = self.placeholder_rows(model).to(device=embeds.device, dtype=embeds.dtype)
+        return (embeds.unsqueeze(-2) == rows).all(dim=-1).any(dim=-1)
+
+    def placeholder_rows(self, model: nn.Module) -> torch.Tensor:
+        table = self._base(model).get_input_embeddings()
+        return table.weight[self._placeholder_ids(model)]
+
+    def visual_tokens_per_image(self, model: nn.Module) -> int | None:
+        return None  # any-resolution: the count depends on each image's size
+
+
+class LlavaOnevisionAdapter(LlavaNextAdapter):
+    """LLaVA-OneVision: SigLIP + any-resolution (anyres_max) packing + Qwen2 text model; images and videos."""
+
+    name = "llava_onevision"
+    classes = ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionModel")
+    placeholder_attrs = ("image_token_id", "video_token_id")
+    entry = "patch_llava_onevision"
+
+
+_NEXT = LlavaNextAdapter()
+_ONEVISION = LlavaOnevisionAdapter()
+
+
+def patch_llava_next(model: nn.Module, theta: Any, *, num_visual_tokens: int | None = None) -> nn.Module:
+    """Run the EOS configuration ``theta`` inside this LLaVA-NeXT model instance.
+
+    Args:
+        model: a ``transformers.LlavaNextForConditionalGeneration`` (or ``LlavaNextModel``).
+        theta: a :class:`~eos_kernels.theta.Theta`, a dict in the Theta JSON
+            schema, or a path to a Theta JSON file.
+        num_visual_tokens: visual tokens per prompt to validate ``theta``
+            against at patch time. Without it only the reducer layers are
+            checked (the count depends on the image size); every prefill
+            validates the actual count.
+
+    Returns:
+        ``model``, patched in place (see :func:`eos_kernels.patch_llava` for the report and the guarantees).
+    """
+    return patch_model(model, theta, _NEXT, num_visual_tokens=num_visual_tokens)
+
+
+def unpatch_llava_next(model: nn.Module) -> nn.Module:
+    """Undo :func:`patch_llava_next`: the model is the stock instance again (bit-identical outputs)."""
+    return unpatch_model(model)
+
+
+def patch_llava_onevision(model: nn.Module, theta: Any, *, num_visual_tokens: int | None = None) -> nn.Module:
+    """:func:`patch_llava_next` for ``LlavaOnevisionForConditionalGeneration`` / ``LlavaOnevisionModel``."""
+    return patch_model(model, theta, _ONEVISION, num_visual_tokens=num_visual_tokens)
+
+
+def unpatch_llava_onevision(model: nn.Module) -> nn.Module:
+    """Undo :func:`patch_llava_onevision`."""
+    return unpatch_model(model)
