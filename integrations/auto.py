@@ -20,22 +20,21 @@ from eos_kernels.patching import patch_model, unpatch_model
 
 __all__ = ["SUPPORTED_MODELS", "adapter_for", "patch", "unpatch"]
 
-#: (family, adapter module, adapter object, transformers class names it serves)
+#: (family, adapter module, adapter object); each adapter lists the transformers classes it serves
 SUPPORTED_MODELS = (
-    ("LLaVA-1.5", "eos_kernels.integrations.llava", "_ADAPTER",
-     ("LlavaForConditionalGeneration", "LlavaModel")),
-    ("LLaVA-NeXT", "eos_kernels.integrations.llava_next", "_NEXT",
-     ("LlavaNextForConditionalGeneration", "LlavaNextModel")),
-    ("LLaVA-OneVision", "eos_kernels.integrations.llava_next", "_ONEVISION",
-     ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionModel")),
-    ("Qwen2-VL / Qwen2.5-VL", "eos_kernels.integrations.qwen2_vl", "_ADAPTER",
-     ("Qwen2VLForConditionalGeneration", "Qwen2VLModel", "Qwen2_5_VLForConditionalGeneration",
-      "Qwen2_5_VLModel")),
+    ("LLaVA-1.5", "eos_kernels.integrations.llava", "_ADAPTER"),
+    ("LLaVA-NeXT", "eos_kernels.integrations.llava_next", "_NEXT"),
+    ("LLaVA-OneVision", "eos_kernels.integrations.llava_next", "_ONEVISION"),
+    ("Qwen2-VL / Qwen2.5-VL", "eos_kernels.integrations.qwen2_vl", "_ADAPTER"),
 )
 
 
+def _adapters():
+    return [getattr(import_module(module), attr) for _, module, attr in SUPPORTED_MODELS]
+
+
 def adapter_for(model: nn.Module):
-    """The :class:`~eos_kernels.patching.DecoderAdapter` of ``model``'s family.
+    """The :class:`~eos_kernels.patching.adapter.VisionLanguageAdapter` of ``model``'s family.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
@@ -43,13 +42,12 @@ def adapter_for(model: nn.Module):
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (a Hugging Face model), got {type(model).__name__}")
-    import transformers
-
-    for _, module, attr, names in SUPPORTED_MODELS:
-        classes = tuple(c for c in (getattr(transformers, n, None) for n in names) if c is not None)
-        if classes and isinstance(model, classes):
-            return getattr(import_module(module), attr)
-    supported = ", ".join(n for *_, names in SUPPORTED_MODELS for n in names)
+    adapters = _adapters()
+    for adapter in adapters:
+        gens, bases = adapter._classes()
+        if isinstance(model, gens + bases):
+            return adapter
+    supported = ", ".join(n for adapter in adapters for pair in adapter.classes for n in pair)
     raise ValueError(
         f"eos_kernels.patch: no adapter for {type(model).__module__}.{type(model).__name__}; "
         f"supported (transformers classes and their subclasses): {supported}"

@@ -21,68 +21,20 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
-from eos_kernels.patching import DecoderAdapter, get_report, patch_model, unpatch_model
+from eos_kernels.patching import get_report, patch_model, unpatch_model
+from eos_kernels.patching.adapter import VisionLanguageAdapter
 
 __all__ = ["LlavaAdapter", "patch_llava", "unpatch_llava", "get_report"]
 
 
-def _llava_classes():
-    from transformers import LlavaForConditionalGeneration, LlavaModel
-
-    return LlavaForConditionalGeneration, LlavaModel
-
-
-class LlavaAdapter(DecoderAdapter):
+class LlavaAdapter(VisionLanguageAdapter):
     """LLaVA-1.5: CLIP vision tower + projector + Llama-style text model."""
 
     name = "llava"
-
-    def _llava_model(self, model: nn.Module) -> nn.Module:
-        for_generation, base = _llava_classes()
-        return model.model if isinstance(model, for_generation) else model
-
-    def check_model(self, model: nn.Module) -> None:
-        for_generation, base = _llava_classes()
-        if not isinstance(model, (for_generation, base)):
-            raise ValueError(
-                f"patch_llava supports transformers.LlavaForConditionalGeneration and LlavaModel "
-                f"(the llava-hf LLaVA-1.5 architecture); got {type(model).__module__}.{type(model).__name__}"
-            )
-        text = getattr(self._llava_model(model), "language_model", None)
-        if not isinstance(getattr(text, "layers", None), nn.ModuleList):
-            raise ValueError(
-                f"patch_llava: the language model {type(text).__name__} has no `layers` ModuleList "
-                "of decoder layers"
-            )
-        if getattr(model.config, "image_token_id", None) is None:
-            raise ValueError("patch_llava: model.config.image_token_id is not set")
-
-    def input_module(self, model: nn.Module) -> nn.Module:
-        return self._llava_model(model)
-
-    def text_model(self, model: nn.Module) -> nn.Module:
-        return self._llava_model(model).language_model
-
-    def visual_mask(self, model: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor | None:
-        # LlavaModel.forward(input_ids=None, pixel_values=None, ..., inputs_embeds=None, ...)
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        image_token_id = model.config.image_token_id
-        if input_ids is not None:
-            return input_ids == image_token_id
-        embeds = kwargs.get("inputs_embeds")
-        if embeds is None:
-            return None
-        # the placeholder test LlavaModel itself uses when only embeddings are given
-        table = self._llava_model(model).get_input_embeddings()
-        token = table(torch.tensor(image_token_id, device=embeds.device))
-        return (embeds == token.to(embeds.dtype)).all(dim=-1)
-
-    def placeholder_rows(self, model: nn.Module) -> torch.Tensor:
-        table = self._llava_model(model).get_input_embeddings()
-        return table.weight[model.config.image_token_id].unsqueeze(0)
+    classes = (("LlavaForConditionalGeneration", "LlavaModel"),)
+    entry = "patch_llava"
 
     def visual_tokens_per_image(self, model: nn.Module) -> int | None:
         config = model.config

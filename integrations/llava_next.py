@@ -41,10 +41,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
-from eos_kernels.patching import DecoderAdapter, get_report, patch_model, unpatch_model
+from eos_kernels.patching import get_report, patch_model, unpatch_model
+from eos_kernels.patching.adapter import VisionLanguageAdapter
 
 __all__ = [
     "LlavaNextAdapter",
@@ -57,65 +57,12 @@ __all__ = [
 ]
 
 
-class LlavaNextAdapter(DecoderAdapter):
+class LlavaNextAdapter(VisionLanguageAdapter):
     """LLaVA-NeXT: CLIP vision tower + projector + any-resolution packing + Llama-style text model."""
 
     name = "llava_next"
-    #: (generation class, base class) names in ``transformers``
-    classes = ("LlavaNextForConditionalGeneration", "LlavaNextModel")
-    #: config attributes holding the visual placeholder ids
-    placeholder_attrs = ("image_token_id",)
+    classes = (("LlavaNextForConditionalGeneration", "LlavaNextModel"),)
     entry = "patch_llava_next"
-
-    def _classes(self) -> tuple[type, type]:
-        import transformers
-
-        return getattr(transformers, self.classes[0]), getattr(transformers, self.classes[1])
-
-    def _base(self, model: nn.Module) -> nn.Module:
-        gen, _ = self._classes()
-        return model.model if isinstance(model, gen) else model
-
-    def _placeholder_ids(self, model: nn.Module) -> list[int]:
-        ids = [getattr(model.config, a, None) for a in self.placeholder_attrs]
-        return [int(i) for i in ids if i is not None]
-
-    def check_model(self, model: nn.Module) -> None:
-        gen, base = self._classes()
-        if not isinstance(model, (gen, base)):
-            raise ValueError(f"{self.entry} supports transformers.{self.classes[0]} and {self.classes[1]}; "
-                             f"got {type(model).__module__}.{type(model).__name__}")
-        text = getattr(self._base(model), "language_model", None)
-        if not isinstance(getattr(text, "layers", None), nn.ModuleList):
-            raise ValueError(f"{self.entry}: the language model {type(text).__name__} has no `layers` "
-                             "ModuleList of decoder layers")
-        if getattr(model.config, "image_token_id", None) is None:
-            raise ValueError(f"{self.entry}: model.config.image_token_id is not set")
-
-    def input_module(self, model: nn.Module) -> nn.Module:
-        return self._base(model)
-
-    def text_model(self, model: nn.Module) -> nn.Module:
-        return self._base(model).language_model
-
-    def visual_mask(self, model: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor | None:
-        # LlavaNextModel.forward(input_ids=None, pixel_values=None, image_sizes=None, ..., inputs_embeds=None, ...)
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        if input_ids is not None:
-            mask = torch.zeros_like(input_ids, dtype=torch.bool)
-            for i in self._placeholder_ids(model):
-                mask |= input_ids == i
-            return mask
-        embeds = kwargs.get("inputs_embeds")
-        if embeds is None:
-            return None
-        # the placeholder test the model itself uses when only embeddings are given
-        rows = self.placeholder_rows(model).to(device=embeds.device, dtype=embeds.dtype)
-        return (embeds.unsqueeze(-2) == rows).all(dim=-1).any(dim=-1)
-
-    def placeholder_rows(self, model: nn.Module) -> torch.Tensor:
-        table = self._base(model).get_input_embeddings()
-        return table.weight[self._placeholder_ids(model)]
 
     def visual_tokens_per_image(self, model: nn.Module) -> int | None:
         return None  # any-resolution: the count depends on each image's size
@@ -125,7 +72,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     """LLaVA-OneVision: SigLIP + any-resolution (anyres_max) packing + Qwen2 text model; images and videos."""
 
     name = "llava_onevision"
-    classes = ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionModel")
+    classes = (("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionModel"),)
     placeholder_attrs = ("image_token_id", "video_token_id")
     entry = "patch_llava_onevision"
 

@@ -53,7 +53,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from eos_kernels.patching import DecoderAdapter, get_report, patch_model, unpatch_model
+from eos_kernels.patching import get_report, patch_model, unpatch_model
+from eos_kernels.patching.adapter import VisionLanguageAdapter
 
 __all__ = ["SUPPORTED_CLASSES", "QwenVLAdapter", "get_report", "patch_qwen2_vl", "unpatch_qwen2_vl"]
 
@@ -62,24 +63,6 @@ SUPPORTED_CLASSES = (
     ("Qwen2VLForConditionalGeneration", "Qwen2VLModel"),
     ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel"),
 )
-
-
-def _classes() -> tuple[tuple[type, ...], tuple[type, ...]]:
-    import transformers
-
-    gens, bases = [], []
-    for gen, base in SUPPORTED_CLASSES:
-        g, b = getattr(transformers, gen, None), getattr(transformers, base, None)
-        if g is not None:
-            gens.append(g)
-        if b is not None:
-            bases.append(b)
-    return tuple(gens), tuple(bases)
-
-
-def _placeholder_ids(config) -> list[int]:
-    ids = [getattr(config, "image_token_id", None), getattr(config, "video_token_id", None)]
-    return [int(i) for i in ids if i is not None]
 
 
 def mrope_section(attn: nn.Module) -> list[int]:
@@ -91,53 +74,13 @@ def mrope_section(attn: nn.Module) -> list[int]:
     raise ValueError(f"{type(attn).__name__}: no mrope_section in its config's rope_parameters / rope_scaling")
 
 
-class QwenVLAdapter(DecoderAdapter):
+class QwenVLAdapter(VisionLanguageAdapter):
     """Qwen2-VL / Qwen2.5-VL: ViT with 2x2 patch merge + Qwen2 text model with multimodal RoPE."""
 
     name = "qwen2_vl"
-
-    def _base(self, model: nn.Module) -> nn.Module:
-        gens, _ = _classes()
-        return model.model if isinstance(model, gens) else model
-
-    def check_model(self, model: nn.Module) -> None:
-        gens, bases = _classes()
-        if not isinstance(model, gens + bases):
-            names = ", ".join(f"{g} / {b}" for g, b in SUPPORTED_CLASSES)
-            raise ValueError(f"patch_qwen2_vl supports transformers {names}; "
-                             f"got {type(model).__module__}.{type(model).__name__}")
-        text = getattr(self._base(model), "language_model", None)
-        if not isinstance(getattr(text, "layers", None), nn.ModuleList):
-            raise ValueError(f"patch_qwen2_vl: the language model {type(text).__name__} has no `layers` "
-                             "ModuleList of decoder layers")
-        if getattr(model.config, "image_token_id", None) is None:
-            raise ValueError("patch_qwen2_vl: model.config.image_token_id is not set")
-
-    def input_module(self, model: nn.Module) -> nn.Module:
-        return self._base(model)
-
-    def text_model(self, model: nn.Module) -> nn.Module:
-        return self._base(model).language_model
-
-    def visual_mask(self, model: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor | None:
-        # Qwen2VLModel.forward(input_ids=None, attention_mask=None, position_ids=None, cache, inputs_embeds, ...)
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        ids = _placeholder_ids(model.config)
-        if input_ids is not None:
-            mask = torch.zeros_like(input_ids, dtype=torch.bool)
-            for i in ids:
-                mask |= input_ids == i
-            return mask
-        embeds = kwargs.get("inputs_embeds")
-        if embeds is None:
-            return None
-        # the placeholder test Qwen2VLModel.get_placeholder_mask uses when only embeddings are given
-        rows = self.placeholder_rows(model).to(device=embeds.device, dtype=embeds.dtype)
-        return (embeds.unsqueeze(-2) == rows).all(dim=-1).any(dim=-1)
-
-    def placeholder_rows(self, model: nn.Module) -> torch.Tensor:
-        table = self._base(model).get_input_embeddings()
-        return table.weight[_placeholder_ids(model.config)]
+    classes = SUPPORTED_CLASSES
+    placeholder_attrs = ("image_token_id", "video_token_id")
+    entry = "patch_qwen2_vl"
 
     def visual_tokens_per_image(self, model: nn.Module) -> int | None:
         return None  # dynamic resolution: image_grid_thw gives each image its own count

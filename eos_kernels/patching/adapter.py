@@ -121,3 +121,76 @@ class DecoderAdapter:
         return str(impl)
 
 
+
+
+class VisionLanguageAdapter(DecoderAdapter):
+    """A Hugging Face vision-language model whose visual tokens are placeholder ids in ``input_ids``.
+
+    The shape of LLaVA, LLaVA-NeXT, LLaVA-OneVision and Qwen2(.5)-VL in
+    transformers 5.x: a ``...ForConditionalGeneration`` wrapping a base
+    ``...Model`` (the input module: it takes ``input_ids`` and the images)
+    whose ``language_model`` is the decoder stack; visual positions are the
+    positions of the placeholder token ids named by ``placeholder_attrs`` in
+    the config. A family sets the class attributes below and overrides only
+    what differs (RoPE, counts).
+    """
+
+    #: (generation class, base class) names in ``transformers``, one pair per supported model
+    classes: tuple[tuple[str, str], ...] = ()
+    #: config attributes holding the visual placeholder token ids (images, videos)
+    placeholder_attrs: tuple[str, ...] = ("image_token_id",)
+    #: the family's entry point, for messages
+    entry = "patch"
+
+    def _classes(self) -> tuple[tuple[type, ...], tuple[type, ...]]:
+        import transformers
+
+        gens = tuple(c for c in (getattr(transformers, g, None) for g, _ in self.classes) if c is not None)
+        bases = tuple(c for c in (getattr(transformers, b, None) for _, b in self.classes) if c is not None)
+        return gens, bases
+
+    def _base(self, model: nn.Module) -> nn.Module:
+        gens, _ = self._classes()
+        return model.model if isinstance(model, gens) else model
+
+    def placeholder_ids(self, model: nn.Module) -> list[int]:
+        ids = [getattr(model.config, a, None) for a in self.placeholder_attrs]
+        return [int(i) for i in ids if i is not None]
+
+    def check_model(self, model: nn.Module) -> None:
+        gens, bases = self._classes()
+        if not isinstance(model, gens + bases):
+            names = ", ".join(f"{g} / {b}" for g, b in self.classes)
+            raise ValueError(f"{self.entry} supports transformers {names}; "
+                             f"got {type(model).__module__}.{type(model).__name__}")
+        text = getattr(self._base(model), "language_model", None)
+        if not isinstance(getattr(text, "layers", None), nn.ModuleList):
+            raise ValueError(f"{self.entry}: the language model {type(text).__name__} has no `layers` "
+                             "ModuleList of decoder layers")
+        if getattr(model.config, "image_token_id", None) is None:
+            raise ValueError(f"{self.entry}: model.config.image_token_id is not set")
+
+    def input_module(self, model: nn.Module) -> nn.Module:
+        return self._base(model)
+
+    def text_model(self, model: nn.Module) -> nn.Module:
+        return self._base(model).language_model
+
+    def visual_mask(self, model: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        # every family's base forward takes `input_ids` first and `inputs_embeds` by keyword
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is not None:
+            mask = torch.zeros_like(input_ids, dtype=torch.bool)
+            for i in self.placeholder_ids(model):
+                mask |= input_ids == i
+            return mask
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            return None
+        # the placeholder test the models themselves use when only embeddings are given
+        rows = self.placeholder_rows(model).to(device=embeds.device, dtype=embeds.dtype)
+        return (embeds.unsqueeze(-2) == rows).all(dim=-1).any(dim=-1)
+
+    def placeholder_rows(self, model: nn.Module) -> torch.Tensor:
+        table = self._base(model).get_input_embeddings()
+        return table.weight[self.placeholder_ids(model)]
