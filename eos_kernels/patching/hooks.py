@@ -231,8 +231,8 @@ def _with_features(adapter: DecoderAdapter, model, visual: torch.Tensor, embeds)
     if embeds is None or not bool(visual.any()):
         return visual if embeds is not None else torch.zeros_like(visual)
     rows = adapter.placeholder_rows(model).to(device=embeds.device, dtype=embeds.dtype)  # [P, d]
-    plain = (embeds.unsqueeze(-2) == rows).all(dim=-1).any(dim=-1)  # [B, L]
-    return visual & ~plain
+    plain = (embeds[visual].unsqueeze(-2) == rows).all(dim=-1).any(dim=-1)  # only the visual positions
+    return visual.masked_scatter(visual, ~plain)
 
 
 def _real_tokens(mask, B: int, L: int) -> torch.Tensor | None:
