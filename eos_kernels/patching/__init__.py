@@ -1,8 +1,13 @@
 """EOS token reduction inside a stock Hugging Face decoder, per model instance.
 
-This module is the model-agnostic half of :func:`eos_kernels.patch_llava`; a
-model family plugs in through a small :class:`DecoderAdapter` (the LLaVA-1.5
-one lives in ``eos_kernels.integrations.llava``). Supported transformers:
+This package is the model-agnostic half of :func:`eos_kernels.patch`; a model
+family plugs in through a small :class:`~.adapter.VisionLanguageAdapter` (one
+file each in ``eos_kernels.integrations``: LLaVA-1.5, LLaVA-NeXT/OneVision,
+Qwen2(.5)-VL). Its modules: ``compat`` (versions, lookups by type or role, the
+drift error), ``plan`` (what to reduce), ``adapter``, ``report``, ``cache`` (the
+slot map of a reduced KV cache and the masks fitted to it), ``hooks`` (the
+per-forward context and the reduction step); patching and unpatching here.
+Supported transformers:
 ``5.0 <= version < 6`` (the 5.x decoder-layer API), tested in CI on the oldest
 and newest releases of :data:`TESTED_TRANSFORMERS`; an older release raises
 ``RuntimeError`` at patch time, a newer one warns once.
@@ -59,7 +64,8 @@ at the label each removed position would predict).
 Decoding (the KV cache not empty) never re-reduces. The layers behind a
 reducer have shorter caches, so each one gets the model's attention mask
 gathered at the original positions its cache slots hold (for sdpa without
-padding the mask is ``None`` and stays ``None``). The slot -> position map
+padding the mask is ``None`` and stays ``None``, unless a ragged prefill left
+padding slots to mask). The slot -> position map
 lives on the cache object itself (``cache._eos_map``), and the cache's
 ``reorder_cache`` / ``batch_select_indices`` / ``batch_repeat_interleave`` /
 ``crop`` are wrapped on that instance so that beam search and batch
