@@ -23,8 +23,8 @@ chosen from ``config.image_grid_pinpoints`` by its size (``image_sizes``); the
 grid features are unpadded to the image's aspect ratio and each row of the
 grid ends with an *image-newline* token (the learned ``model.image_newline``
 vector). The number of tokens per image therefore depends on the image size
-(:meth:`LlavaNextAdapter.visual_tokens_per_image` is None: integer keeps are
-checked against the actual count at every prefill; fractions fit any count).
+(:meth:`LlavaNextAdapter.visual_tokens_per_image` is None: an integer keep above
+what a sample holds is clipped to it at every prefill; fractions fit any count).
 
 **Image-newline tokens are visual and reducible.** In ``input_ids`` they carry
 the image token id like every other position of the image (the processor
@@ -90,8 +90,8 @@ def patch_llava_next(model: nn.Module, theta: Any, *, num_visual_tokens: int | N
             schema, or a path to a Theta JSON file.
         num_visual_tokens: visual tokens per prompt to validate ``theta``
             against at patch time. Without it only the reducer layers are
-            checked (the count depends on the image size); every prefill
-            validates the actual count.
+            checked (the count depends on the image size); at every
+            prefill a keep above a sample's count is clipped to it.
 
     Returns:
         ``model``, patched in place (see :func:`eos_kernels.patch_llava` for the report and the guarantees).

@@ -24,8 +24,8 @@ What is model-specific here (everything else is :mod:`eos_kernels.patching`):
 - **Counts**: dynamic resolution gives each image ``t * h * w /
   spatial_merge_size**2`` tokens (``image_grid_thw``), so there is no per-image
   count to validate a Theta against at patch time
-  (:meth:`QwenVLAdapter.visual_tokens_per_image` is None): integer keeps are
-  checked against the actual count at every prefill; fractions fit any count.
+  (:meth:`QwenVLAdapter.visual_tokens_per_image` is None): an integer keep above
+  what a sample holds is clipped to it at every prefill; fractions fit any count.
 - **Multimodal RoPE**: the model computes each token's 3-row position ids
   (temporal, height, width) from ``input_ids`` and ``image_grid_thw``
   (``get_rope_index``), before the decoder stack. The decoder layers receive
@@ -133,8 +133,8 @@ def patch_qwen2_vl(model: nn.Module, theta: Any, *, num_visual_tokens: int | Non
             schema, or a path to a Theta JSON file.
         num_visual_tokens: visual tokens per prompt to validate ``theta``
             against at patch time. Without it only the reducer layers are
-            checked (the count depends on each image's resolution); every
-            prefill validates the actual count.
+            checked (the count depends on each image's resolution); at every
+            prefill a keep above a sample's count is clipped to it.
 
     Returns:
         ``model``, patched in place (see :func:`eos_kernels.patch_llava` for the report and the guarantees).
