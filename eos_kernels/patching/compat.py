@@ -2,6 +2,7 @@
 role, and the error raised when a call does not look as expected."""
 from __future__ import annotations
 
+import functools
 from typing import Mapping
 
 import torch
@@ -82,10 +83,15 @@ def check_transformers_version(version: str | None = None) -> str:
     return version
 
 
-def _is_cache(obj) -> bool:
+@functools.lru_cache(maxsize=None)
+def _cache_class() -> type:
     from transformers.cache_utils import Cache
 
-    return isinstance(obj, Cache)
+    return Cache
+
+
+def _is_cache(obj) -> bool:
+    return isinstance(obj, _cache_class())
 
 
 def find_cache(args: tuple, kwargs: dict):
