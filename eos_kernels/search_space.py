@@ -315,6 +315,7 @@ class SearchSpace(nn.Module):
         num_visual_tokens: int | None = None,
         *,
         name: str | None = None,
+        fractions: bool = False,
     ) -> Theta:
         """Deterministic :class:`Theta` from the current state.
 
@@ -324,6 +325,12 @@ class SearchSpace(nn.Module):
         layers only, from ``num_visual_tokens`` (default: the module's N_0):
         ``K = max(K_min, floor((1 − g_l c_l) · N))``, capped at N. Operator
         parameters become floats; β, K_min and norm come from the module.
+
+        With ``fractions`` each reducer keeps the fraction ``1 − g_l c_l`` of its
+        incoming tokens instead of a count (``keep`` a float): the same rule
+        (equation 11) at *any* visual count, for models whose images give
+        different counts (LLaVA-NeXT, Qwen2(.5)-VL). ``num_visual_tokens`` is
+        then only checked against K_min.
         """
         thr = check_real("gate_threshold", gate_threshold, low=0.0, high=1.0)
         if max_reducers is not None:
@@ -342,6 +349,11 @@ class SearchSpace(nn.Module):
             active = active[:max_reducers]
         reducers, incoming = [], n
         for l in sorted(active):
+            if fractions:
+                keep = min(1.0, max(float(1.0 - g[l] * c[l]), 1e-12))
+                reducers.append(Reducer(l, keep, **{key: ops[key][l] for key in ops},
+                                        beta=self.beta, k_min=self.k_min, norm=self.norm))
+                continue
             kept = min(incoming, max(self.k_min, math.floor((1.0 - g[l] * c[l]) * incoming)))
             reducers.append(Reducer(l, kept, **{key: ops[key][l] for key in ops},
                                     beta=self.beta, k_min=self.k_min, norm=self.norm))
