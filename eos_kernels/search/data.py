@@ -1,4 +1,4 @@
-"""LLaVA-format data for the search: validation, prompts, tokenisation, batches, sampling.
+"""LLaVA-format data for the search, any supported family: validation, prompts, tokenisation, batches, sampling.
 
 A data file is a JSON list of records::
 
@@ -19,9 +19,11 @@ With a chat template (the processor's, else the tokenizer's) the conversation
 is rendered with ``apply_chat_template``: user turns as ``[{"type": "image"},
 {"type": "text", "text": question}]`` (the image item on the turn that held
 ``<image>``, the placeholder removed from the text) and assistant turns as
-``[{"type": "text", "text": answer}]`` for a processor template; plain strings
-(``<image>`` kept in place) for a tokenizer template. Without a template the
-LLaVA-1.5 format is used::
+``[{"type": "text", "text": answer}]`` for a processor template, and for a
+tokenizer template that writes the model's image placeholder for such an
+image item (multimodal templates: Qwen2-VL's, LLaVA-NeXT's); plain strings
+(``<image>`` kept in place, as the model's placeholder token) for any other
+tokenizer template. Without a template the LLaVA-1.5 format is used::
 
     USER: <image>\\n{question} ASSISTANT: {answer}</s>USER: {question 2} ASSISTANT: {answer 2}</s>
 
@@ -39,9 +41,29 @@ tokens before its first answer token -- limits the text rows that rate the
 visual tokens (:func:`eos_kernels.patching.prompt_lengths`), as the prompt
 alone rates them in ``generate``.
 
-The single ``<image>`` token is expanded to the model's N visual tokens in the
-ids (what ``LlavaProcessor`` does in the text); pixels come from the
-processor's image processor (RGB).
+The image placeholder of the rendered prompt (the token of the model's
+``image_token_id``: ``<image>`` for LLaVA and LLaVA-NeXT, ``<|image_pad|>`` for
+Qwen2(.5)-VL, which its chat template writes between ``<|vision_start|>`` and
+``<|vision_end|>``) is expanded to the sample's visual tokens in the ids (what
+the families' processors do in the text). How many:
+
+- a model with a fixed count (LLaVA-1.5: ``num_visual_tokens``) uses it for every image;
+- otherwise each image has its own count (LLaVA-NeXT's any-resolution tiling,
+  Qwen2(.5)-VL's dynamic resolution), asked of the processor itself (the
+  number of placeholders it writes for the image) or, without a full processor
+  (Qwen in transformers 5.x needs torchvision for one), from the image
+  processor's ``image_grid_thw`` and ``merge_size``.
+
+Images: :meth:`Dataset.collate` runs the image processor on the batch's images
+(RGB) and keeps everything it returns: ``pixel_values`` and the family's extra
+inputs (``image_sizes``, ``image_grid_thw``, ...) in :attr:`Batch.image_inputs`;
+:func:`eos_kernels.search.objective.forward_inputs` passes those the model's
+forward takes. Batches are ragged when the samples' counts differ.
+
+Processors: :func:`load_processor` loads ``AutoProcessor`` and falls back to
+``AutoTokenizer`` + ``AutoImageProcessor`` (:class:`TokenizerAndImageProcessor`)
+when the checkpoint has no usable processor; the tokenizer's chat template is
+then used.
 """
 from __future__ import annotations
 
@@ -52,7 +74,8 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["Example", "Batch", "Dataset", "load_dataset", "BatchSampler", "IMAGE_PLACEHOLDER"]
+__all__ = ["Example", "Batch", "Dataset", "load_dataset", "BatchSampler", "IMAGE_PLACEHOLDER",
+           "TokenizerAndImageProcessor", "load_processor"]
 
 IMAGE_PLACEHOLDER = "<image>"
 
@@ -70,6 +93,33 @@ class Example:
     turns: list[tuple[int, int]]  # (start, end) of each answer's tokens
     answers: list[str]         # each gpt turn's text
     num_text_tokens: int       # non-visual tokens
+    num_visual_tokens: int = 0  # this sample's visual tokens
+
+
+def _to(t, device, dtype=None):
+    if not torch.is_tensor(t):
+        return t
+    if dtype is not None and t.is_floating_point():
+        return t.to(device=device, dtype=dtype)
+    return t.to(device)
+
+
+def _slice_images(pixel_values, image_inputs: dict, batch: int, sl: slice):
+    """The image inputs of samples ``sl`` (one image per sample).
+
+    Tensors with one row per sample are sliced; Qwen-style flat patches
+    (``pixel_values`` [sum of patches, D] with ``image_grid_thw``) by each
+    image's ``t * h * w`` rows."""
+    grid = image_inputs.get("image_grid_thw")
+    if grid is not None and torch.is_tensor(grid):
+        rows = grid.prod(dim=-1).tolist()
+        start = sum(rows[:sl.start])
+        px = pixel_values[start:start + sum(rows[sl])]
+    else:
+        px = pixel_values[sl]
+    extra = {k: (v[sl] if torch.is_tensor(v) and v.dim() and v.shape[0] == batch else v)
+             for k, v in image_inputs.items()}
+    return px, extra
 
 
 @dataclasses.dataclass
@@ -77,16 +127,16 @@ class Batch:
     input_ids: torch.Tensor        # long [B, L]
     attention_mask: torch.Tensor   # long [B, L]
     labels: torch.Tensor           # long [B, L], -100 outside answers
-    pixel_values: torch.Tensor     # [B, 3, H, W]
+    pixel_values: torch.Tensor     # the image processor's: [B, 3, H, W] (LLaVA), [B, tiles, 3, H, W] (NeXT), [patches, D] (Qwen)
     prompt_lengths: torch.Tensor   # long [B] (in padded coordinates)
     indices: list[int]
+    #: the image processor's other outputs (``image_sizes``, ``image_grid_thw``, ...)
+    image_inputs: dict = dataclasses.field(default_factory=dict)
 
     def to(self, device, pixel_dtype=None) -> "Batch":
-        px = self.pixel_values.to(device)
-        if pixel_dtype is not None:
-            px = px.to(pixel_dtype)
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device), px,
-                     self.prompt_lengths.to(device), self.indices)
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
+                     _to(self.pixel_values, device, pixel_dtype), self.prompt_lengths.to(device), self.indices,
+                     {k: _to(v, device, pixel_dtype) for k, v in self.image_inputs.items()})
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -98,9 +148,52 @@ class Batch:
             sl = slice(s, s + size)
             mask = self.attention_mask[sl]
             length = int(mask.sum(dim=1).max()) if mask.numel() else 0
+            px, extra = _slice_images(self.pixel_values, self.image_inputs, len(self), sl)
             out.append(Batch(self.input_ids[sl, :length], mask[:, :length], self.labels[sl, :length],
-                             self.pixel_values[sl], self.prompt_lengths[sl], self.indices[sl]))
+                             px, self.prompt_lengths[sl], self.indices[sl], extra))
         return out
+
+
+class TokenizerAndImageProcessor:
+    """A tokenizer and an image processor standing in for a checkpoint's processor.
+
+    For checkpoints whose ``AutoProcessor`` cannot be built here (Qwen2(.5)-VL's
+    processor needs torchvision in transformers 5.x for its video half): prompts
+    are rendered with the tokenizer's chat template and the image placeholder is
+    expanded by :func:`load_dataset` (counts from ``image_grid_thw``)."""
+
+    chat_template = None
+
+    def __init__(self, tokenizer, image_processor):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+
+    def __repr__(self):
+        return (f"TokenizerAndImageProcessor({type(self.tokenizer).__name__}, "
+                f"{type(self.image_processor).__name__})")
+
+
+def load_processor(path: str):
+    """The processor of the checkpoint ``path``: ``AutoProcessor``, else tokenizer + image processor.
+
+    Raises:
+        ValueError: neither loads (the message gives both reasons).
+    """
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+        if getattr(processor, "image_processor", None) is not None:
+            return processor
+        first = f"AutoProcessor gave a {type(processor).__name__} without an image processor"
+    except (OSError, ValueError, TypeError, ImportError, KeyError, AttributeError) as exc:
+        first = f"AutoProcessor: {type(exc).__name__}: {exc}"
+    try:
+        return TokenizerAndImageProcessor(AutoTokenizer.from_pretrained(path),
+                                          AutoImageProcessor.from_pretrained(path))
+    except (OSError, ValueError, TypeError, ImportError, KeyError, AttributeError) as exc:
+        raise ValueError(f"cannot load a processor from {path}: {first}; the fallback AutoTokenizer + "
+                         f"AutoImageProcessor failed too: {type(exc).__name__}: {exc}") from None
 
 
 def _where(i: int, rec: Any) -> str:
@@ -148,14 +241,26 @@ def _check_record(i: int, rec: Any) -> tuple[str, list[tuple[str, str]]]:
 class _Renderer:
     """Conversation prefixes as token ids, through a chat template or the LLaVA-1.5 format."""
 
-    def __init__(self, processor):
+    def __init__(self, processor, placeholder: str = IMAGE_PLACEHOLDER):
         tok = getattr(processor, "tokenizer", processor)
         self.processor = processor
         self.tokenizer = tok
+        self.placeholder = placeholder  # the model's image token as text
+        self.structured = False  # content lists ({"type": "image"} items) rather than strings
         if getattr(processor, "chat_template", None) and processor is not tok:
             self.mode = "processor"
+            self.structured = True
         elif getattr(tok, "chat_template", None):
             self.mode = "tokenizer"
+            # multimodal tokenizer templates (Qwen's, LLaVA-NeXT's) take content lists and write the
+            # placeholder for an image item; a text-only template gets strings with the placeholder
+            try:
+                probe = tok.apply_chat_template(
+                    [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}],
+                    tokenize=False, add_generation_prompt=True)
+                self.structured = isinstance(probe, str) and placeholder in probe
+            except Exception:  # noqa: BLE001 - any template error: strings then
+                self.structured = False
         else:
             self.mode = "llava15"
         if tok.eos_token is None and self.mode == "llava15":
@@ -165,7 +270,7 @@ class _Renderer:
         msgs = []
         for who, value in turns:
             if who == "human":
-                if self.mode == "processor":
+                if self.structured:
                     content = []
                     if IMAGE_PLACEHOLDER in value:
                         content.append({"type": "image"})
@@ -174,9 +279,9 @@ class _Renderer:
                     content.append({"type": "text", "text": value})
                     msgs.append({"role": "user", "content": content})
                 else:
-                    msgs.append({"role": "user", "content": value})
+                    msgs.append({"role": "user", "content": value.replace(IMAGE_PLACEHOLDER, self.placeholder)})
             else:
-                if self.mode == "processor":
+                if self.structured:
                     msgs.append({"role": "assistant", "content": [{"type": "text", "text": value}]})
                 else:
                     msgs.append({"role": "assistant", "content": value})
@@ -188,6 +293,7 @@ class _Renderer:
             parts = []
             for who, value in turns:
                 if who == "human":
+                    value = value.replace(IMAGE_PLACEHOLDER, self.placeholder)
                     parts.append(f"USER: {value} ASSISTANT:")
                 else:
                     parts.append(f" {value}{self.tokenizer.eos_token}")
@@ -205,10 +311,32 @@ class _Renderer:
         return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
-class Dataset:
-    """Tokenised, validated examples and the pixels of their images."""
+def _open_rgb(path: str):
+    from PIL import Image
 
-    def __init__(self, examples: list[Example], processor, num_visual_tokens: int, image_token_id: int,
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except OSError as exc:
+        raise ValueError(f"cannot read image {path}: {exc}") from None
+
+
+def _image_processor(processor):
+    ip = getattr(processor, "image_processor", None)
+    if ip is None:
+        if callable(processor) and not hasattr(processor, "tokenizer") and hasattr(processor, "preprocess"):
+            return processor
+        raise ValueError(f"the processor {type(processor).__name__} has no image processor")
+    return ip
+
+
+class Dataset:
+    """Tokenised, validated examples and the pixels of their images.
+
+    ``num_visual_tokens`` is the model's fixed count per image, or None when
+    each image has its own (:attr:`visual_counts`, :attr:`mean_visual_tokens`)."""
+
+    def __init__(self, examples: list[Example], processor, num_visual_tokens: int | None, image_token_id: int,
                  pad_token_id: int, path: str):
         self.examples = examples
         self.processor = processor
@@ -223,18 +351,28 @@ class Dataset:
     def __getitem__(self, i: int) -> Example:
         return self.examples[i]
 
-    def pixels(self, paths: Sequence[str]) -> torch.Tensor:
-        from PIL import Image
+    @property
+    def visual_counts(self) -> list[int]:
+        """Visual tokens of each example."""
+        return [e.num_visual_tokens for e in self.examples]
 
-        images = []
-        for p in paths:
-            try:
-                with Image.open(p) as im:
-                    images.append(im.convert("RGB"))
-            except OSError as exc:
-                raise ValueError(f"cannot read image {p}: {exc}") from None
-        image_processor = getattr(self.processor, "image_processor", self.processor)
-        return image_processor(images, return_tensors="pt")["pixel_values"]
+    @property
+    def mean_visual_tokens(self) -> float:
+        counts = self.visual_counts
+        return sum(counts) / len(counts) if counts else 0.0
+
+    def image_inputs(self, paths: Sequence[str]) -> dict:
+        """The image processor's outputs for ``paths`` (RGB), one image per sample: a dict of tensors
+        (``pixel_values`` and the family's extras: ``image_sizes``, ``image_grid_thw``, ...)."""
+        out = _image_processor(self.processor)([_open_rgb(p) for p in paths], return_tensors="pt")
+        return {k: v for k, v in dict(out).items() if torch.is_tensor(v)}
+
+    def pixels(self, paths: Sequence[str]) -> torch.Tensor:
+        return self.image_inputs(paths)["pixel_values"]
+
+    def _images(self, paths):
+        inputs = self.image_inputs(paths)
+        return inputs.pop("pixel_values"), inputs
 
     def collate(self, indices: Sequence[int]) -> Batch:
         """Right-padded training batch of ``indices``."""
@@ -250,10 +388,12 @@ class Dataset:
             mask[b, :n] = 1
             labels[b, :n] = torch.tensor(e.labels)
         prompt = torch.tensor([e.prompt_length for e in exs], dtype=torch.long)
-        return Batch(ids, mask, labels, self.pixels([e.image for e in exs]), prompt, list(indices))
+        px, extra = self._images([e.image for e in exs])
+        return Batch(ids, mask, labels, px, prompt, list(indices), extra)
 
-    def prompt_batch(self, items: Sequence[tuple[int, int]]):
-        """Left-padded generation prompts for ``(example index, turn)`` pairs: ids, mask, pixels."""
+    def prompt_batch(self, items: Sequence[tuple[int, int]], *, with_image_inputs: bool = False):
+        """Left-padded generation prompts for ``(example index, turn)`` pairs: ids, mask, pixels
+        (and, with ``with_image_inputs``, the dict of the other image inputs)."""
         prompts = [self.examples[i].input_ids[:self.examples[i].turns[t][0]] for i, t in items]
         L = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), L), self.pad_token_id, dtype=torch.long)
@@ -261,19 +401,58 @@ class Dataset:
         for b, p in enumerate(prompts):
             ids[b, L - len(p):] = torch.tensor(p)
             mask[b, L - len(p):] = 1
-        return ids, mask, self.pixels([self.examples[i].image for i, _ in items])
+        px, extra = self._images([self.examples[i].image for i, _ in items])
+        return (ids, mask, px, extra) if with_image_inputs else (ids, mask, px)
 
 
-def load_dataset(path: str, processor, *, num_visual_tokens: int, image_token_id: int,
+class _VisualCounter:
+    """How many visual tokens an image becomes (see the module docstring)."""
+
+    def __init__(self, processor, tokenizer, image_token_id: int, placeholder: str, fixed: int | None):
+        self.processor = processor
+        self.image_token_id = image_token_id
+        self.placeholder = placeholder
+        self.fixed = fixed
+        # a full multimodal processor expands the placeholder itself: ask it
+        self.ask_processor = (fixed is None and processor is not tokenizer
+                              and not isinstance(processor, TokenizerAndImageProcessor)
+                              and getattr(processor, "image_processor", None) is not None
+                              and getattr(processor, "tokenizer", None) is not None)
+
+    def __call__(self, path: str, where: str) -> int:
+        if self.fixed is not None:
+            return self.fixed
+        image = _open_rgb(path)
+        if self.ask_processor:
+            out = self.processor(text=[self.placeholder], images=[image], return_tensors="pt")
+            n = int((out["input_ids"] == self.image_token_id).sum())
+        else:
+            ip = _image_processor(self.processor)
+            out = ip([image], return_tensors="pt")
+            grid = out.get("image_grid_thw")
+            merge = getattr(ip, "merge_size", None)
+            if grid is None or not merge:
+                raise ValueError(
+                    f"{where}: cannot tell how many visual tokens the image becomes: the model has no fixed "
+                    f"count, {type(self.processor).__name__} does not expand the image placeholder, and the "
+                    "image processor gives no image_grid_thw / merge_size; load the checkpoint's full processor")
+            n = int(grid[0].prod()) // int(merge) ** 2
+        if n < 1:
+            raise ValueError(f"{where}: the image {path} gives no visual token")
+        return n
+
+
+def load_dataset(path: str, processor, *, num_visual_tokens: int | None, image_token_id: int,
                  image_folder: str | None = None, pad_token_id: int | None = None,
                  limit: int | None = None, check_image_size: int | None = None) -> Dataset:
     """Read, validate and tokenise a LLaVA-format JSON file (see the module docstring).
 
     Args:
         path: the JSON file.
-        processor: the checkpoint's processor (or a tokenizer with an image processor).
-        num_visual_tokens: N, visual tokens per image (the model's).
-        image_token_id: the id of ``<image>`` (``model.config.image_token_id``).
+        processor: the checkpoint's processor (or a :class:`TokenizerAndImageProcessor`).
+        num_visual_tokens: N, visual tokens per image when the model has a fixed count
+            (LLaVA-1.5); None: each image its own count (LLaVA-NeXT, Qwen2(.5)-VL).
+        image_token_id: the model's image placeholder id (``model.config.image_token_id``).
         image_folder: folder of the image paths; default: the JSON file's folder.
         pad_token_id: padding id (default: the tokenizer's pad, else its eos).
         limit: keep the first ``limit`` records.
@@ -282,7 +461,7 @@ def load_dataset(path: str, processor, *, num_visual_tokens: int, image_token_id
 
     Raises:
         ValueError: a missing file or image, malformed records, a tokenizer
-            that does not map ``<image>`` to ``image_token_id``, ...
+            that has no single token for ``image_token_id``, ...
     """
     if not isinstance(path, str) or not os.path.isfile(path):
         raise ValueError(f"data file not found: {path}")
@@ -300,12 +479,14 @@ def load_dataset(path: str, processor, *, num_visual_tokens: int, image_token_id
     folder = image_folder if image_folder is not None else os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise ValueError(f"image folder not found: {folder}")
-    renderer = _Renderer(processor)
-    tok = renderer.tokenizer
-    placeholder_ids = tok(IMAGE_PLACEHOLDER, add_special_tokens=False)["input_ids"]
-    if list(placeholder_ids) != [image_token_id]:
-        raise ValueError(f"the tokenizer maps {IMAGE_PLACEHOLDER!r} to {list(placeholder_ids)}, not to the "
-                         f"model's image token id {image_token_id}")
+    tok = getattr(processor, "tokenizer", processor)
+    placeholder = tok.convert_ids_to_tokens(int(image_token_id))
+    if not isinstance(placeholder, str) or \
+            list(tok(placeholder, add_special_tokens=False)["input_ids"]) != [image_token_id]:
+        raise ValueError(f"the tokenizer has no token of its own for the model's image token id {image_token_id} "
+                         f"(it maps {placeholder!r} to "
+                         f"{list(tok(str(placeholder), add_special_tokens=False)['input_ids'])})")
+    renderer = _Renderer(processor, placeholder)
     if pad_token_id is None:
         pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     if pad_token_id is None:
@@ -322,8 +503,8 @@ def load_dataset(path: str, processor, *, num_visual_tokens: int, image_token_id
         raise ValueError(f"image file(s) not found ({len(missing)} of {len(parsed)}): "
                          + "; ".join(missing[:5]) + more)
 
+    counter = _VisualCounter(processor, tok, image_token_id, placeholder, num_visual_tokens)
     examples = []
-    n = num_visual_tokens
     for i, (image, turns) in enumerate(parsed):
         where = _where(i, records[i])
         full_ids = renderer.ids(renderer.text(turns, False))
@@ -344,6 +525,8 @@ def load_dataset(path: str, processor, *, num_visual_tokens: int, image_token_id
         if any(s <= at for s, _ in spans):
             raise ValueError(f"{where}: malformed conversation: {IMAGE_PLACEHOLDER} must come before the "
                              "first answer")
+        full_image = os.path.join(folder, image)
+        n = counter(full_image, where)
         ids = full_ids[:at] + [image_token_id] * n + full_ids[at + 1:]
         shift = n - 1
         spans = [(s + shift, e + shift) for s, e in spans]
@@ -353,10 +536,10 @@ def load_dataset(path: str, processor, *, num_visual_tokens: int, image_token_id
         answers = [v for w, v in turns if w == "gpt"]
         rid = records[i].get("id")
         examples.append(Example(index=i, id=str(rid) if rid is not None else str(i),
-                                image=os.path.join(folder, image), input_ids=ids, labels=labels,
+                                image=full_image, input_ids=ids, labels=labels,
                                 prompt_length=spans[0][0], turns=spans, answers=answers,
-                                num_text_tokens=len(ids) - n))
-    ds = Dataset(examples, processor, n, image_token_id, pad_token_id, path)
+                                num_text_tokens=len(ids) - n, num_visual_tokens=n))
+    ds = Dataset(examples, processor, num_visual_tokens, image_token_id, pad_token_id, path)
     if check_image_size is not None:
         px = ds.pixels([examples[0].image])
         if tuple(px.shape[-2:]) != (check_image_size, check_image_size):
