@@ -26,7 +26,8 @@ from torch.nn import functional as F
 from eos_kernels.patching import ReductionPlan, get_report, prompt_lengths, suspended
 from eos_kernels.search_space import SearchSpace
 
-__all__ = ["SearchPlan", "LayerCapture", "data_terms", "penalty_terms", "LOG_SCORE_FLOOR"]
+__all__ = ["SearchPlan", "LayerCapture", "data_terms", "penalty_terms", "forward_inputs", "visual_positions",
+           "LOG_SCORE_FLOOR"]
 
 #: Scores are clamped to at least this before the log of equation 12 (attention probabilities may underflow).
 LOG_SCORE_FLOOR = 1e-30
@@ -34,6 +35,20 @@ LOG_SCORE_FLOOR = 1e-30
 
 class SearchPlan(ReductionPlan):
     """Reduction plan of the search forward (decisions 1 and 2 of :mod:`eos_kernels.search`).
+
+    Batches may hold samples with different visual-token counts (LLaVA-NeXT,
+    Qwen2(.5)-VL): the patch asks :meth:`schedule` once per distinct count of a
+    forward (each sample follows equation 11 from its own count; a count below
+    K_min passes through) and :meth:`finish` once per layer and group of
+    samples reducing alike. Bookkeeping of the last reduced forward (since
+    :meth:`new_forward`, else since the first ``schedule`` after a ``finish``):
+
+    - ``schedules``: ``{count: [(layer, incoming, kept), ...]}`` of every count seen;
+    - ``last_schedule``: the schedule of the largest count seen;
+    - ``soft_kept``: ``{layer: Σ_i p_i}`` (equation 12's soft kept count,
+      detached) averaged over the samples that reduced at ``layer``, every sample
+      weighing one (a sample-weighted mean over the groups); for logging only --
+      the budget penalty uses the expected chain N̄ of the search space.
 
     Args:
         space: the search space (its parameters are the only trainable tensors).
@@ -53,18 +68,38 @@ class SearchPlan(ReductionPlan):
         self.layers = tuple(range(space.num_layers))
         self.current: dict = {}
         self.last_schedule: list[tuple[int, int, int]] = []
+        self.schedules: dict[int, list[tuple[int, int, int]]] = {}
         self.soft_kept: dict[int, torch.Tensor] = {}
+        self._soft_sum: dict[int, torch.Tensor] = {}
+        self._soft_n: dict[int, int] = {}
+        self._fresh = True
+
+    def new_forward(self) -> None:
+        """Start the bookkeeping of a new forward (:func:`data_terms` calls it before each reduced forward)."""
+        self._fresh = True
 
     def export(self, num_visual_tokens: int | None = None, name: str | None = None):
         """The Θ the search would deploy now (the rule of every search forward)."""
         return self.space.export(self.gate_threshold, self.max_reducers, num_visual_tokens, name=name)
 
     def schedule(self, num_visual_tokens: int):
+        # asked once per distinct visual count at the start of every prefill, before any `finish`:
+        # the first call of a forward starts its bookkeeping afresh
+        if self._fresh:
+            self._fresh = False
+            self.schedules = {}
+            self._soft_sum, self._soft_n = {}, {}
+            self.soft_kept = {}
+        if num_visual_tokens < self.space.k_min:  # too few to reduce: this sample passes through
+            self.schedules[num_visual_tokens] = []
+            return []
         theta = self.export(num_visual_tokens)
+        # the active layers and operator parameters depend on the space only, not on the count
         self.current = {r.layer: r for r in theta.reducers}
-        self.last_schedule = theta.schedule(num_visual_tokens)
-        self.soft_kept = {}
-        return self.last_schedule
+        sched = theta.schedule(num_visual_tokens)
+        self.schedules[num_visual_tokens] = sched
+        self.last_schedule = self.schedules[max(self.schedules)]
+        return sched
 
     def operator_kwargs(self, layer: int) -> dict:
         kwargs = self.space.operator_params(layer)
@@ -75,10 +110,15 @@ class SearchPlan(ReductionPlan):
         return self.current[layer].regime
 
     def finish(self, layer, reduced, scores, anchor_idx, kept):
+        self._fresh = True  # the next `schedule` belongs to the next forward
         # equation 12 on log-scores: alpha acts on log(q_i / q_(K)), whatever N is
         z = torch.log(scores.float().clamp_min(LOG_SCORE_FLOOR))
         p = self.space.keep_probability(z, layer, kept)
-        self.soft_kept[layer] = p.detach().sum(dim=1).mean()
+        # sample-weighted mean over the groups of this forward (samples reducing alike form one group)
+        total = p.detach().sum(dim=1).sum()
+        self._soft_sum[layer] = self._soft_sum.get(layer, 0) + total
+        self._soft_n[layer] = self._soft_n.get(layer, 0) + p.shape[0]
+        self.soft_kept[layer] = self._soft_sum[layer] / self._soft_n[layer]
         pa = p.gather(1, anchor_idx)
         factor = pa / pa.detach()  # forward value exactly 1 (p >= 1/2 for anchors)
         return reduced * factor.unsqueeze(-1).to(reduced.dtype)
@@ -116,17 +156,18 @@ class LayerCapture:
         self.handles = []
 
 
-def _positions_after(report, layer: int, batch: int, length: int, device) -> torch.Tensor:
-    """Original positions [B, L_l] of the rows leaving ``layer`` in the last reduced forward."""
-    kept = None
+def _positions_after(report, layer: int, batch: int, length: int, device):
+    """Original positions [B, L_l] of the rows leaving ``layer`` in the last reduced forward, and
+    which of them are real (bool [B, L_l], False at the padding slots of a ragged batch; None: all)."""
+    kept, valid = None, None
     if report is not None:
         for stage in report.stages:
             if stage.layer <= layer:
-                kept = stage.kept_positions
+                kept, valid = stage.kept_positions, stage.valid_slots
     if kept is None or kept.shape[1] != length:
         # unreduced so far, or the last layer (scattered back to the input length)
-        return torch.arange(length, device=device).unsqueeze(0).expand(batch, length)
-    return kept.to(device)
+        return torch.arange(length, device=device).unsqueeze(0).expand(batch, length), None
+    return kept.to(device), (None if valid is None else valid.to(device))
 
 
 def _answer_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -135,8 +176,71 @@ def _answer_positions(labels: torch.Tensor) -> torch.Tensor:
     return targets.any(dim=0).nonzero().flatten()
 
 
+def _adapter(model, adapter=None):
+    if adapter is not None:
+        return adapter
+    from eos_kernels.integrations.auto import adapter_for
+
+    return adapter_for(model)
+
+
+def visual_positions(model: nn.Module, input_ids: torch.Tensor, adapter=None) -> torch.Tensor:
+    """bool [B, L]: the visual placeholder positions (the adapter's ids: images, and videos where the family has them)."""
+    mask = torch.zeros_like(input_ids, dtype=torch.bool)
+    for i in _adapter(model, adapter).placeholder_ids(model):
+        mask |= input_ids == i
+    return mask
+
+
+def _forward_parameters(model: nn.Module) -> frozenset:
+    import inspect
+
+    return frozenset(n for n, p in inspect.signature(model.forward).parameters.items()
+                     if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
+
+
+def forward_inputs(model: nn.Module, batch, *, input_ids=None, attention_mask=None, pixel_values=None,
+                   image_inputs=None) -> dict:
+    """The keyword arguments of ``model(...)`` for ``batch`` (or the given tensors), any family.
+
+    ``input_ids``, ``attention_mask``, ``pixel_values`` and those of the image
+    processor's other outputs (``image_sizes``, ``image_grid_thw``, ...) that the
+    model's forward names; ``mm_token_type_ids`` (0 text, 1 image, 2 video) when
+    the forward takes it (Qwen2(.5)-VL on recent transformers). Inputs the forward
+    does not name are dropped: a ``**kwargs`` forward would hand them to its layers."""
+    ids = batch.input_ids if input_ids is None else input_ids
+    if batch is None and image_inputs is None:
+        image_inputs = {}
+    names = _forward_parameters(model)
+    out = {"input_ids": ids,
+           "attention_mask": batch.attention_mask if attention_mask is None else attention_mask,
+           "pixel_values": batch.pixel_values if pixel_values is None else pixel_values}
+    extra = getattr(batch, "image_inputs", {}) if image_inputs is None else image_inputs
+    for k, v in extra.items():
+        if k in names and k not in out:
+            out[k] = v
+    if "mm_token_type_ids" in names and "mm_token_type_ids" not in out:
+        types_ = torch.zeros_like(ids)
+        image_id = getattr(model.config, "image_token_id", None)
+        video_id = getattr(model.config, "video_token_id", None)
+        if image_id is not None:
+            types_ = types_.masked_fill(ids == image_id, 1)
+        if video_id is not None:
+            types_ = types_.masked_fill(ids == video_id, 2)
+        out["mm_token_type_ids"] = types_
+    return out
+
+
+def _patch_plan(model: nn.Module):
+    """The plan ``model`` is patched with (None when not patched)."""
+    from eos_kernels.patching import _STATE_ATTR
+
+    state = model.__dict__.get(_STATE_ATTR)
+    return getattr(state, "plan", None)
+
+
 def data_terms(model: nn.Module, batch, capture: LayerCapture | None, *, autocast=None,
-               align: bool = True) -> dict:
+               align: bool = True, adapter=None) -> dict:
     """Answer CE and alignment *sums* of one micro-batch (the model must be patched with a SearchPlan).
 
     Returns a dict: ``ce_sum`` (0-d, with grad), ``answer_tokens`` (int),
@@ -144,22 +248,30 @@ def data_terms(model: nn.Module, batch, capture: LayerCapture | None, *, autocas
     positions and features, with grad; empty without ``align``),
     ``text_tokens`` (int), ``hidden_size`` (int), ``report`` (the reduced
     forward's :class:`~eos_kernels.patching.EOSReport`).
+
+    Any supported family (``adapter``: default from the model's class): the
+    visual positions are the adapter's placeholder ids, the family's image
+    inputs come from :func:`forward_inputs`. In a ragged batch (samples reduced
+    at different counts) the padding slots of the shorter samples
+    (``StageRecord.valid_slots``) are left out of the alignment.
     """
     ctx = autocast if autocast is not None else contextlib.nullcontext
     ids, mask, labels = batch.input_ids, batch.attention_mask, batch.labels
-    visual = ids == model.config.image_token_id
+    visual = visual_positions(model, ids, adapter)
     text = mask.bool() & ~visual
+    inputs = forward_inputs(model, batch)
     reference = {}
     if align and capture is not None and capture.indices:
         with torch.no_grad(), suspended(model), capture.capturing() as out, ctx():
-            model(input_ids=ids, pixel_values=batch.pixel_values, attention_mask=mask, use_cache=False,
-                  logits_to_keep=1)
+            model(**inputs, use_cache=False, logits_to_keep=1)
         reference = {i: out[i][text] for i in capture.indices}
     keep = _answer_positions(labels)
     grab = capture.capturing() if reference else contextlib.nullcontext({})
+    plan = _patch_plan(model)
+    if hasattr(plan, "new_forward"):
+        plan.new_forward()
     with prompt_lengths(model, batch.prompt_lengths), grab as out, ctx():
-        logits = model(input_ids=ids, pixel_values=batch.pixel_values, attention_mask=mask, use_cache=False,
-                       logits_to_keep=keep).logits
+        logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
     report = get_report(model)
     targets = labels[:, keep + 1]
     ce_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
@@ -170,8 +282,10 @@ def data_terms(model: nn.Module, batch, capture: LayerCapture | None, *, autocas
         h = out[i]
         B, Ll, d = h.shape
         hidden_size = d
-        pos = _positions_after(report, i, B, Ll, h.device)
+        pos, valid = _positions_after(report, i, B, Ll, h.device)
         cur_text = text.gather(1, pos)
+        if valid is not None:  # a padding slot repeats its sample's last position: count it once
+            cur_text = cur_text & valid
         diff = h[cur_text].float() - ref.float()
         sse[i] = diff.pow(2).sum()
     return {
