@@ -95,7 +95,8 @@ def resolve_dtype(spec: str, device: torch.device, cuda_default=torch.bfloat16) 
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[spec]
 
 
-def _load_llava_config(path):
+def _load_model_config(path):
+    """The checkpoint's config, its transformers model class and the family's adapter (any supported family)."""
     if not isinstance(path, str) or not os.path.isdir(path):
         raise ValueError(f"model: not a local Hugging Face checkpoint directory: {path!r}")
     from transformers import AutoConfig
@@ -104,34 +105,59 @@ def _load_llava_config(path):
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as exc:
         raise ValueError(f"model: cannot read the config of {path}: {exc}") from None
-    if getattr(config, "model_type", None) != "llava" or getattr(config, "text_config", None) is None:
-        raise ValueError(f"model: {path} is not a LLaVA checkpoint (model_type {getattr(config, 'model_type', None)!r}; "
-                         "eos-search supports transformers' LlavaForConditionalGeneration)")
-    return config
+    cls, adapter = _model_class(config, path)
+    return config, cls, adapter
+
+
+def _model_class(config, path="the checkpoint"):
+    """``(transformers class, adapter)`` of a config: its ``architectures`` name, else the
+    ``AutoModelForImageTextToText`` mapping; the adapter serving that class (ValueError if none)."""
+    import transformers
+
+    from eos_kernels.integrations.auto import _adapters
+
+    adapters = _adapters()
+    supported = ", ".join(g for ad in adapters for g, _ in ad.classes)
+    candidates = [getattr(transformers, name, None) for name in (getattr(config, "architectures", None) or [])]
+    try:
+        from transformers import AutoModelForImageTextToText
+
+        candidates.append(AutoModelForImageTextToText._model_mapping[type(config)])
+    except (ImportError, KeyError, AttributeError):
+        pass
+    for cls in candidates:
+        if not isinstance(cls, type):
+            continue
+        for adapter in adapters:
+            gens, _ = adapter._classes()
+            if gens and issubclass(cls, gens):
+                return cls, adapter
+    names = [c.__name__ for c in candidates if isinstance(c, type)] or getattr(config, "architectures", None)
+    raise ValueError(f"model: {path} is not a supported model (model_type {getattr(config, 'model_type', None)!r}, "
+                     f"class {names}); eos-search supports transformers' {supported}")
 
 
 def _load_processor(path):
-    from transformers import AutoProcessor
+    from eos_kernels.search.data import load_processor
 
     try:
-        return AutoProcessor.from_pretrained(path)
-    except (OSError, ValueError, TypeError) as exc:
-        raise ValueError(f"model: cannot load the processor from {path}: {exc}") from None
+        return load_processor(path)
+    except ValueError as exc:
+        raise ValueError(f"model: {exc}") from None
 
 
 def load_model(path: str, device: torch.device, dtype: torch.dtype, attn_implementation: str | None = None,
                *, processor: bool = True):
-    """``(LlavaForConditionalGeneration, processor or None)`` from a local checkpoint directory."""
-    _load_llava_config(path)
-    from transformers import LlavaForConditionalGeneration
-
+    """``(model, processor or None)`` from a local checkpoint directory, the class chosen by its config
+    (LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2(.5)-VL)."""
+    _, cls, _ = _load_model_config(path)
     kwargs = {"dtype": dtype}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        model = LlavaForConditionalGeneration.from_pretrained(path, **kwargs)
+        model = cls.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"model: cannot load a LLaVA model from {path}: {exc}") from None
+        raise ValueError(f"model: cannot load a {cls.__name__} from {path}: {exc}") from None
     return model.to(device), (_load_processor(path) if processor else None)
 
 
@@ -283,7 +309,7 @@ class _Search:
     # ---------------------------------------------------------------- setup
     def _setup(self, model, processor):
         from eos_kernels._dispatch import resolve_impl
-        from eos_kernels.integrations.llava import LlavaAdapter
+        from eos_kernels.integrations.auto import adapter_for
         from eos_kernels.search.data import BatchSampler, load_dataset
         from eos_kernels.search_space import SearchSpace
 
@@ -320,24 +346,32 @@ class _Search:
                              "pass --resume to continue it or --overwrite to start over")
 
         # the model's shape, processor and data first: every check before loading the weights
-        self.adapter = LlavaAdapter()
         if model is not None:
+            self.adapter = adapter_for(model)
             self.adapter.check_model(model)
             mconfig = model.config
         else:
-            mconfig = _load_llava_config(cfg.model)
+            mconfig, _, self.adapter = _load_model_config(cfg.model)
         if processor is None:
             if cfg.model is None:
                 raise ValueError("run(config, model=...) needs processor= or config.model (to load the processor)")
             processor = _load_processor(cfg.model)
         self.num_layers = L = int(mconfig.text_config.num_hidden_layers)
-        n0 = self.adapter.visual_tokens_per_image(types.SimpleNamespace(config=mconfig))
-        if n0 is None:
-            raise ValueError("cannot tell the number of visual tokens per image from the model config")
+        # a fixed count per image (LLaVA-1.5), or None: each image its own (LLaVA-NeXT, Qwen2(.5)-VL), and
+        # N_0 is then the data's mean count (the budget is a mean per sample; Θ is exported as fractions)
+        self.fixed_count = self.adapter.visual_tokens_per_image(types.SimpleNamespace(config=mconfig))
+        image_size = getattr(getattr(mconfig, "vision_config", None), "image_size", None)
+        if isinstance(image_size, (list, tuple)):
+            image_size = image_size[0]
+        self.data = load_dataset(cfg.data, processor, num_visual_tokens=self.fixed_count,
+                                 image_token_id=mconfig.image_token_id, image_folder=cfg.image_folder,
+                                 check_image_size=image_size if self.fixed_count is not None else None)
+        n0 = self.fixed_count if self.fixed_count is not None else max(1, round(self.data.mean_visual_tokens))
         self.n0 = n0
         if cfg.budget > n0:
             raise ValueError(f"budget {cfg.budget:g} is larger than the {n0} visual tokens per image of this "
-                             "model: nothing to search for")
+                             "model" + ("" if self.fixed_count is not None else " (the data's mean)")
+                             + ": nothing to search for")
         if cfg.max_reducers > L:
             raise ValueError(f"max_reducers {cfg.max_reducers} exceeds the model's {L} decoder layers")
         self.align_layers = list(cfg.align_layers) if cfg.align_layers is not None else default_align_layers(L)
@@ -352,11 +386,6 @@ class _Search:
                 raise ValueError(f"init_layers: layer {x} does not exist in a model with {L} layers")
         self.init_discard = (cfg.init_discard if cfg.init_discard is not None else
                              warm_start_discard(cfg.budget, n0, len(self.init_layers), cfg.init_gate))
-        image_size = getattr(getattr(mconfig, "vision_config", None), "image_size", None)
-        if isinstance(image_size, (list, tuple)):
-            image_size = image_size[0]
-        self.data = load_dataset(cfg.data, processor, num_visual_tokens=n0, image_token_id=mconfig.image_token_id,
-                                 image_folder=cfg.image_folder, check_image_size=image_size)
 
         if model is None:
             model, _ = load_model(cfg.model, self.device, resolve_dtype(cfg.dtype, self.device),
@@ -437,7 +466,8 @@ class _Search:
 
     def _export(self):
         name = f"eos-search-B{self.config.budget:g}"
-        return self.space.export(self.config.gate_threshold, self.config.max_reducers, self.n0, name=name)
+        return self.space.export(self.config.gate_threshold, self.config.max_reducers, self.n0, name=name,
+                                 fractions=self.fixed_count is None)
 
     def _checkpoint(self):
         self.saved_step = self.step
@@ -477,7 +507,8 @@ class _Search:
         # global counts first: every rank normalises by the whole batch's tokens
         labels = batch.labels
         n_answer = int((labels[:, 1:] != -100).sum())
-        n_text = int((batch.attention_mask.bool() & (batch.input_ids != model.config.image_token_id)).sum())
+        n_text = int((batch.attention_mask.bool() & ~objective.visual_positions(model, batch.input_ids,
+                                                                                  self.adapter)).sum())
         counts = torch.tensor([n_answer, n_text], dtype=torch.float64, device=dist.comm_device)
         dist.all_sum(counts)
         g_answer, g_text = float(counts[0]), float(counts[1])
@@ -494,7 +525,8 @@ class _Search:
         report = None
         soft = {}
         for mb in micro:
-            terms = objective.data_terms(model, mb, self.capture, autocast=self.autocast, align=use_align)
+            terms = objective.data_terms(model, mb, self.capture, autocast=self.autocast, align=use_align,
+                                         adapter=self.adapter)
             loss = cfg.lambda_ce * terms["ce_sum"] / max(g_answer, 1.0)
             if use_align:
                 per_layer = torch.stack([terms["align_sse"][i] for i in self.align_layers])
@@ -539,6 +571,8 @@ class _Search:
             raise NonFiniteLossError(f"non-finite gradient at step {step_no} (norm {grad_norm!r}, loss {total!r})")
         lr = self.optimizer.param_groups[0]["lr"]
         schedule = self.plan.last_schedule if report is not None and report.stages else []
+        if self.fixed_count is None and schedule:  # samples differ: log the rule at N_0
+            schedule = self.plan.export(self.n0).schedule(self.n0)
         deployed = schedule[-1][2] if schedule else self.n0
         record = {
             "step": step_no,
