@@ -1,5 +1,11 @@
 """Evaluate Θ configurations on a held-out LLaVA-format split: answer accuracy and token accounting.
 
+Any supported family (the adapter from the model's class, the data pipeline of
+:mod:`eos_kernels.search.data`). Where images give different visual counts
+(LLaVA-NeXT, Qwen2(.5)-VL) the token report is at the data's mean count,
+``measured_final`` is the first sample's, and a Θ is validated against the
+largest count (an integer keep above a smaller sample's count is clipped).
+
 ``eos-search --eval THETA [THETA ...] --model DIR --data HELDOUT.json`` (or
 :func:`evaluate`) patches the model with each Θ in turn (``patch_llava``,
 the deployment path) and reports, on the same examples:
@@ -70,6 +76,13 @@ def resolve_theta(spec: str, num_layers: int, num_visual_tokens: int) -> Theta:
                      "sparsevlm-v2-<B>, paper-<B>, tome-<B>, pool-<B>, fastv-<layer>-<keep>)")
 
 
+def _reference_count(data) -> int:
+    """N_0 of the token report: the model's fixed count, else the data's mean count (rounded)."""
+    if data.num_visual_tokens is not None:
+        return data.num_visual_tokens
+    return max(1, round(data.mean_visual_tokens))
+
+
 def _model_sizes(model) -> dict:
     text = model.config.text_config
     return {"hidden_size": int(text.hidden_size), "intermediate_size": int(text.intermediate_size)}
@@ -77,23 +90,23 @@ def _model_sizes(model) -> dict:
 
 @torch.no_grad()
 def _evaluate_one(model, processor, data, theta: Theta, batch_size: int, max_new_tokens: int, device) -> dict:
-    from eos_kernels.integrations.llava import LlavaAdapter, patch_llava, unpatch_llava
-    from eos_kernels.patching import get_report
-    from eos_kernels.search.objective import data_terms
+    from eos_kernels.integrations.auto import adapter_for
+    from eos_kernels.patching import get_report, patch_model, unpatch_model
+    from eos_kernels.search.objective import data_terms, forward_inputs
 
     tok = getattr(processor, "tokenizer", processor)
-    adapter = LlavaAdapter()
+    adapter = adapter_for(model)
     L = adapter.num_layers(model)
-    n0 = data.num_visual_tokens
-    theta.validate(L, n0)
+    n0 = _reference_count(data)
+    theta.validate(L, data.num_visual_tokens or max(data.visual_counts))
     dtype = next(model.parameters()).dtype
-    patch_llava(model, theta)
+    patch_model(model, theta, adapter)
     try:
         # teacher-forced answer CE
         ce_sum, n_tok = 0.0, 0
         for s in range(0, len(data), batch_size):
             batch = data.collate(range(s, min(len(data), s + batch_size))).to(device, dtype)
-            terms = data_terms(model, batch, None, align=False)
+            terms = data_terms(model, batch, None, align=False, adapter=adapter)
             ce_sum += float(terms["ce_sum"])
             n_tok += terms["answer_tokens"]
         # greedy answers
@@ -103,9 +116,12 @@ def _evaluate_one(model, processor, data, theta: Theta, batch_size: int, max_new
         pad = data.pad_token_id
         for s in range(0, len(items), batch_size):
             chunk = items[s:s + batch_size]
-            ids, mask, px = data.prompt_batch(chunk)
+            ids, mask, px, extra = data.prompt_batch(chunk, with_image_inputs=True)
             ids, mask, px = ids.to(device), mask.to(device), px.to(device, dtype)
-            out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=px, max_new_tokens=max_new_tokens,
+            extra = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in extra.items()}
+            inputs = forward_inputs(model, None, input_ids=ids, attention_mask=mask, pixel_values=px,
+                                    image_inputs=extra)
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens,
                                  do_sample=False, num_beams=1, eos_token_id=eos, pad_token_id=pad)
             if measured is None:
                 report = get_report(model)
@@ -122,8 +138,8 @@ def _evaluate_one(model, processor, data, theta: Theta, batch_size: int, max_new
                     samples.append({"id": data.examples[i].id, "turn": t, "answer": gold, "generated": text,
                                     "correct": bool(ok)})
     finally:
-        unpatch_llava(model)
-    prompt_text = [len(ex.input_ids[:ex.prompt_length]) - n0 for ex in data.examples]
+        unpatch_model(model)
+    prompt_text = [len(ex.input_ids[:ex.prompt_length]) - ex.num_visual_tokens for ex in data.examples]
     text_tokens = int(round(sum(prompt_text) / len(prompt_text)))
     tokens = theta.token_report(n0, L, text_tokens, **_model_sizes(model))
     tokens["schedule"] = [list(s) for s in tokens["schedule"]]
@@ -171,8 +187,8 @@ def evaluate(config: SearchConfig | Mapping[str, Any] | None = None, thetas: Seq
         ``spec``, ``accuracy``, ``answer_ce``, ``tokens`` (token report),
         ``measured_final`` and a few sample generations.
     """
-    from eos_kernels.integrations.llava import LlavaAdapter
-    from eos_kernels.search.data import load_dataset
+    from eos_kernels.integrations.auto import adapter_for
+    from eos_kernels.search.data import load_dataset, load_processor
     from eos_kernels.search.driver import load_model, resolve_device, resolve_dtype
 
     config = SearchConfig.coerce(config, **overrides)
@@ -191,22 +207,21 @@ def evaluate(config: SearchConfig | Mapping[str, Any] | None = None, thetas: Seq
         device = next(model.parameters()).device
         if processor is None:
             config.require("model")
-            from transformers import AutoProcessor
-
-            processor = AutoProcessor.from_pretrained(config.model)
-    adapter = LlavaAdapter()
+            processor = load_processor(config.model)
+    adapter = adapter_for(model)
     adapter.check_model(model)
     L = adapter.num_layers(model)
-    n0 = adapter.visual_tokens_per_image(model)
+    fixed = adapter.visual_tokens_per_image(model)  # None: each image its own count
+    data = load_dataset(config.data, processor, num_visual_tokens=fixed, image_token_id=model.config.image_token_id,
+                        image_folder=config.image_folder, limit=config.eval_limit)
+    n0 = _reference_count(data)
     resolved = [(spec if isinstance(spec, str) else (spec.name or "theta"),
                  spec if isinstance(spec, Theta) else resolve_theta(spec, L, n0)) for spec in thetas]
     for spec, theta in resolved:
         try:
-            theta.validate(L, n0)
+            theta.validate(L, fixed if fixed is not None else max(data.visual_counts))
         except ValueError as exc:
             raise ValueError(f"eval: {spec}: {exc}") from None
-    data = load_dataset(config.data, processor, num_visual_tokens=n0, image_token_id=model.config.image_token_id,
-                        image_folder=config.image_folder, limit=config.eval_limit)
     was_training = model.training
     model.eval()
     results = []
