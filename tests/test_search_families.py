@@ -1,0 +1,225 @@
+"""eos-search on every family (issue 12, item 6): tiny random Qwen2.5-VL and LLaVA-NeXT saved with ``save_pretrained``.
+
+The models and processors come from ``tests/_tiny_families.py`` (6 layers);
+the data set is the tiny LLaVA-format JSON of ``_tiny_models.write_llava_dataset``
+with its PNGs resized to different sizes, so that the images give different
+visual counts (any-resolution tiling / dynamic resolution) and every training
+batch is ragged. Prompts are rendered with the checkpoint's chat template (the
+processor's for LLaVA-NeXT; the tokenizer's for Qwen when its processor cannot
+be built, i.e. without torchvision).
+"""
+import json
+import math
+import os
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from eos_kernels.patching import get_report, is_patched, patch_model, prompt_lengths, unpatch_model  # noqa: E402
+from eos_kernels.search import SearchConfig, run  # noqa: E402
+from eos_kernels.search import objective  # noqa: E402
+from eos_kernels.search.data import TokenizerAndImageProcessor, load_dataset, load_processor  # noqa: E402
+from eos_kernels.search_space import SearchSpace  # noqa: E402
+from eos_kernels.theta import Theta  # noqa: E402
+
+from _tiny_families import (  # noqa: E402
+    IMAGE_TOKEN_ID, VISION_END_TOKEN_ID, VISION_START_TOKEN_ID, save_tiny_llava_next, save_tiny_qwen,
+)
+from _tiny_models import write_llava_dataset  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+#: (width, height) of the data set's images, in turn: different counts for both families
+SIZES = [(56, 56), (50, 100), (100, 40), (112, 112), (40, 60), (64, 32)]
+FAMILIES = ("qwen2.5", "llava_next")
+
+
+def _write_data(root, n=6, seed=0):
+    from PIL import Image
+
+    path = write_llava_dataset(str(root), n=n, seed=seed)
+    for i, rec in enumerate(json.load(open(path))):
+        full = os.path.join(str(root), rec["image"])
+        with Image.open(full) as im:
+            im.convert("RGB").resize(SIZES[i % len(SIZES)]).save(full)
+    return path
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def env(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param.replace(".", ""))
+    if request.param == "qwen2.5":
+        model_dir = save_tiny_qwen(str(root / "model"), version="2.5")
+    else:
+        model_dir = save_tiny_llava_next(str(root / "model"))
+    data = _write_data(root / "data")
+    return SimpleNamespace(family=request.param, root=root, model=model_dir, data=data)
+
+
+@pytest.fixture(scope="module")
+def loaded(env):
+    from eos_kernels.search.driver import load_model
+
+    model, processor = load_model(env.model, torch.device("cpu"), torch.float32)
+    return model.eval(), processor
+
+
+def _dataset(env, processor):
+    return load_dataset(env.data, processor, num_visual_tokens=None, image_token_id=IMAGE_TOKEN_ID)
+
+
+def test_model_class_processor_and_prompts_follow_the_checkpoint(env, loaded):
+    import transformers
+
+    model, processor = loaded
+    want = "Qwen2_5_VLForConditionalGeneration" if env.family == "qwen2.5" else "LlavaNextForConditionalGeneration"
+    assert type(model) is getattr(transformers, want)
+    ds = _dataset(env, processor)
+    counts = ds.visual_counts
+    assert ds.num_visual_tokens is None and len(set(counts)) >= 3, counts
+    tok = processor.tokenizer
+    for ex in ds.examples:
+        assert ex.input_ids.count(IMAGE_TOKEN_ID) == ex.num_visual_tokens
+        words = tok.convert_ids_to_tokens(ex.input_ids)
+        answers = [t["value"] for t in json.load(open(env.data))[ex.index]["conversations"][1::2]]
+        labelled = [w for w, y in zip(words, ex.labels) if y != -100]
+        if env.family == "qwen2.5":
+            # the Qwen chat format (the tokenizer's template), not LLaVA-1.5's
+            at = ex.input_ids.index(IMAGE_TOKEN_ID)
+            assert ex.input_ids[at - 1] == VISION_START_TOKEN_ID
+            assert ex.input_ids[at + ex.num_visual_tokens] == VISION_END_TOKEN_ID
+            assert words[0] == "<|im_start|>" and "USER:" not in words
+            assert words[ex.prompt_length - 1] == "assistant"
+            assert labelled == [w for a in answers for w in a.split() + ["<|im_end|>"]]
+        else:
+            assert words[ex.prompt_length - 1] == "ASSISTANT:"
+            assert labelled == [w for a in answers for w in a.split() + ["</s>"]]
+    if env.family == "qwen2.5":
+        try:
+            import torchvision  # noqa: F401
+        except ImportError:  # the Qwen processor needs torchvision in transformers 5.x: the fallback
+            assert isinstance(processor, TokenizerAndImageProcessor)
+    else:
+        # LLaVA-NeXT's own processor expands <image> to the same ids
+        from PIL import Image
+
+        ex = ds.examples[1]
+        text = tok.decode(ex.input_ids[:ex.prompt_length], skip_special_tokens=False)
+        with Image.open(ex.image) as im:
+            own = processor(text=[text.replace("<image> " * ex.num_visual_tokens, "<image> ", 1)
+                                  .replace("<s> ", "", 1)], images=[im.convert("RGB")])["input_ids"][0]
+        assert list(own) == ex.input_ids[:ex.prompt_length]
+    # the stock model accepts the collated inputs: the counts match its image features
+    batch = ds.collate([0, 1, 2])
+    with torch.no_grad():
+        out = model(**objective.forward_inputs(model, batch), use_cache=False)
+    assert torch.isfinite(out.logits).all()
+
+
+def _space(n0, layers=6):
+    return SearchSpace(num_layers=layers, num_visual_tokens=n0, init_layers=(1, 3), init_discard=0.5)
+
+
+def test_ragged_alignment_and_plan_bookkeeping_equal_each_sample_alone(env, loaded):
+    model, processor = loaded
+    ds = _dataset(env, processor)
+    space = _space(round(ds.mean_visual_tokens))
+    plan = objective.SearchPlan(space, max_reducers=2)
+    from eos_kernels.integrations.auto import adapter_for
+
+    adapter = adapter_for(model)
+    capture = None
+    picks, seen = [], set()
+    for ex in ds.examples:  # three samples with three different counts
+        if ex.num_visual_tokens not in seen and len(picks) < 3:
+            picks.append(ex.index)
+            seen.add(ex.num_visual_tokens)
+    assert len(picks) == 3, ds.visual_counts
+    patch_model(model, None, adapter, plan=plan)
+    try:
+        capture = objective.LayerCapture(adapter.decoder_layers(model), [1, 2, 4, 5])
+        with torch.no_grad():
+            together = objective.data_terms(model, ds.collate(picks), capture, adapter=adapter)
+            soft_together = dict(plan.soft_kept)
+            stages = together["report"].stages
+            assert stages and stages[-1].valid_slots is not None  # the batch is ragged after a reducer
+            assert set(plan.schedules) == {ds.examples[i].num_visual_tokens for i in picks}
+            alone = []
+            for i in picks:
+                alone.append((objective.data_terms(model, ds.collate([i]), capture, adapter=adapter),
+                              dict(plan.soft_kept)))
+    finally:
+        if capture is not None:
+            capture.remove()
+        unpatch_model(model)
+    assert not is_patched(model)
+    ce = sum(float(t["ce_sum"]) for t, _ in alone)
+    assert math.isclose(float(together["ce_sum"]), ce, rel_tol=1e-4)
+    for layer in (1, 2, 4, 5):
+        sep = sum(float(t["align_sse"][layer]) for t, _ in alone)
+        assert math.isclose(float(together["align_sse"][layer]), sep, rel_tol=1e-4, abs_tol=1e-6), layer
+    assert together["text_tokens"] == sum(t["text_tokens"] for t, _ in alone)
+    # soft kept: the sample-weighted mean of each sample's own value
+    for layer, value in soft_together.items():
+        mean = sum(float(s[layer]) for _, s in alone) / len(alone)
+        assert math.isclose(float(value), mean, rel_tol=1e-4), layer
+
+
+def test_short_search_from_the_command_line_writes_theta(env, tmp_path):
+    from eos_kernels.search.cli import main
+
+    out = tmp_path / "out"
+    assert main(["--model", env.model, "--data", env.data, "--budget", "6", "--steps", "2", "--batch-size", "4",
+                 "--micro-batch-size", "2", "--output", str(out), "--no-progress"]) == 0
+    theta = Theta.from_json(str(out / "theta.json"))
+    assert all(r.is_fraction for r in theta.reducers)  # counts differ per image: Θ keeps fractions
+    assert theta.reducers, "the warm start has active reducers"
+    log = [json.loads(line) for line in open(out / "log.jsonl") if line.strip()]
+    assert [r["step"] for r in log] == [1, 2]
+    for r in log:
+        assert all(math.isfinite(r[k]) for k in ("ce", "align", "total", "grad_norm"))
+        assert r["align"] > 0 and r["kept"]
+    state = torch.load(out / "search_state.pt", map_location="cpu", weights_only=False)
+    assert state["step"] == 2
+    # N_0 is the data's mean count; the fractions apply equation 11 at every count
+    counts = _dataset(env, load_processor(env.model)).visual_counts
+    assert state["space_kwargs"]["num_visual_tokens"] == round(sum(counts) / len(counts))
+    space = SearchSpace(**state["space_kwargs"])
+    space.load_state_dict(state["space"])
+    for n in sorted(set(counts)):
+        assert theta.schedule(n) == space.export(0.5, 3, n).schedule(n), n
+
+
+def test_eval_runs_on_the_family(env, loaded, tmp_path):
+    from eos_kernels.search import evaluate
+
+    model, processor = loaded
+    held_out = _write_data(tmp_path / "heldout", n=2, seed=5)
+    theta = Theta.fastv(1, 0.5)
+    res = evaluate(SearchConfig(data=held_out, output=str(tmp_path), batch_size=2, max_new_tokens=2),
+                   [theta, "none"], model=model, processor=processor, write=False)["results"]
+    assert [r["answers"] for r in res] == [2, 2]
+    assert all(math.isfinite(r["answer_ce"]) for r in res)
+    assert res[1]["measured_final"] > res[0]["measured_final"]
+    assert not is_patched(model)
+
+
+def test_unsupported_models_are_refused_clearly(tmp_path):
+    from transformers import LlamaConfig
+
+    from eos_kernels.search.driver import load_model
+
+    folder = tmp_path / "llama"
+    LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                architectures=["LlamaForCausalLM"]).save_pretrained(str(folder))
+    with pytest.raises(ValueError, match=r"not a supported model.*LlamaForCausalLM.*supports transformers'.*"
+                                         r"LlavaNextForConditionalGeneration.*Qwen2_5_VLForConditionalGeneration"):
+        load_model(str(folder), torch.device("cpu"), torch.float32)
+    with pytest.raises(ValueError, match="not a supported model"):
+        run(SearchConfig(model=str(folder), data=str(folder / "config.json"), budget=4, output=str(tmp_path / "o")))
