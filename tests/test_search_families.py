@@ -1,4 +1,4 @@
-"""eos-search on every family (issue 12, item 6): tiny random Qwen2.5-VL and LLaVA-NeXT saved with ``save_pretrained``.
+"""eos-search on every family (issue 12, item 6): tiny random Qwen2.5-VL, Qwen2-VL and LLaVA-NeXT saved with ``save_pretrained``.
 
 The models and processors come from ``tests/_tiny_families.py`` (6 layers);
 the data set is the tiny LLaVA-format JSON of ``_tiny_models.write_llava_dataset``
@@ -37,7 +37,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 #: (width, height) of the data set's images, in turn: different counts for both families
 SIZES = [(56, 56), (50, 100), (100, 40), (112, 112), (40, 60), (64, 32)]
-FAMILIES = ("qwen2.5", "llava_next")
+FAMILIES = ("qwen2.5", "qwen2", "llava_next")
 
 
 def _write_data(root, n=6, seed=0):
@@ -54,8 +54,8 @@ def _write_data(root, n=6, seed=0):
 @pytest.fixture(scope="module", params=FAMILIES)
 def env(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param.replace(".", ""))
-    if request.param == "qwen2.5":
-        model_dir = save_tiny_qwen(str(root / "model"), version="2.5")
+    if request.param.startswith("qwen"):
+        model_dir = save_tiny_qwen(str(root / "model"), version=request.param[len("qwen"):])
     else:
         model_dir = save_tiny_llava_next(str(root / "model"))
     data = _write_data(root / "data")
@@ -78,7 +78,8 @@ def test_model_class_processor_and_prompts_follow_the_checkpoint(env, loaded):
     import transformers
 
     model, processor = loaded
-    want = "Qwen2_5_VLForConditionalGeneration" if env.family == "qwen2.5" else "LlavaNextForConditionalGeneration"
+    want = {"qwen2.5": "Qwen2_5_VLForConditionalGeneration", "qwen2": "Qwen2VLForConditionalGeneration",
+            "llava_next": "LlavaNextForConditionalGeneration"}[env.family]
     assert type(model) is getattr(transformers, want)
     ds = _dataset(env, processor)
     counts = ds.visual_counts
@@ -89,7 +90,7 @@ def test_model_class_processor_and_prompts_follow_the_checkpoint(env, loaded):
         words = tok.convert_ids_to_tokens(ex.input_ids)
         answers = [t["value"] for t in json.load(open(env.data))[ex.index]["conversations"][1::2]]
         labelled = [w for w, y in zip(words, ex.labels) if y != -100]
-        if env.family == "qwen2.5":
+        if env.family.startswith("qwen"):
             # the Qwen chat format (the tokenizer's template), not LLaVA-1.5's
             at = ex.input_ids.index(IMAGE_TOKEN_ID)
             assert ex.input_ids[at - 1] == VISION_START_TOKEN_ID
@@ -100,7 +101,7 @@ def test_model_class_processor_and_prompts_follow_the_checkpoint(env, loaded):
         else:
             assert words[ex.prompt_length - 1] == "ASSISTANT:"
             assert labelled == [w for a in answers for w in a.split() + ["</s>"]]
-    if env.family == "qwen2.5":
+    if env.family.startswith("qwen"):
         try:
             import torchvision  # noqa: F401
         except ImportError:  # the Qwen processor needs torchvision in transformers 5.x: the fallback
