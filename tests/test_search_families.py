@@ -224,3 +224,10 @@ def test_unsupported_models_are_refused_clearly(tmp_path):
         load_model(str(folder), torch.device("cpu"), torch.float32)
     with pytest.raises(ValueError, match="not a supported model"):
         run(SearchConfig(model=str(folder), data=str(folder / "config.json"), budget=4, output=str(tmp_path / "o")))
+    from transformers import LlamaForCausalLM
+
+    llama = LlamaForCausalLM(LlamaConfig.from_pretrained(str(folder)))
+    with pytest.raises(ValueError, match=r"model: eos-search: no adapter for .*LlamaForCausalLM.*supported"):
+        run(SearchConfig(data=str(folder / "config.json"), budget=4, output=str(tmp_path / "o")), model=llama,
+            processor=object())
+    assert not (tmp_path / "o").exists()

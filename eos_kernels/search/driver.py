@@ -347,7 +347,10 @@ class _Search:
 
         # the model's shape, processor and data first: every check before loading the weights
         if model is not None:
-            self.adapter = adapter_for(model)
+            try:
+                self.adapter = adapter_for(model)
+            except ValueError as exc:
+                raise ValueError("model: " + str(exc).replace("eos_kernels.patch", "eos-search", 1)) from None
             self.adapter.check_model(model)
             mconfig = model.config
         else:
@@ -698,7 +701,8 @@ def run(config: SearchConfig | Mapping[str, Any] | None = None, *, model: nn.Mod
 
     Args:
         config: a :class:`SearchConfig`, a mapping of its fields, or None.
-        model: optionally an already loaded ``LlavaForConditionalGeneration``
+        model: optionally an already loaded model of a supported family (LLaVA, LLaVA-NeXT,
+            LLaVA-OneVision, Qwen2(.5)-VL: ``eos_kernels.integrations.auto.SUPPORTED_MODELS``)
             (used instead of loading ``config.model``; it is patched during the
             run and unpatched, with its ``requires_grad`` flags and mode
             restored, afterwards).
