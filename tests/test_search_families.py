@@ -231,3 +231,15 @@ def test_unsupported_models_are_refused_clearly(tmp_path):
         run(SearchConfig(data=str(folder / "config.json"), budget=4, output=str(tmp_path / "o")), model=llama,
             processor=object())
     assert not (tmp_path / "o").exists()
+
+
+def test_plan_passes_through_counts_below_k_min_and_keeps_per_count_schedules():
+    space = SearchSpace(num_layers=6, num_visual_tokens=20, init_layers=(1, 3), init_discard=0.5, k_min=4)
+    plan = objective.SearchPlan(space, max_reducers=2)
+    plan.new_forward()
+    assert plan.schedule(3) == []  # fewer than K_min: the sample passes through
+    big = plan.schedule(40)
+    small = plan.schedule(10)
+    assert plan.schedules == {3: [], 40: big, 10: small} and plan.last_schedule == big
+    assert [s[0] for s in big] == [s[0] for s in small] == [1, 3]
+    assert big == space.export(0.5, 2, 40).schedule(40) and small[-1][2] >= 4

@@ -91,12 +91,12 @@ class SearchPlan(ReductionPlan):
             self._soft_sum, self._soft_n = {}, {}
             self.soft_kept = {}
         if num_visual_tokens < self.space.k_min:  # too few to reduce: this sample passes through
-            self.schedules[num_visual_tokens] = []
-            return []
-        theta = self.export(num_visual_tokens)
-        # the active layers and operator parameters depend on the space only, not on the count
-        self.current = {r.layer: r for r in theta.reducers}
-        sched = theta.schedule(num_visual_tokens)
+            sched = []
+        else:
+            theta = self.export(num_visual_tokens)
+            # the active layers and operator parameters depend on the space only, not on the count
+            self.current = {r.layer: r for r in theta.reducers}
+            sched = theta.schedule(num_visual_tokens)
         self.schedules[num_visual_tokens] = sched
         self.last_schedule = self.schedules[max(self.schedules)]
         return sched
