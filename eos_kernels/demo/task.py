@@ -2,27 +2,34 @@
 
 Scenes
 ------
-A 64x64 RGB image on a plain light-grey background, divided into a 4x4 grid of
-16x16-pixel cells (rows and columns numbered 1..4 from the top left). Each cell
-is empty (probability ``P_EMPTY``) or holds one flat-coloured, non-antialiased
-shape: a ``circle``, ``square``, ``triangle`` (apex up) or ``cross`` (a plus
-sign), in one of five colours (``red``, ``green``, ``blue``, ``yellow``,
-``purple``), with a small random size and a one-pixel centre jitter. Every shape
-covers the centre pixel of its cell, so the colour sampled there is the shape's
-colour (or the background colour for an empty cell).
+A 64x64 RGB image on a plain light-grey background, divided into an 8x8 grid of
+8x8-pixel cells (rows and columns numbered 1..8 from the top left). Between
+``MIN_OBJECTS`` and ``MAX_OBJECTS`` cells hold one flat-coloured,
+non-antialiased shape each -- a ``circle``, ``square``, ``triangle`` (apex up)
+or ``cross`` (a thin plus sign), drawn inside the cell's top-left 7x7 pixels --
+in one of five colours (``red``, ``green``, ``blue``, ``yellow``, ``purple``);
+the other cells are empty. One shape kind (the scene's *unique* kind) appears
+exactly once; the other objects are of the three other kinds. Every shape
+covers the pixel at offset (3, 3) of its cell, so the colour sampled there is
+the shape's colour (or the background colour for an empty cell).
 
-With a patch size of 8 each cell is 2x2 vision patches, so the 64 visual tokens
-of the demo model map onto the grid one-to-one: a question about one cell needs
-4 of the 64 tokens, a comparison 8, a count every occupied cell.
+With the demo model's patch size of 8, **each cell is exactly one vision patch,
+so each of the 64 visual tokens sees one whole object** (or an empty cell): a
+question about one cell needs one of the 64 tokens, a count every object of a
+colour (10 to 18 objects per scene, so 1/8 of the tokens cannot hold them all).
 
 Questions (one-word answers)
 ----------------------------
-- ``colour``: "what colour is the shape in row 2 column 3 ?" -> a colour, or
-  ``none`` for an empty cell (corners are sometimes named: "... in the top left
-  cell ?").
+By position:
+
+- ``colour``: "what colour is the shape in row 2 column 7 ?" -> a colour, or
+  ``none`` for an empty cell (empty cells are asked 1 time in 6);
 - ``shape``: "what shape is in row 4 column 1 ?" -> a shape, or ``none``.
-- ``same``: "are the shapes in row 1 column 1 and row 3 column 4 the same shape ?"
-  -> ``yes`` / ``no`` (both cells occupied; balanced 50/50).
+
+By content:
+
+- ``only``: "what colour is the only triangle ?" -> a colour (the scene's
+  unique kind);
 - ``count``: "how many red shapes are there ?" -> a number word (``zero`` ...).
 
 Splits
@@ -31,19 +38,21 @@ Splits
 to the split selected by a SHA-256 hash of its content (buckets 0-7 train, 8
 search, 9 eval), and each split's generator rejects scenes of other splits. The
 random streams are seeded from ``(seed, split)``, so the same arguments always
-give byte-identical JSON and PNG files.
+give byte-identical JSON and PNG files. Multi-turn training records never repeat
+a question within one image's conversation (with 4 turns: one question of each
+type), so a later turn cannot copy an earlier answer instead of looking.
 
 :func:`generate_split` / :func:`generate_splits` write the LLaVA JSON format::
 
     [{"id": "eval-000000-q0", "image": "images/eval-000000.png",
       "conversations": [{"from": "human", "value": "<image>\\nwhat shape is in row 1 column 2 ?"},
                         {"from": "gpt", "value": "circle"}],
-      "question_type": "shape", "scene": {...}}, ...]
+      "question_type": "shape", "question_args": {"cell": [1, 2]}, "scene": {...}}, ...]
 
-(``image`` is relative to the JSON file's folder; ``question_type`` and
-``scene`` are extra keys that LLaVA loaders ignore: the ground truth.) The train
-split may hold several question/answer turns per image (``turns_per_image``);
-the search and eval splits hold one.
+(``image`` is relative to the JSON file's folder; ``question_type``,
+``question_args`` and ``scene`` are extra keys that LLaVA loaders ignore: the
+ground truth.) The train split may hold several question/answer turns per image
+(``turns_per_image``); the search and eval splits hold one.
 """
 from __future__ import annotations
 
@@ -57,9 +66,10 @@ from typing import Iterator
 from PIL import Image, ImageDraw
 
 IMAGE_SIZE = 64
-GRID = 4
-CELL = IMAGE_SIZE // GRID  # 16 px
-P_EMPTY = 0.4
+GRID = 8
+CELL = IMAGE_SIZE // GRID  # 8 px: one vision patch of the demo model
+MIN_OBJECTS, MAX_OBJECTS = 10, 18
+P_EMPTY_QUESTION = 1 / 6  # position questions about an empty cell (answer "none")
 BACKGROUND = (235, 235, 235)
 COLOURS = {
     "red": (220, 40, 40),
@@ -69,32 +79,28 @@ COLOURS = {
     "purple": (140, 50, 180),
 }
 SHAPES = ("circle", "square", "triangle", "cross")
-NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
-                "nine", "ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen")
-QUESTION_TYPES = ("colour", "shape", "same", "count")
-CORNERS = {"top left": (1, 1), "top right": (1, GRID), "bottom left": (GRID, 1),
-           "bottom right": (GRID, GRID)}
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
+                "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen")
+QUESTION_TYPES = ("colour", "shape", "only", "count")
 NONE_ANSWER = "none"
 SPLITS = ("train", "search", "eval")
 _SPLIT_BUCKETS = {"train": range(0, 8), "search": range(8, 9), "eval": range(9, 10)}
+#: the pixel (offset inside a cell) that every shape covers
+PROBE = (3, 3)
 
 
 @dataclass(frozen=True)
 class Item:
-    """One shape: kind, colour name, half-size in pixels, centre offset (dx, dy)."""
+    """One shape: kind and colour name."""
     shape: str
     colour: str
-    half: int
-    dx: int
-    dy: int
 
     def to_dict(self):
-        return {"shape": self.shape, "colour": self.colour, "half": self.half,
-                "dx": self.dx, "dy": self.dy}
+        return {"shape": self.shape, "colour": self.colour}
 
 
 class Scene:
-    """A 4x4 grid; ``cells[r][c]`` (0-indexed) is an :class:`Item` or ``None``."""
+    """An 8x8 grid; ``cells[r][c]`` (0-indexed) is an :class:`Item` or ``None``."""
 
     def __init__(self, cells):
         self.cells = [list(row) for row in cells]
@@ -105,6 +111,11 @@ class Scene:
 
     def items(self):
         return [it for row in self.cells for it in row if it is not None]
+
+    def unique_shapes(self) -> list:
+        """The shape kinds that appear exactly once (one kind in the task's scenes)."""
+        kinds = [it.shape for it in self.items()]
+        return [s for s in SHAPES if kinds.count(s) == 1]
 
     def to_dict(self):
         return {"grid": GRID, "cells": [[None if it is None else it.to_dict() for it in row]
@@ -123,19 +134,50 @@ class Scene:
         return next(s for s, b in _SPLIT_BUCKETS.items() if bucket in b)
 
 
-def random_scene(rng: random.Random) -> Scene:
-    cells = []
-    for _ in range(GRID):
-        row = []
-        for _ in range(GRID):
-            if rng.random() < P_EMPTY:
-                row.append(None)
-            else:
-                row.append(Item(shape=rng.choice(SHAPES), colour=rng.choice(list(COLOURS)),
-                                half=rng.choice((5, 6)), dx=rng.randint(-1, 1),
-                                dy=rng.randint(-1, 1)))
-        cells.append(row)
+def random_scene(rng: random.Random, n_objects: tuple[int, int] | None = None, dominant: float = 0.0) -> Scene:
+    """Objects in random cells, one shape kind exactly once.
+
+    By default 10-18 objects (the task's scenes; the other kinds each appear at
+    least twice, so the unique kind is the only kind that appears once).
+    ``n_objects=(low, high)`` draws another range (the training curriculum's
+    easier scenes, ``low >= 1``); with fewer than 7 objects other kinds may
+    appear once too. ``dominant`` (training curriculum only) is the probability
+    that an object takes the scene's one dominant colour instead of a random
+    colour: a near-uniform average of the visual tokens then shows the answer.
+    """
+    low, high = n_objects or (MIN_OBJECTS, MAX_OBJECTS)
+    if not 1 <= low <= high <= GRID * GRID:
+        raise ValueError(f"n_objects must be 1 <= low <= high <= {GRID * GRID}, got {n_objects}")
+    n = rng.randint(low, high)
+    where = rng.sample(range(GRID * GRID), n)
+    unique = rng.choice(SHAPES)
+    others = [s for s in SHAPES if s != unique]
+    if n >= 7:
+        kinds = [unique] + [others[i % 3] for i in range(6)] + [rng.choice(others) for _ in range(n - 7)]
+    else:
+        kinds = [unique] + [rng.choice(others) for _ in range(n - 1)]
+    rng.shuffle(kinds)
+    cells = [[None] * GRID for _ in range(GRID)]
+    main = rng.choice(list(COLOURS)) if dominant > 0 else None
+    for pos, kind in zip(where, kinds):
+        colour = main if (dominant > 0 and rng.random() < dominant) else rng.choice(list(COLOURS))
+        cells[pos // GRID][pos % GRID] = Item(shape=kind, colour=colour)
     return Scene(cells)
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, x0: int, y0: int, shape: str, fill) -> None:
+    """One shape in the 7x7 pixels at (x0, y0)..(x0 + 6, y0 + 6); all cover (x0 + 3, y0 + 3)."""
+    if shape == "circle":
+        draw.ellipse([x0, y0, x0 + 6, y0 + 6], fill=fill)
+    elif shape == "square":
+        draw.rectangle([x0 + 1, y0 + 1, x0 + 5, y0 + 5], fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(x0 + 3, y0), (x0, y0 + 6), (x0 + 6, y0 + 6)], fill=fill)
+    elif shape == "cross":
+        draw.rectangle([x0, y0 + 3, x0 + 6, y0 + 3], fill=fill)
+        draw.rectangle([x0 + 3, y0, x0 + 3, y0 + 6], fill=fill)
+    else:  # pragma: no cover
+        raise ValueError(shape)
 
 
 def render(scene: Scene) -> Image.Image:
@@ -145,32 +187,9 @@ def render(scene: Scene) -> Image.Image:
     for r in range(GRID):
         for c in range(GRID):
             it = scene.cells[r][c]
-            if it is None:
-                continue
-            cx = c * CELL + CELL // 2 + it.dx  # cell centre pixel is (c*16+8, r*16+8)
-            cy = r * CELL + CELL // 2 + it.dy
-            h, fill = it.half, COLOURS[it.colour]
-            if it.shape == "circle":
-                draw.ellipse([cx - h, cy - h, cx + h, cy + h], fill=fill)
-            elif it.shape == "square":
-                draw.rectangle([cx - h + 1, cy - h + 1, cx + h - 1, cy + h - 1], fill=fill)
-            elif it.shape == "triangle":
-                draw.polygon([(cx, cy - h), (cx - h, cy + h), (cx + h, cy + h)], fill=fill)
-            elif it.shape == "cross":
-                w = 2
-                draw.rectangle([cx - h, cy - w, cx + h, cy + w], fill=fill)
-                draw.rectangle([cx - w, cy - h, cx + w, cy + h], fill=fill)
-            else:  # pragma: no cover
-                raise ValueError(it.shape)
+            if it is not None:
+                draw_shape(draw, c * CELL, r * CELL, it.shape, COLOURS[it.colour])
     return img
-
-
-def _where(row: int, col: int, rng: random.Random, allow_corner_names: bool) -> str:
-    if allow_corner_names and rng.random() < 0.5:
-        for name, rc in CORNERS.items():
-            if rc == (row, col):
-                return f"the {name} cell"
-    return f"row {row} column {col}"
 
 
 def answer(scene: Scene, qtype: str, args: dict) -> str:
@@ -178,79 +197,105 @@ def answer(scene: Scene, qtype: str, args: dict) -> str:
     if qtype in ("colour", "shape"):
         it = scene.at(*args["cell"])
         return NONE_ANSWER if it is None else (it.colour if qtype == "colour" else it.shape)
-    if qtype == "same":
-        a, b = scene.at(*args["cells"][0]), scene.at(*args["cells"][1])
-        return "yes" if a.shape == b.shape else "no"
+    if qtype == "only":
+        hits = [it for it in scene.items() if it.shape == args["shape"]]
+        if len(hits) != 1:
+            raise ValueError(f"the scene has {len(hits)} {args['shape']}s, not exactly one")
+        return hits[0].colour
     if qtype == "count":
         return NUMBER_WORDS[sum(it.colour == args["colour"] for it in scene.items())]
     raise ValueError(qtype)
 
 
-def random_question(scene: Scene, rng: random.Random, qtype: str | None = None):
-    """Returns (question text, answer, question type, args)."""
+def question_text(qtype: str, args: dict) -> str:
+    if qtype == "colour":
+        return "what colour is the shape in row {} column {} ?".format(*args["cell"])
+    if qtype == "shape":
+        return "what shape is in row {} column {} ?".format(*args["cell"])
+    if qtype == "only":
+        return f"what colour is the only {args['shape']} ?"
+    if qtype == "count":
+        return f"how many {args['colour']} shapes are there ?"
+    raise ValueError(qtype)
+
+
+def random_question(scene: Scene, rng: random.Random, qtype: str | None = None, avoid=()):
+    """Returns (question text, answer, question type, args); never a question text in ``avoid``."""
     if qtype is None:
         qtype = rng.choice(QUESTION_TYPES)
     cells = [(r, c) for r in range(1, GRID + 1) for c in range(1, GRID + 1)]
     occupied = [rc for rc in cells if scene.at(*rc) is not None]
-    if qtype == "same" and len(occupied) < 2:
-        qtype = "colour"
-    if qtype in ("colour", "shape"):
-        # ask mostly about occupied cells; empty cells (answer "none") 1 time in 6
-        pool = occupied if (occupied and rng.random() >= 1 / 6) else cells
-        rc = rng.choice(pool)
-        where = _where(*rc, rng, allow_corner_names=True)
-        text = (f"what colour is the shape in {where} ?" if qtype == "colour"
-                else f"what shape is in {where} ?")
-        args = {"cell": list(rc)}
-    elif qtype == "same":
-        want_same = rng.random() < 0.5
-        pairs = [(a, b) for i, a in enumerate(occupied) for b in occupied[i + 1:]
-                 if (scene.at(*a).shape == scene.at(*b).shape) == want_same]
-        if not pairs:
-            pairs = [(a, b) for i, a in enumerate(occupied) for b in occupied[i + 1:]]
-        a, b = rng.choice(pairs)
-        if rng.random() < 0.5:
-            a, b = b, a
-        text = f"are the shapes in row {a[0]} column {a[1]} and row {b[0]} column {b[1]} the same shape ?"
-        args = {"cells": [list(a), list(b)]}
-    elif qtype == "count":
-        colour = rng.choice(list(COLOURS))
-        text = f"how many {colour} shapes are there ?"
-        args = {"colour": colour}
-    else:
-        raise ValueError(qtype)
-    return text, answer(scene, qtype, args), qtype, args
+    for _ in range(100):
+        if qtype in ("colour", "shape"):
+            pool = occupied if rng.random() >= P_EMPTY_QUESTION else cells
+            args = {"cell": list(rng.choice(pool))}
+        elif qtype == "only":
+            args = {"shape": rng.choice(scene.unique_shapes())}
+        elif qtype == "count":
+            args = {"colour": rng.choice(list(COLOURS))}
+        else:
+            raise ValueError(qtype)
+        text = question_text(qtype, args)
+        if text not in avoid:
+            return text, answer(scene, qtype, args), qtype, args
+    raise RuntimeError(f"no new {qtype} question for this scene")  # pragma: no cover
 
 
 def _split_seed(seed: int, split: str) -> int:
-    return int(hashlib.sha256(f"eos-demo/{seed}/{split}".encode()).hexdigest()[:16], 16)
+    return int(hashlib.sha256(f"eos-demo-v2/{seed}/{split}".encode()).hexdigest()[:16], 16)
 
 
-def iter_scenes(split: str, seed: int = 0) -> Iterator[tuple[Scene, random.Random]]:
-    """Endless deterministic stream of (scene, rng) for one split; rng then draws the questions."""
+def iter_scenes(split: str, seed: int = 0, n_objects=None) -> Iterator[tuple[Scene, random.Random]]:
+    """Endless deterministic stream of (scene, rng) for one split; rng then draws the questions.
+
+    ``n_objects``: a ``(low, high)`` range for :func:`random_scene`, or a callable
+    ``rng -> (low, high)`` or ``rng -> ((low, high), dominant)`` drawn per scene
+    (the training curriculum); default the task's.
+    """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     rng = random.Random(_split_seed(seed, split))
     while True:
-        scene = random_scene(rng)
+        spec = n_objects(rng) if callable(n_objects) else n_objects
+        if spec is not None and isinstance(spec[0], tuple):
+            scene = random_scene(rng, spec[0], spec[1])
+        else:
+            scene = random_scene(rng, spec)
         if scene.split() == split:
             yield scene, rng
 
 
-def iter_examples(split: str, seed: int = 0, turns_per_image: int = 1):
+def question_types(rng: random.Random, turns: int) -> list:
+    """Types of one image's turns: each type once per 4 turns (shuffled); one turn: uniform at random."""
+    if turns == 1:
+        return [rng.choice(QUESTION_TYPES)]
+    types = []
+    while len(types) < turns:
+        block = list(QUESTION_TYPES)
+        rng.shuffle(block)
+        types += block
+    types = types[:turns]
+    # "only" has one question per scene (the task's scenes): never twice in one conversation
+    seen, out = False, []
+    for t in types:
+        if t == "only":
+            if seen:
+                t = rng.choice(("colour", "shape"))
+            seen = True
+        out.append(t)
+    return out
+
+
+def iter_examples(split: str, seed: int = 0, turns_per_image: int = 1, n_objects=None):
     """Endless stream of dicts {scene, image (PIL), qa: [(question, answer, qtype, args), ...]}.
 
-    Question types cycle through :data:`QUESTION_TYPES` within each image's turns
-    when ``turns_per_image`` >= 4, otherwise are drawn at random.
+    The questions of one image are all different (see :func:`question_types`);
+    ``n_objects`` as in :func:`iter_scenes`.
     """
-    for scene, rng in iter_scenes(split, seed):
-        if turns_per_image >= len(QUESTION_TYPES):
-            types = list(QUESTION_TYPES) * (turns_per_image // len(QUESTION_TYPES))
-            types += [rng.choice(QUESTION_TYPES) for _ in range(turns_per_image - len(types))]
-            rng.shuffle(types)
-        else:
-            types = [None] * turns_per_image
-        qa = [random_question(scene, rng, t) for t in types]
+    for scene, rng in iter_scenes(split, seed, n_objects):
+        qa = []
+        for t in question_types(rng, turns_per_image):
+            qa.append(random_question(scene, rng, t, avoid={q for q, _, _, _ in qa}))
         yield {"scene": scene, "image": render(scene), "qa": qa}
 
 
@@ -325,15 +370,14 @@ def load_split(json_path: str) -> list[dict]:
 
 
 def vocabulary() -> list[str]:
-    """Every word that can appear in a prompt, question or answer (lower case)."""
+    """Every word that can appear in a question or answer (lower case)."""
     words = set()
     words.update(COLOURS)
     words.update(SHAPES)
     words.update(NUMBER_WORDS)
-    words.update([NONE_ANSWER, "yes", "no"])
-    for phrase in ("what colour is the shape in row column ?", "what shape is in the cell",
-                   "are the shapes in and the same shape", "how many shapes are there",
-                   "top left right bottom", "user : assistant"):
+    words.add(NONE_ANSWER)
+    for phrase in ("what colour is the shape in row column ?", "what shape is in", "what colour is the only",
+                   "how many shapes are there"):
         words.update(phrase.split())
     words.update(str(i) for i in range(1, GRID + 1))
     return sorted(words)

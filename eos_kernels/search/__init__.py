@@ -69,6 +69,33 @@ The search forward (decisions the paper leaves open)
    each sample's prompt (the tokens before its first answer token) with
    ``patching.prompt_lengths``, so the search sees the deployed selection.
 
+6. **Local moves (not in the paper; off by default, on in ``eos-search
+   --demo``).** Two parts of Θ get no useful gradient from the search forward,
+   as the built-in demo shows (``eos-search --demo --local-moves-every 0``):
+   (a) a layer that does not reduce is absent from the forward, so the task
+   loss never reaches its gate -- gates outside the warm-start slots stay at
+   ``off_gate`` (0.01) for good, the penalties being zero at a feasible warm
+   start; (b) g and c of an active reducer are reached only through the
+   straight-through factor of decision 2, whose gradient is that of scaling
+   the kept anchors (the importance kernel carries no gradient), and the next
+   layer's RMSNorm undoes most of a scale: it says little about keeping more
+   or fewer tokens. So every ``local_moves_every`` steps the driver tries, on
+   a fixed probe set (the first ``local_moves_samples`` search examples, no
+   grad, the search forward itself): moving each active reducer to a free
+   neighbouring layer (all seven parameters of the two layers and their AdamW
+   moments swap), and shifting retained tokens between each ordered pair of
+   active reducers (one reducer's kept fraction ``1 − g c`` times
+   ``local_moves_factor``, the other's divided by it, through c). A candidate
+   may not deploy more final visual tokens than the current Θ (or the budget,
+   whichever is larger); the one with the lowest probe CE is kept if it beats
+   the current Θ by more than ``local_moves_margin``. The log records every
+   candidate's probe CE (``local_moves``), and ``trajectories.png`` marks the
+   accepted moves. The continuous parameters (Ω, and g, c between moves)
+   still train by gradient as in the paper; the moves are a discrete search
+   over what the gradient cannot see, so the exported Θ can put a reducer
+   on a layer the warm start did not. With ``local_moves_every = 0`` the
+   search is the paper's.
+
 Defaults (:class:`SearchConfig`)
 --------------------------------
 Table 5: AdamW lr 1e-3, weight decay 0, betas (0.9, 0.999), clip 1.0, cosine

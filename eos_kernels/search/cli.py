@@ -10,11 +10,38 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from eos_kernels.search.config import DTYPES, IMPLS, SearchConfig
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "check_output_dir"]
+
+
+def check_output_dir(path: str) -> str:
+    """``path`` as a usable output folder, made if missing; ``ValueError`` with a clear message otherwise.
+
+    Checked before any model is loaded: an existing file (or a path through one),
+    a folder that cannot be made, or one that cannot be written to (probed by
+    writing and removing a small file, so a read-only file system is caught
+    even for root).
+    """
+    import tempfile
+
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"--output must be a folder path, got {path!r}")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--output {path} is an existing file, not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--output {path}: cannot create the folder: {exc.strerror or exc}") from None
+    try:
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".eos-write-check-"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"--output {path}: the folder is not writable: {exc.strerror or exc}") from None
+    return path
 
 
 def _bool_flag(parser, name, help_on, help_off, dest):
@@ -78,6 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--beta", type=float, help=f"operator gate sharpness β (default {d.beta})")
     g.add_argument("--k-min", type=int, help=f"K_min (default {d.k_min})")
     g.add_argument("--gate-threshold", type=float, help=f"a layer reduces when g > this (default {d.gate_threshold})")
+    g.add_argument("--local-moves-every", type=int, metavar="N", help="every N steps try moving each reducer to a "
+                   "neighbouring layer and shifting tokens between reducers, keeping the best move that lowers the "
+                   "probe-set CE (not in the paper; default 0: off)")
+    g.add_argument("--local-moves-samples", type=int, metavar="N",
+                   help=f"probe set of the local moves: the first N search examples (default {d.local_moves_samples})")
+    g.add_argument("--local-moves-margin", type=float,
+                   help=f"CE improvement a move needs, nats per answer token (default {d.local_moves_margin})")
+    g.add_argument("--local-moves-factor", type=float,
+                   help=f"kept-fraction factor of a token shift (default {d.local_moves_factor})")
     g = p.add_argument_group("execution")
     g.add_argument("--impl", choices=IMPLS, help="operator implementation (default auto: fused Triton on CUDA)")
     g.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
@@ -123,6 +159,8 @@ def main(argv=None) -> int:
         return demo_main(argv)
     config = parse_config(argv)
     try:
+        if int(os.environ.get("RANK", "0")) == 0:
+            check_output_dir(config.output)
         if config.eval:
             from eos_kernels.search.evaluate import evaluate, format_table
 
@@ -142,8 +180,6 @@ def main(argv=None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    import os
-
     if int(os.environ.get("RANK", "0")) == 0:
         state = "finished" if result.completed else "stopped"
         print(f"eos-search: {state} at step {result.step}/{config.steps}; Θ in {result.theta_path}")

@@ -91,6 +91,17 @@ class SearchConfig:
             log-scores). beta: the operator's gate sharpness. k_min: K_min.
         gate_threshold: a layer reduces when g > this (search and export).
 
+    Local moves (not in the paper; :mod:`eos_kernels.search`, decision 6):
+        local_moves_every: every that many steps, try moving each active
+            reducer to a neighbouring layer and shifting retained tokens
+            between active reducers, keeping the best candidate that lowers
+            the answer CE on a fixed probe set (0: off, the paper's search).
+        local_moves_samples: the probe set: the first that many search examples.
+        local_moves_margin: a candidate must lower the probe CE by more than
+            this (nats per answer token).
+        local_moves_factor: a shift multiplies one reducer's kept fraction by
+            this and another's by its inverse.
+
     Execution: impl ("auto" | "triton" | "torch", the operator), device
     ("auto": cuda:<local rank> when CUDA is available, else cpu), dtype (model
     weights; "auto": bfloat16 on CUDA, float32 on CPU), autocast (bf16 autocast
@@ -146,6 +157,11 @@ class SearchConfig:
     beta: float = 10.0
     k_min: int = 1
     gate_threshold: float = 0.5
+    # local moves (not in the paper; see eos_kernels.search, decision 6)
+    local_moves_every: int = 0
+    local_moves_samples: int = 32
+    local_moves_margin: float = 0.005
+    local_moves_factor: float = 1.25
     # execution
     impl: str = "auto"
     device: str = "auto"
@@ -332,6 +348,10 @@ class SearchConfig:
             need_real(name, lo=0.0, lo_open=True)
         need_int("k_min", lo=1)
         need_real("gate_threshold", lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+        need_int("local_moves_every", lo=0)
+        need_int("local_moves_samples", lo=1)
+        need_real("local_moves_margin", lo=0.0)
+        need_real("local_moves_factor", lo=1.0, lo_open=True)
         need_str("impl", choices=IMPLS)
         need_str("device")
         need_str("dtype", choices=DTYPES)

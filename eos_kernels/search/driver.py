@@ -400,6 +400,7 @@ class _Search:
         model.eval()
         self.sampler = BatchSampler(len(self.data), cfg.batch_size, cfg.seed)
         self.processor = processor
+        self.probe_indices = list(range(min(cfg.local_moves_samples, len(self.data))))
 
         # search space, optimiser, schedule
         torch.manual_seed(cfg.seed)
@@ -496,12 +497,103 @@ class _Search:
         else:
             self.log_file = open(self.log_path, "w", encoding="utf-8")
 
+    # ---------------------------------------------------------------- local moves (decision 6)
+    @torch.no_grad()
+    def _probe_ce(self) -> float:
+        """Answer CE per token of the current search forward on the probe set (all ranks: the same number)."""
+        from eos_kernels.search import objective
+
+        dist = self.dist
+        mine = self.probe_indices[dist.rank::dist.world]
+        pixel_dtype = next(self.model.parameters()).dtype
+        sums = torch.zeros(2, dtype=torch.float64)
+        for s in range(0, len(mine), self.local_batch):
+            batch = self.data.collate(mine[s:s + self.local_batch]).to(self.device, pixel_dtype)
+            terms = objective.data_terms(self.model, batch, None, autocast=self.autocast, align=False)
+            sums[0] += float(terms["ce_sum"])
+            sums[1] += terms["answer_tokens"]
+        sums = sums.to(dist.comm_device)
+        dist.all_sum(sums)
+        return float(sums[0]) / max(float(sums[1]), 1.0)
+
+    def _move_candidates(self):
+        """(description, apply) pairs; ``apply`` edits the search parameters in place (no grad)."""
+        space, cfg = self.space, self.config
+        active = list(self.plan.export(self.n0).layers)
+        L = self.num_layers
+        out = []
+
+        def swap(a, b):
+            def apply():
+                for p in space.parameters():
+                    p.data[[a, b]] = p.data[[b, a]]
+            return apply
+
+        for layer in active:
+            for other in (layer - 1, layer + 1):
+                if 0 <= other < L and other not in active:
+                    out.append(({"kind": "move", "from": layer, "to": other}, swap(layer, other)))
+
+        def shift(a, b, f):
+            def apply():
+                g = space.gates().double()
+                c = space.discard().double()
+                for layer, factor in ((a, f), (b, 1.0 / f)):
+                    u = min(0.999, float(1.0 - g[layer] * c[layer]) * factor)
+                    new_c = min(1.0 - 1e-3, max(1e-3, (1.0 - u) / float(g[layer])))
+                    space.w_c.data[layer] = math.log(new_c / (1.0 - new_c)) / space.keep_temperature
+            return apply
+
+        for a in active:
+            for b in active:
+                if a != b:
+                    out.append(({"kind": "shift", "more": a, "fewer": b, "factor": cfg.local_moves_factor},
+                                shift(a, b, cfg.local_moves_factor)))
+        return out
+
+    def _local_moves(self) -> dict:
+        """Try every candidate on the probe set; keep the best one that lowers the CE by more than the margin.
+
+        A candidate may not deploy more final visual tokens than the current Θ
+        (or the budget, whichever is larger), so it cannot buy accuracy with tokens.
+        """
+        cfg, space = self.config, self.space
+        saved = [p.detach().clone() for p in space.parameters()]
+        base_final = self.plan.export(self.n0).token_report(self.n0, self.num_layers)["final"]
+        limit = max(base_final, math.floor(cfg.budget))
+        base = self._probe_ce()
+        tried, best = [], None
+        with torch.no_grad():
+            for desc, apply in self._move_candidates():
+                apply()
+                final = self.plan.export(self.n0).token_report(self.n0, self.num_layers)["final"]
+                if final <= limit:
+                    ce = self._probe_ce()
+                    tried.append({**desc, "ce": ce, "final": final})
+                    if ce < base - cfg.local_moves_margin and (best is None or ce < best[0]["ce"]):
+                        best = ({**desc, "ce": ce, "final": final}, apply)
+                for p, v in zip(space.parameters(), saved):
+                    p.data.copy_(v)
+            if best is not None:
+                desc, apply = best
+                apply()
+                if desc["kind"] == "move":  # the optimiser's moments travel with the parameters
+                    a, b = desc["from"], desc["to"]
+                    for p in space.parameters():
+                        for buf in self.optimizer.state.get(p, {}).values():
+                            if torch.is_tensor(buf) and buf.dim() == 1 and buf.shape[0] == self.num_layers:
+                                buf[[a, b]] = buf[[b, a]]
+        return {"base_ce": base, "tried": tried, "accepted": best[0] if best is not None else None}
+
     # ---------------------------------------------------------------- one step
     def _one_step(self) -> dict:
         from eos_kernels.search import objective
 
         cfg, dist, space, model = self.config, self.dist, self.space, self.model
         t0 = time.perf_counter()
+        moves = None
+        if cfg.local_moves_every and self.step > 0 and self.step % cfg.local_moves_every == 0:
+            moves = self._local_moves()
         indices, next_state = self.sampler.batch(self.data_state)
         mine = indices[dist.rank * self.local_batch:(dist.rank + 1) * self.local_batch]
         pixel_dtype = next(model.parameters()).dtype
@@ -595,6 +687,7 @@ class _Search:
             "answer_tokens": int(g_answer),
             "text_tokens": int(g_text),
             "samples": indices,
+            "local_moves": moves,
         }
         return record, next_state, t0
 

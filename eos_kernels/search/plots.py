@@ -4,7 +4,9 @@
 
 - ``trajectories.png``: γ and τ of every layer that was an active reducer at
   some step, against the step, and the same run as a path in the (γ, τ) plane
-  (the paper's appendix A.4 view);
+  (the paper's appendix A.4 view); below, the gate g and the discard c of
+  every layer and θ of the active layers against the step (accepted local
+  moves marked with vertical lines);
 - ``profile.png``: the final per-layer g, c, γ and τ (the last logged step's
   values), active layers marked;
 - ``loss.png``: the loss terms (ce, align, budget, layers, total) and the
@@ -36,25 +38,40 @@ def plot_log(log_path: str, out_dir: str | None = None) -> list[str]:
     steps = [r["step"] for r in records]
     paths = []
 
-    # ---- gamma / tau trajectories of the active layers
+    # ---- gamma / tau trajectories of the active layers; g, c, theta below
     layers = sorted({l for r in records for l in r.get("active_layers", [])})
-    fig = Figure(figsize=(15, 4.2))
-    axes = fig.subplots(1, 3)
+    fig = Figure(figsize=(15, 8.4))
+    axes = fig.subplots(2, 3)
+    top, bottom = axes[0], axes[1]
     for l in layers:
-        axes[0].plot(steps, [r["gamma"][l] for r in records], label=f"layer {l}")
-        axes[1].plot(steps, [r["tau"][l] for r in records], label=f"layer {l}")
-        axes[2].plot([r["gamma"][l] for r in records], [r["tau"][l] for r in records], marker=".",
-                     markersize=2, label=f"layer {l}")
-        axes[2].scatter([records[-1]["gamma"][l]], [records[-1]["tau"][l]], marker="*", s=80)
-    axes[0].set(title="γ of the active layers", xlabel="step", ylabel="γ")
-    axes[1].set(title="τ of the active layers", xlabel="step", ylabel="τ")
-    axes[2].set(title="(γ, τ) path (★ = last step)", xlabel="γ", ylabel="τ")
-    for ax in axes:
-        if layers:
-            ax.legend(fontsize=8)
+        top[0].plot(steps, [r["gamma"][l] for r in records], label=f"layer {l}")
+        top[1].plot(steps, [r["tau"][l] for r in records], label=f"layer {l}")
+        top[2].plot([r["gamma"][l] for r in records], [r["tau"][l] for r in records], marker=".",
+                    markersize=2, label=f"layer {l}")
+        top[2].scatter([records[-1]["gamma"][l]], [records[-1]["tau"][l]], marker="*", s=80)
+        bottom[2].plot(steps, [r["theta"][l] for r in records], label=f"layer {l}")
+    for l in range(len(records[-1]["g"])):
+        style = {} if l in layers else {"ls": ":", "alpha": 0.6}
+        bottom[0].plot(steps, [r["g"][l] for r in records], label=f"layer {l}", **style)
+        bottom[1].plot(steps, [r["c"][l] for r in records], label=f"layer {l}", **style)
+    bottom[0].axhline(0.5, color="grey", lw=0.8, ls="--")
+    moves = [r["step"] for r in records if (r.get("local_moves") or {}).get("accepted")]
+    for ax in bottom:
+        for x in moves:
+            ax.axvline(x, color="tab:red", lw=0.6, alpha=0.5)
+    top[0].set(title="γ of the active layers", xlabel="step", ylabel="γ")
+    top[1].set(title="τ of the active layers", xlabel="step", ylabel="τ")
+    top[2].set(title="(γ, τ) path (★ = last step)", xlabel="γ", ylabel="τ")
+    bottom[0].set(title="gate g of every layer (dotted: never active)" + (" | red: local moves" if moves else ""),
+                  xlabel="step", ylabel="g")
+    bottom[1].set(title="discard c of every layer", xlabel="step", ylabel="c")
+    bottom[2].set(title="θ of the active layers", xlabel="step", ylabel="θ")
+    for ax in list(top) + list(bottom):
+        if layers or ax in (bottom[0], bottom[1]):
+            ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     if not layers:
-        axes[0].text(0.5, 0.5, "no layer was active", ha="center", transform=axes[0].transAxes)
+        top[0].text(0.5, 0.5, "no layer was active", ha="center", transform=top[0].transAxes)
     fig.tight_layout()
     paths.append(os.path.join(out_dir, "trajectories.png"))
     fig.savefig(paths[-1], dpi=100)
