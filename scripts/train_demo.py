@@ -507,6 +507,7 @@ def export(args, argv):
     for name in os.listdir(args.out):  # nothing stale from an earlier export
         os.remove(os.path.join(args.out, name))
     model.save_pretrained(args.out, safe_serialization=True)
+    _portable_weights(model, os.path.join(args.out, "model.safetensors"))
     processor.save_pretrained(args.out)
     runs = json.load(open(os.path.join(args.work, "runs.json")))
     for r in runs:  # runs recorded before an option existed ran without it: say so in today's terms
@@ -546,6 +547,25 @@ def export(args, argv):
     size = sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out))
     print(f"wrote {args.out} ({size / 1e6:.2f} MB)", flush=True)
 
+
+
+def _portable_weights(model, path: str) -> None:
+    """Rewrite the saved weights under the model's own parameter names, with CLIP under ``vision_model``.
+
+    transformers 5.24 saves a LLaVA's tensors under legacy names (``vision_tower.encoder...``) that 5.0
+    does not map back (it silently re-initialises the vision tower); the in-memory names of 5.0
+    (``model.vision_tower.vision_model....``) load unchanged on both releases (checked bit for bit)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(path, "pt") as f:
+        metadata = f.metadata()
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        if name.startswith("model.vision_tower.") and not name.startswith("model.vision_tower.vision_model."):
+            name = "model.vision_tower.vision_model." + name[len("model.vision_tower."):]
+        tensors[name] = tensor.detach().contiguous().clone()
+    save_file(tensors, path, metadata=metadata)
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
