@@ -111,21 +111,14 @@ def _wrap_cache_methods(cache) -> None:
 
 def _gather_seq(x: torch.Tensor, idx: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """x [*lead, Bx, L, *rest] gathered at idx [B, L'] along the sequence ``dim`` (the batch is ``dim - 1``;
-    Bx may be 1: broadcast)."""
+    Bx may be 1: broadcast). Rotary tables [B, L, hd] / [3, B, L, hd] (dim -2), position ids [B, L] /
+    [k, B, L] (dim -1)."""
     lead, rest = x.shape[:dim - 1], x.shape[dim + 1:]
     B = idx.shape[0]
     if x.shape[dim - 1] != B:
         x = x.expand(*lead, B, *x.shape[dim:])
     index = idx.view(*([1] * len(lead)), *idx.shape, *([1] * len(rest))).expand(*lead, *idx.shape, *rest)
     return x.gather(dim, index)
-
-
-def _gather_last(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x [..., Bx, L] (position ids, also multimodal [k, B, L]) gathered at idx [B, L'] along the last dim."""
-    lead = x.shape[:-2]
-    B = idx.shape[0]
-    x = x.expand(*lead, B, x.shape[-1]) if x.shape[-2] != B else x
-    return x.gather(-1, idx.expand(*lead, *idx.shape))
 
 
 def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

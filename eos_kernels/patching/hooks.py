@@ -16,7 +16,7 @@ from eos_kernels.operator import eos_reduce
 from eos_kernels.selection import select_anchors
 
 from .adapter import DecoderAdapter
-from .cache import (CACHE_MAP_ATTR, _CacheMap, _cache_seq_length, _check_mask, _gather_last, _gather_mask,
+from .cache import (CACHE_MAP_ATTR, _CacheMap, _cache_seq_length, _check_mask, _gather_mask,
                     _gather_seq, _is_flash, _mask_cols, _take, _wrap_cache_methods)
 from .compat import (_CACHE_POSITION_KEYS, _MASK_KEYS, _POSITION_ID_KEYS, _drift, _is_cache, _output_cache,
                      find_cache, find_position_embeddings)
@@ -387,7 +387,7 @@ def _slice_prefill_kwargs(state: _PatchState, model, ctx: _Context, layer_idx: i
             # RoPE already comes from the sliced position embeddings
             out[name] = None
         else:
-            out[name] = _gather_last(pid, idx.to(pid.device))
+            out[name] = _gather_seq(pid, idx.to(pid.device), dim=pid.dim() - 1)
     for name in _MASK_KEYS:
         known.add(name)
         if name not in kwargs:
@@ -559,7 +559,7 @@ def _reduce(state: _PatchState, model, ctx: _Context, layer_idx: int, layer: nn.
         g = None if whole else torch.tensor(members, device=device)
         g_pos = vis_pos[:, :n_in] if whole else vis_pos[g, :n_in]
         g_hidden = hidden if whole else hidden[g]
-        g_scores = scores.gather(1, vis_pos[:, :n_in]) if whole else scores[g].gather(1, g_pos)
+        g_scores = (scores if whole else scores[g]).gather(1, g_pos)
         a_idx, c_idx = select_anchors(g_scores, n_kept)
         anchor_pos = g_pos.gather(1, a_idx)
         reduced = eos_reduce(_take(g_hidden, anchor_pos), _take(g_hidden, g_pos.gather(1, c_idx)),
