@@ -623,6 +623,23 @@ class Theta:
         reducers = [dataclasses.replace(r, keep=k) for r, k in zip(self._reducers, best)]
         return Theta(reducers, name=name)
 
+    def as_fractions(self, num_visual_tokens: int, *, name: str | None = None) -> "Theta":
+        """The same reducers with each keep the fraction ``kept / incoming`` of the schedule at
+        ``num_visual_tokens``: the identical schedule at that count, proportional at any other.
+
+        For models whose images give different visual counts (LLaVA-NeXT,
+        Qwen2(.5)-VL), where a count designed for one image would be clipped
+        at a smaller one and leave most tokens of a larger one. Exact: the
+        fraction ``k / n`` is read back as that rational (see the module
+        docstring), so ``floor(k / n * n) == k``. The name defaults to this Θ's.
+        """
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a str or None, got {type(name).__name__}")
+        sched = self.schedule(num_visual_tokens)
+        reducers = [dataclasses.replace(r, keep=float(Fraction(kept, incoming)))
+                    for r, (_, incoming, kept) in zip(self._reducers, sched)]
+        return Theta(reducers, name=self._name if name is None else name)
+
     # ---- serialisation
     def to_dict(self) -> dict:
         """The versioned schema as a dict (see the module docstring)."""

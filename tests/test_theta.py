@@ -1,4 +1,5 @@
 """Tests for eos_kernels.theta: Reducer, Theta, JSON schema, presets, accounting, rescale."""
+import dataclasses
 import copy
 import json
 import math
@@ -603,3 +604,40 @@ def test_corner_presets_scale_the_sparsevlm_ratios_to_other_token_counts(preset,
 def test_paper_preset_on_another_token_count():
     theta = Theta.paper(16, count="final", num_visual_tokens=144, num_layers=32)
     assert theta.token_report(144, 32)["final"] <= 16
+
+
+# ---- as_fractions: a schedule designed at one count, deployed at any
+@pytest.mark.parametrize("n0", [576, 64, 7, 1])
+def test_as_fractions_gives_the_same_schedule_at_its_count(n0):
+    base = Theta.tome(max(1, n0 // 8), (1, 3, 5), count="final", num_visual_tokens=n0, num_layers=8, name="t")
+    frac = base.as_fractions(n0)
+    assert all(r.is_fraction for r in frac) and frac.name == "t"
+    assert frac.schedule(n0) == base.schedule(n0)
+    # everything but keep is untouched
+    for a, b in zip(base, frac):
+        assert dataclasses.replace(a, keep=1.0) == dataclasses.replace(b, keep=1.0)
+    assert Theta.from_json(frac.to_json()) == frac
+
+
+def test_as_fractions_scales_with_the_count():
+    base = Theta([Reducer(2, 300), Reducer(6, 150)], name="x")
+    frac = base.as_fractions(600, name="y")
+    assert frac.name == "y" and [r.keep for r in frac] == [0.5, 0.5]
+    assert frac.schedule(1200) == [(2, 1200, 600), (6, 600, 300)]
+    assert frac.schedule(601) == [(2, 601, 300), (6, 300, 150)]
+    # the count version clips nothing at 600 but cannot serve 200 tokens
+    with pytest.raises(ValueError, match="more than the 200 incoming"):
+        base.schedule(200)
+    assert frac.schedule(200) == [(2, 200, 100), (6, 100, 50)]
+    # exact rationals: 1/3 of 999 is 333, not 332
+    assert Theta([Reducer(0, 333)]).as_fractions(999).schedule(999) == [(0, 999, 333)]
+    assert Theta().as_fractions(5) == Theta()
+
+
+def test_as_fractions_rejects_bad_input():
+    with pytest.raises(ValueError, match="more than"):
+        Theta([Reducer(0, 10)]).as_fractions(5)
+    with pytest.raises(ValueError, match="num_visual_tokens"):
+        Theta([Reducer(0, 1)]).as_fractions(0)
+    with pytest.raises(TypeError, match="name"):
+        Theta([Reducer(0, 1)]).as_fractions(4, name=3)

@@ -1,13 +1,19 @@
-"""``eos-search --demo``: the whole method on a laptop CPU, no GPU and no download.
+"""``eos-search --demo``: the whole method on a laptop CPU, no GPU and no download -- or on your model and data.
 
-On the shipped demo model (:mod:`eos_kernels.demo.build`, 8 decoder layers,
-64 visual tokens, one per grid cell) and the synthetic task
-(:mod:`eos_kernels.demo.task`):
+By default on the shipped demo model (:mod:`eos_kernels.demo.build`, 8
+decoder layers, 64 visual tokens, one per grid cell) and the synthetic task
+(:mod:`eos_kernels.demo.task`). ``--model DIR`` runs the same comparison on
+any supported checkpoint (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision,
+Qwen2-VL, Qwen2.5-VL: the class from its config), ``--data SEARCH.json
+--eval-data HELDOUT.json`` on your own LLaVA-format data instead of the
+synthetic task (prompts rendered with the checkpoint's chat template, as
+``eos-search`` does). The driver:
 
-1. writes a search split and a held-out eval split (deterministic by seed);
+1. writes a search split and a held-out eval split (deterministic by seed),
+   unless ``--data`` / ``--eval-data`` are given;
 2. runs the differentiable search (:func:`eos_kernels.search.run`, progress
    bar) at an aggressive budget: ``--budget`` visual tokens leave the last
-   layer (default 8, 1/8 of the 64);
+   layer (default 8, 1/8 of the demo model's 64);
 3. evaluates on the held-out split, at the search budget and at a second
    budget (``--second-budget``, default 16 = 1/4): the full model; FastV-style
    pruning (one prune layer, the first warm-start slot); SparseVLM-style
@@ -19,21 +25,26 @@ On the shipped demo model (:mod:`eos_kernels.demo.build`, 8 decoder layers,
    at most the budget leaves the last layer), and, when it differs, with the
    search's own schedule (the one-sided budget penalty of equation 13 lets a
    search end below its budget).
-   For each: accuracy (greedy generation, exact one-word match), the token
-   report (final, mean leaving, mean processed, prefill FLOPs ratio) and the
-   measured prefill time;
+   For each: accuracy (greedy generation, exact match after normalisation),
+   the token report (final, mean leaving, mean processed, prefill FLOPs
+   ratio) and the measured prefill time;
 4. prints the table and where each layer's gate, discard and operator
    parameters started and ended; writes ``demo_results.json`` /
    ``demo_results.md`` and ``accuracy_vs_tokens.png`` beside the search's
    ``theta.json``, ``log.jsonl``, ``trajectories.png``, ``profile.png`` and
    ``loss.png``.
+
+Where images give different visual counts (LLaVA-NeXT, LLaVA-OneVision,
+Qwen2(.5)-VL), budgets and the token report are at N0 = the held-out images'
+mean count, and every reducing Θ is deployed as fractions of its schedule at
+N0 (:meth:`Theta.as_fractions`), so each image keeps the same share of its
+own tokens; the search exports fractions there too.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
-import math
 import os
 import statistics
 import sys
@@ -71,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="eos-search --demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--demo", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--output", default="eos-demo-output", help="output folder (default: eos-demo-output)")
+    p.add_argument("--model", metavar="DIR", default=None,
+                   help="local Hugging Face checkpoint of any supported family (default: the built-in demo model)")
+    p.add_argument("--data", metavar="JSON", default=None,
+                   help="LLaVA-format search split (with --eval-data; default: the synthetic task)")
+    p.add_argument("--eval-data", metavar="JSON", default=None, help="LLaVA-format held-out split (with --data)")
+    p.add_argument("--image-folder", metavar="DIR", default=None,
+                   help="folder the image paths of --data/--eval-data are relative to (default: each file's folder)")
     p.add_argument("--budget", type=int, default=DEMO_BUDGET, help=f"final visual tokens (default {DEMO_BUDGET})")
     p.add_argument("--second-budget", type=int, default=SECOND_BUDGET,
                    help=f"second evaluation budget, the searched Θ rescaled (default {SECOND_BUDGET})")
@@ -81,8 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local moves of the search every N steps (eos_kernels.search, decision 6; 0: off; default 20)")
     p.add_argument("--search-images", type=int, default=400, help="images of the search split (default 400)")
     p.add_argument("--eval-images", type=int, default=500, help="held-out questions (default 500)")
+    p.add_argument("--eval-batch-size", type=int, default=50, help="held-out evaluation batch (default 50)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="generated answer tokens (default: 3 on the synthetic task, eos-search's default on --data)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--impl", choices=("auto", "triton", "torch"), default="auto")
+    p.add_argument("--device", default="auto", help="device of a --model checkpoint: auto (default: CUDA if there is one), cpu, cuda, "
+                        "cuda:N; the built-in model runs on the CPU")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="weights of a --model checkpoint (default auto: bfloat16 on CUDA, float32 on the CPU); "
+                        "the built-in model runs in float32")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p
@@ -91,23 +117,41 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------- measurements
 @torch.no_grad()
 def prefill_seconds(model, data, theta: Theta, batch_size: int = 50, batches: int = 2, repeats: int = 3) -> float:
-    """Median wall time of one prefill forward (prompt only, ``logits_to_keep=1``) per prompt, in seconds."""
-    from eos_kernels.integrations.llava import patch_llava, unpatch_llava
+    """Median wall time of one prefill forward (prompt only, ``logits_to_keep=1``) per prompt, in seconds
+    (any supported family; CUDA synchronised)."""
+    from eos_kernels.integrations.auto import adapter_for
+    from eos_kernels.patching import patch_model, unpatch_model
+    from eos_kernels.search.objective import forward_inputs
+
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def to(v):
+        return v.to(device, dtype) if v.is_floating_point() else v.to(device)
 
     items = [(i, 0) for i in range(min(len(data), batch_size * batches))]
-    chunks = [data.prompt_batch(items[s:s + batch_size]) for s in range(0, len(items), batch_size)]
-    patch_llava(model, theta)
+    chunks = []
+    for s in range(0, len(items), batch_size):
+        ids, mask, px, extra = data.prompt_batch(items[s:s + batch_size], with_image_inputs=True)
+        chunks.append(forward_inputs(model, None, input_ids=ids.to(device), attention_mask=mask.to(device),
+                                     pixel_values=to(px), image_inputs={k: to(v) for k, v in extra.items()}))
+    patch_model(model, theta, adapter_for(model))
     try:
-        ids, mask, px = chunks[0]
-        model(input_ids=ids, attention_mask=mask, pixel_values=px, use_cache=False, logits_to_keep=1)  # warm-up
+        model(**chunks[0], use_cache=False, logits_to_keep=1)  # warm-up
         times = []
         for _ in range(repeats):
+            sync()
             t0 = time.perf_counter()
-            for ids, mask, px in chunks:
-                model(input_ids=ids, attention_mask=mask, pixel_values=px, use_cache=False, logits_to_keep=1)
+            for inputs in chunks:
+                model(**inputs, use_cache=False, logits_to_keep=1)
+            sync()
             times.append((time.perf_counter() - t0) / len(items))
     finally:
-        unpatch_llava(model)
+        unpatch_model(model)
     return statistics.median(times)
 
 
@@ -164,7 +208,9 @@ def format_parameters(rows, markdown: bool = False) -> str:
     header = ("layer", "reducer (keep)", "g", "c", "gamma", "tau", "theta", "rho", "nu", "moved")
     body = [header]
     for r in rows:
-        body.append((str(r["layer"]), f"yes ({r['keep']})" if r["reducer"] else "no", pair(r["g"]), pair(r["c"]),
+        keep = r["keep"]
+        keep = f"{keep:.3g}" if isinstance(keep, float) else str(keep)
+        body.append((str(r["layer"]), f"yes ({keep})" if r["reducer"] else "no", pair(r["g"]), pair(r["c"]),
                      pair(r["gamma"]), pair(r["tau"]), pair(r["theta"]), pair(r["rho"]), pair(r["nu"]),
                      "yes" if r["moved"] else "no"))
     if markdown:
@@ -205,26 +251,62 @@ def plot_accuracy(rows, path: str, num_visual_tokens: int) -> str:
 
 
 # ----------------------------------------------------------------------------- the demo
+def _load_model(args):
+    """``(model, processor)``: the built-in demo model, or ``--model`` on ``--device`` in ``--dtype``."""
+    if args.model is None:
+        from eos_kernels.demo import build
+
+        return build.load_demo_model()
+    from eos_kernels.search.driver import load_model, resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    model, processor = load_model(args.model, device, resolve_dtype(args.dtype, device))
+    return model.eval(), processor
+
+
+def _splits(args) -> tuple[str, str, bool]:
+    """``(search JSON, held-out JSON, synthetic?)``: ``--data``/``--eval-data``, else the synthetic task's."""
+    from eos_kernels.demo import task
+
+    if (args.data is None) != (args.eval_data is None):
+        raise ValueError("--data and --eval-data go together (a search split and a held-out split)")
+    if args.data is not None:
+        for flag, path in (("--data", args.data), ("--eval-data", args.eval_data)):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{flag}: no such file: {path}")
+        return args.data, args.eval_data, False
+    data = os.path.join(args.output, "data")
+    return (task.generate_split(data, "search", args.search_images, args.seed),
+            task.generate_split(data, "eval", args.eval_images, args.seed), True)
+
+
 def run_demo(args) -> dict:
-    from eos_kernels.demo import build, task
+    from eos_kernels.integrations.auto import adapter_for
     from eos_kernels.search import SearchConfig, evaluate, run
     from eos_kernels.search.config import scale_init_layers
     from eos_kernels.search.data import load_dataset
+    from eos_kernels.search.evaluate import _reference_count
 
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
-    model, processor = build.load_demo_model()
-    data = os.path.join(args.output, "data")
-    search_json = task.generate_split(data, "search", args.search_images, args.seed)
-    eval_json = task.generate_split(data, "eval", args.eval_images, args.seed)
-    n, L = build.NUM_VISUAL_TOKENS, model.config.text_config.num_hidden_layers
+    search_json, eval_json, synthetic = _splits(args)  # before the model: a missing file fails fast
+    model, processor = _load_model(args)
+    adapter = adapter_for(model)
+    L = adapter.num_layers(model)
+    fixed = adapter.visual_tokens_per_image(model)  # None: each image its own count
+    held = load_dataset(eval_json, processor, num_visual_tokens=fixed, image_token_id=model.config.image_token_id,
+                        image_folder=args.image_folder)
+    n = _reference_count(held)  # the fixed count, else the held-out images' mean
+    varying = fixed is None
     if not 1 <= args.budget <= n or not 1 <= args.second_budget <= n:
-        raise ValueError(f"budgets must be in 1..{n}")
+        raise ValueError(f"--budget and --second-budget must be in 1..{n}, the visual tokens per image"
+                         + (" (the held-out images' mean)" if varying else "")
+                         + f"; got {args.budget} and {args.second_budget}")
 
     # 1. the search
-    config = SearchConfig(data=search_json, output=args.output, budget=args.budget, steps=args.steps,
-                          batch_size=args.batch_size, lr=args.lr, seed=args.seed, impl=args.impl,
+    config = SearchConfig(data=search_json, image_folder=args.image_folder, output=args.output, budget=args.budget,
+                          steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, impl=args.impl,
                           progress=args.progress, overwrite=True, checkpoint_every=0,
                           local_moves_every=args.local_moves_every)
     result = run(config, model=model, processor=processor)
@@ -243,11 +325,13 @@ def run_demo(args) -> dict:
     if searched.schedule(n) != configs[len(FAMILIES)][2].schedule(n):
         # the search's own schedule (the one-sided budget penalty lets it end below the budget)
         configs.append(("eos-searched", final, Theta(searched.reducers, name=f"eos-searched-as-searched@{final}")))
+    if varying:  # each image keeps the share of its own tokens that the schedule keeps at N0
+        configs = [(fam, b, th.as_fractions(n)) for fam, b, th in configs]
 
     # 3. held-out evaluation (+ measured prefill time)
-    eval_cfg = SearchConfig(data=eval_json, output=args.output, budget=args.budget, max_new_tokens=3,
-                            batch_size=50, impl=args.impl)
-    held = load_dataset(eval_json, processor, num_visual_tokens=n, image_token_id=model.config.image_token_id)
+    max_new = args.max_new_tokens or (3 if synthetic else SearchConfig().max_new_tokens)
+    eval_cfg = SearchConfig(data=eval_json, image_folder=args.image_folder, output=args.output, budget=args.budget,
+                            max_new_tokens=max_new, batch_size=args.eval_batch_size, impl=args.impl)
     rows = []
     bar = None
     if args.progress:
@@ -259,7 +343,7 @@ def run_demo(args) -> dict:
         rows.append({"config": theta.name, "family": fam, "budget": b, "accuracy": r["accuracy"],
                      "correct": r["correct"], "answers": r["answers"], "answer_ce": r["answer_ce"],
                      "tokens": r["tokens"], "measured_final": r["measured_final"],
-                     "prefill_ms": 1000 * prefill_seconds(model, held, theta), "theta_config": r["theta_config"]})
+                     "prefill_ms": 1000 * prefill_seconds(model, held, theta, batch_size=args.eval_batch_size), "theta_config": r["theta_config"]})
         if bar is not None:
             bar.update(1)
             bar.set_postfix(config=theta.name, acc=f"{r['accuracy']:.3f}")
@@ -276,7 +360,11 @@ def run_demo(args) -> dict:
     eos = next(r for r in rows if r["budget"] == args.budget and r["family"] == "eos-searched")
     summary = {
         "command": command, "seconds": seconds, "search_seconds": round(t_search, 1),
+        "model": os.path.abspath(args.model) if args.model else "built-in demo model",
+        "model_class": type(model).__name__,
+        "data": {"search": os.path.abspath(search_json), "eval": os.path.abspath(eval_json), "synthetic": synthetic},
         "budget": args.budget, "second_budget": args.second_budget, "num_visual_tokens": n, "num_layers": L,
+        "visual_tokens_vary": varying, "held_out_visual_counts": sorted(set(held.visual_counts)),
         "search_steps": result.step, "search_lr": args.lr, "search_batch_size": args.batch_size,
         "eval_questions": rows[0]["answers"], "threads": torch.get_num_threads(),
         "warm_start_layers": list(layers), "searched_theta": searched.to_dict(), "search_parameters": params,
@@ -305,8 +393,12 @@ def run_demo(args) -> dict:
     with open(os.path.join(args.output, "demo_results.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1)
     moved = ", ".join(str(p["layer"]) for p in params if p["moved"]) or "none"
-    md = (f"# `{summary['command']}`\n\n{rows[0]['answers']} held-out questions (eval split, seed {args.seed}); "
-          f"{n} visual tokens, {L} decoder layers; search: {result.step} steps at budget {args.budget}, "
+    counts = (f"{n} visual tokens per image (the held-out images' mean; Θ deployed as fractions of the schedule "
+              f"at {n})" if varying else f"{n} visual tokens")
+    split = f"eval split, seed {args.seed}" if synthetic else os.path.basename(eval_json)
+    md = (f"# `{summary['command']}`\n\n{summary['model_class']} ({summary['model']}); "
+          f"{rows[0]['answers']} held-out questions ({split}); "
+          f"{counts}, {L} decoder layers; search: {result.step} steps at budget {args.budget}, "
           f"{summary['search_seconds']} s; {seconds} s in all on {summary['threads']} thread(s).\n\n"
           f"{markdown_table(rows)}\n\n{verdict}.\n\n"
           f"## Where the search ended (value at the first step -> at the end; layers that moved: {moved})\n\n"

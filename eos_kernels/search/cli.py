@@ -54,9 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     d = SearchConfig()
     p = argparse.ArgumentParser(
         prog="eos-search",
-        description="Differentiable EOS search on a frozen Hugging Face LLaVA model (paper §2.4-2.6), or, with "
+        description="Differentiable EOS search on a frozen Hugging Face vision-language model (LLaVA-1.5, "
+                    "LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL; paper §2.4-2.6), or, with "
                     "--eval, accuracy and token accounting of Θ configurations on a held-out split.",
-        epilog="Built-in demo on the CPU, no download: eos-search --demo (options: eos-search --demo --help). "
+        epilog="Built-in demo on the CPU, no download: eos-search --demo (options: eos-search --demo --help; "
+               "--demo --model DIR [--data S.json --eval-data H.json] compares on your model and data). "
                "Outputs in --output: theta.json, search_state.pt, log.jsonl, trajectories.png, profile.png, "
                "loss.png (eval: eval.json). Multi-GPU: torchrun --nproc_per_node=N -m eos_kernels.search ...",
         argument_default=argparse.SUPPRESS,
@@ -64,8 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help="YAML or JSON file setting any option below "
                    "(keys are option names); the command line overrides it")
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", metavar="DIR", help="local Hugging Face LLaVA checkpoint directory (model + processor)")
-    g.add_argument("--data", metavar="JSON", help="LLaVA-format JSON (with --eval: the held-out split)")
+    g.add_argument("--model", metavar="DIR", help="local Hugging Face checkpoint directory (model + processor) of a "
+                   "supported family; the class comes from its config")
+    g.add_argument("--data", metavar="JSON", help="LLaVA-format JSON, prompts rendered with the checkpoint's "
+                   "chat template (with --eval: the held-out split)")
     g.add_argument("--image-folder", metavar="DIR", help="folder the image paths are relative to "
                    "(default: the data file's folder)")
     g.add_argument("--output", metavar="DIR", help=f"output folder (default: {d.output})")

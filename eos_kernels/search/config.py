@@ -52,11 +52,13 @@ class SearchConfig:
     """Options of ``eos_kernels.search.run`` / ``eos-search`` (one field per CLI option).
 
     Data and model:
-        model: directory of a Hugging Face LLaVA checkpoint (model + processor,
-            ``from_pretrained``).
+        model: directory of a Hugging Face checkpoint (model + processor,
+            ``from_pretrained``) of a supported family: LLaVA-1.5, LLaVA-NeXT,
+            LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL (the class from its config).
         data: LLaVA-format JSON: a list of ``{"image": path, "conversations":
             [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt",
-            "value": "..."}, ...]}``.
+            "value": "..."}, ...]}`` (the data format, whatever the model
+            family: prompts are rendered with the checkpoint's chat template).
         image_folder: folder the ``image`` paths are relative to (default: the
             folder of the ``data`` file).
         output: directory for ``theta.json``, ``search_state.pt``,

@@ -7,7 +7,7 @@ Any supported family (the adapter from the model's class, the data pipeline of
 largest count (an integer keep above a smaller sample's count is clipped).
 
 ``eos-search --eval THETA [THETA ...] --model DIR --data HELDOUT.json`` (or
-:func:`evaluate`) patches the model with each Θ in turn (``patch_llava``,
+:func:`evaluate`) patches the model with each Θ in turn (``eos_kernels.patch``,
 the deployment path) and reports, on the same examples:
 
 - ``accuracy``: greedy ``generate`` answers (each gpt turn, given the gold

@@ -1,0 +1,109 @@
+"""``eos-search --demo --model DIR`` on every family (issue 12, item 6): the demo driver's comparison
+(search, baselines at two budgets, held-out table) on tiny random checkpoints saved with ``save_pretrained``.
+
+Qwen2.5-VL on the synthetic task (its 64 px images give every sample the same count, but the family's
+counts are not fixed, so every reducing Θ is deployed as fractions); LLaVA-NeXT on ``--data`` /
+``--eval-data`` whose images have different sizes, so counts differ per image. The numbers are those of
+random models: what is checked is that the driver runs, reports what it deployed, and deploys it right.
+"""
+import json
+import os
+import sys
+
+import pytest
+
+pytest.importorskip("transformers")
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from eos_kernels.demo.run import FAMILIES, main  # noqa: E402
+from eos_kernels.theta import Theta  # noqa: E402
+
+from _tiny_families import save_tiny_llava_next, save_tiny_qwen  # noqa: E402
+from _tiny_models import write_llava_dataset  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+SIZES = [(56, 56), (50, 100), (100, 40), (112, 112), (40, 60), (64, 32)]
+SHORT = ["--steps", "2", "--batch-size", "2", "--eval-batch-size", "4", "--local-moves-every", "1",
+         "--max-new-tokens", "2", "--no-progress", "--impl", "torch"]
+
+
+def _ragged_data(root, n, seed):
+    from PIL import Image
+
+    path = write_llava_dataset(str(root), n=n, seed=seed)
+    for i, rec in enumerate(json.load(open(path))):
+        full = os.path.join(str(root), rec["image"])
+        with Image.open(full) as im:
+            im.convert("RGB").resize(SIZES[(i + seed) % len(SIZES)]).save(full)
+    return path
+
+
+def _check_results(out, model_class, n_expected=None):
+    res = json.load(open(os.path.join(out, "demo_results.json")))
+    assert res["model_class"] == model_class and res["visual_tokens_vary"] is True
+    n = res["num_visual_tokens"]
+    if n_expected is not None:
+        assert n == n_expected
+    assert os.path.isfile(os.path.join(out, "theta.json")) and os.path.isfile(os.path.join(out, "demo_results.md"))
+    rows = res["results"]
+    fams = {r["family"] for r in rows}
+    assert fams >= {"full", *FAMILIES}, fams
+    budgets = {r["budget"] for r in rows if r["family"] != "full"}
+    assert {res["budget"], res["second_budget"]} <= budgets
+    for r in rows:
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["prefill_ms"] > 0
+        theta = Theta.from_dict(r["theta_config"])
+        # deployed as fractions of the schedule at N0, so the reported schedule is the one at N0
+        assert all(red.is_fraction for red in theta), r["config"]
+        assert [list(s) for s in theta.schedule(n)] == r["tokens"]["schedule"]
+        if r["family"] != "full" and r["budget"] is not None and not r["config"].startswith("eos-searched-as"):
+            assert r["tokens"]["final"] <= r["budget"], r["config"]
+    # the searched Θ is a fraction Θ too (counts vary), and the table's @budget row is it rescaled
+    assert all(isinstance(red["keep"], float) for red in res["searched_theta"]["reducers"])
+    return res
+
+
+def test_demo_driver_on_qwen25_synthetic_task(tmp_path):
+    model = save_tiny_qwen(str(tmp_path / "qwen"), version="2.5")
+    out = str(tmp_path / "out")
+    rc = main(["--demo", "--model", model, "--output", out, "--search-images", "4", "--eval-images", "4",
+               "--budget", "3", "--second-budget", "6"] + SHORT)
+    assert rc == 0
+    res = _check_results(out, "Qwen2_5_VLForConditionalGeneration")
+    assert res["data"]["synthetic"] is True and len(res["held_out_visual_counts"]) == 1
+
+
+def test_demo_driver_on_llava_next_own_ragged_data(tmp_path, capsys):
+    model = save_tiny_llava_next(str(tmp_path / "next"))
+    search = _ragged_data(tmp_path / "search", 6, seed=0)
+    held = _ragged_data(tmp_path / "held", 6, seed=1)
+    out = str(tmp_path / "out")
+    rc = main(["--demo", "--model", model, "--data", search, "--eval-data", held, "--output", out,
+               "--budget", "4", "--second-budget", "8"] + SHORT)
+    assert rc == 0, capsys.readouterr().err
+    res = _check_results(out, "LlavaNextForConditionalGeneration")
+    counts = res["held_out_visual_counts"]
+    assert len(counts) >= 3, counts  # the images really give different counts
+    assert res["data"]["synthetic"] is False and not os.path.exists(os.path.join(out, "data"))
+    assert "fractions" in open(os.path.join(out, "demo_results.md")).read()
+
+
+def test_demo_driver_rejects_bad_options_before_searching(tmp_path, capsys):
+    model = save_tiny_qwen(str(tmp_path / "qwen"), version="2.5")
+    data = _ragged_data(tmp_path / "d", 3, seed=0)
+    out = str(tmp_path / "out")
+    assert main(["--demo", "--model", model, "--data", data, "--output", out] + SHORT) == 2
+    assert "--data and --eval-data go together" in capsys.readouterr().err
+    assert main(["--demo", "--model", model, "--data", data, "--eval-data", str(tmp_path / "nope.json"),
+                 "--output", out] + SHORT) == 2
+    assert "--eval-data: no such file" in capsys.readouterr().err
+    assert main(["--demo", "--model", model, "--data", data, "--eval-data", data, "--budget", "100000",
+                 "--output", out] + SHORT) == 2
+    err = capsys.readouterr().err
+    assert "must be in 1.." in err and "mean" in err
+    assert main(["--demo", "--model", str(tmp_path / "no-model"), "--output", out,
+                 "--search-images", "2", "--eval-images", "2"] + SHORT) == 2
+    assert "not a local Hugging Face checkpoint" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(out, "theta.json"))
