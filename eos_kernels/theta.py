@@ -128,6 +128,12 @@ def _regime(gamma: float, tau: float, theta: float, rho: float, nu: float) -> st
     return "hybrid"
 
 
+def layer_flops(tokens: int, hidden_size: int, intermediate_size: int) -> int:
+    """Estimated FLOPs of one LLaMA-style decoder layer on ``tokens`` tokens (see :meth:`Theta.token_report`)."""
+    d, ffn = hidden_size, intermediate_size
+    return 2 * tokens * (4 * d * d + 3 * d * ffn) + 4 * tokens * tokens * d
+
+
 def _leaving_per_layer(layers: Sequence[int], kept: Sequence[int], n0: int, num_layers: int) -> list[int]:
     """Visual tokens leaving each of ``num_layers`` layers for a chained schedule."""
     out, current, j = [], n0, 0
@@ -493,11 +499,8 @@ class Theta:
         leaving = _leaving_per_layer(layers, kept, num_visual_tokens, num_layers)
         processed = [num_visual_tokens] + leaving[:-1]
 
-        def flops(n: int) -> int:
-            return 2 * n * (4 * d * d + 3 * d * ffn) + 4 * n * n * d
-
-        reduced = sum(flops(text_tokens + p) for p in processed)
-        full = num_layers * flops(text_tokens + num_visual_tokens)
+        reduced = sum(layer_flops(text_tokens + p, d, ffn) for p in processed)
+        full = num_layers * layer_flops(text_tokens + num_visual_tokens, d, ffn)
         return {
             "schedule": sched,
             "leaving": leaving,

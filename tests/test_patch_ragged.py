@@ -97,6 +97,38 @@ def test_ragged_counts_clip_per_sample(model):
         torch.testing.assert_close(batch[b, mask[b].bool()], alone[0], atol=2e-5, rtol=1e-5)
 
 
+def test_token_report_per_sample_is_what_each_sample_ran(model):
+    """``eos_report.token_report(b)``: sample b's own count, kept counts, real text tokens and the model's sizes,
+    the same numbers as ``Theta.token_report`` at that sample's count (LLaVA: 16 and 32 tokens, none)."""
+    samples = ragged_samples()
+    patch_llava(model, THETA, num_visual_tokens=32)
+    ids, mask, px = _batch(samples)
+    _logits(model, ids, px, mask, (mask.cumsum(-1) - 1).clamp(min=0))
+    report = model.eos_report
+    cfg = model.config.text_config
+    L = cfg.num_hidden_layers
+    for b, (prompt, _) in enumerate(samples):
+        n = report.visual_tokens[b]
+        text = int((prompt != model.config.image_token_id).sum())  # the padding is not counted
+        got = report.token_report(b)
+        assert got["num_visual_tokens"] == n and got["text_tokens"] == text
+        assert (got["hidden_size"], got["intermediate_size"]) == (cfg.hidden_size, cfg.intermediate_size)
+        if n == 0:  # a text-only sample: nothing to reduce, nothing saved
+            assert got["final"] == 0 and got["prefill_flops_ratio"] == 1.0
+            assert [s[1:] for s in got["schedule"]] == [(0, 0)] * len(THETA)
+            continue
+        want = THETA.token_report(n, L, text, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size)
+        for key in ("schedule", "leaving", "processed", "final", "mean_leaving", "mean_processed",
+                    "prefill_flops", "prefill_flops_full", "prefill_flops_ratio"):
+            assert got[key] == want[key], (b, key)
+        assert got["prefill_flops_ratio"] < 1
+    assert report.to_dict()["text_tokens"] == [int((p != model.config.image_token_id).sum()) for p, _ in samples]
+    with pytest.raises(ValueError, match="sample must be in 0..2"):
+        report.token_report(3)
+    with pytest.raises(TypeError, match="sample must be an int"):
+        report.token_report("0")
+
+
 def test_ragged_generate_cache_equals_no_cache_and_alone(model):
     samples = ragged_samples()
     patch_llava(model, THETA)

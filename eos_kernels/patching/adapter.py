@@ -65,6 +65,12 @@ class DecoderAdapter:
         n = getattr(getattr(text, "config", None), "num_hidden_layers", None)
         return int(n) if n is not None else len(text.layers)
 
+    def text_sizes(self, model: nn.Module) -> tuple[int, int] | None:
+        """``(hidden_size, intermediate_size)`` of the decoder layers, for the FLOPs estimate, or None."""
+        cfg = getattr(self.text_model(model), "config", None)
+        d, ffn = getattr(cfg, "hidden_size", None), getattr(cfg, "intermediate_size", None)
+        return (int(d), int(ffn)) if isinstance(d, int) and isinstance(ffn, int) else None
+
     def attention(self, layer: nn.Module) -> nn.Module:
         attn = getattr(layer, "self_attn", None)
         if attn is None:

@@ -48,6 +48,7 @@ class _Context:
         self.stages: list[StageRecord] = []
         self.note: str | None = None
         self.visual_counts: tuple[int, ...] = ()
+        self.text_counts: tuple[int, ...] = ()     # real (not padding) non-visual tokens per sample
         self.found_cache = None                   # the Cache among the decoder stack's arguments (prefill)
         self.labels: torch.Tensor | None = None   # this forward's own copy of `labels`, if any
 
@@ -58,6 +59,7 @@ class _PatchState:
         self.plan = plan
         self.reducers: frozenset[int] = frozenset(plan.layers)  # layers that may reduce (hooked)
         self.num_layers = adapter.num_layers(model)
+        self.text_sizes = adapter.text_sizes(model)
         self.handles: list = []
         self.pending_visual: torch.Tensor | None = None
         self.pending_labels: torch.Tensor | None = None
@@ -157,6 +159,10 @@ def _text_pre_hook(state: _PatchState, model):
         # ---- prefill
         if cache is not None and hasattr(cache, "__dict__"):
             cache.__dict__.pop(CACHE_MAP_ATTR, None)  # a reused cache: forget the old map
+        real = _real_tokens(kwargs.get("attention_mask"), B, L)
+        if real is not None:
+            real = real.to(ref.device)
+        ctx.text_counts = tuple(int(c) for c in real.sum(dim=1).tolist()) if real is not None else (L,) * B
         if state.suspended:
             ctx.note = "reduction suspended (eos_kernels.patching.suspended)"
             ctx.mode = "off"
@@ -170,6 +176,8 @@ def _text_pre_hook(state: _PatchState, model):
         visual = _with_features(state.adapter, model, visual, embeds)
         counts = visual.sum(dim=1).tolist()
         ctx.visual_counts = tuple(int(c) for c in counts)
+        text = ~visual if real is None else real & ~visual
+        ctx.text_counts = tuple(int(c) for c in text.sum(dim=1).tolist())
         if not any(counts):
             ctx.note = "no image tokens in the input: passed through unreduced"
             ctx.mode = "off"
@@ -190,11 +198,8 @@ def _text_pre_hook(state: _PatchState, model):
             ctx.note = state.plan.empty_note
             ctx.mode = "off"
             return None
-        real = _real_tokens(kwargs.get("attention_mask"), B, L)
-        if real is not None:
-            real = real.to(ref.device)
-            if bool(real.all()):
-                real = None
+        if real is not None and bool(real.all()):
+            real = None
         ctx.visual, ctx.real = visual, real
         ctx.rows = _rating_rows(visual, real, state.prompt_length)
         ctx.cache = cache
@@ -303,6 +308,8 @@ def _text_post_hook(state: _PatchState, model):
             sequence_length=ctx.length,
             visual_tokens=ctx.visual_counts or (0,) * ctx.batch,
             stages=tuple(ctx.stages),
+            text_tokens=ctx.text_counts or (ctx.length,) * ctx.batch,
+            text_sizes=state.text_sizes,
             note=note,
         )
         return None

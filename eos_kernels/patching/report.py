@@ -44,6 +44,9 @@ class EOSReport:
         visual_tokens: visual tokens per sample in the input.
         stages: one :class:`StageRecord` per reducer that ran, in layer order.
         note: why nothing was reduced, when nothing was.
+        text_tokens: real (not padding) non-visual tokens per sample in the input.
+        text_sizes: ``(hidden_size, intermediate_size)`` of the model's decoder
+            layers (for :meth:`token_report`'s FLOPs estimate), or None.
     """
 
     theta_name: str | None
@@ -53,13 +56,23 @@ class EOSReport:
     visual_tokens: tuple[int, ...]
     stages: tuple[StageRecord, ...]
     note: str | None = None
+    text_tokens: tuple[int, ...] = ()
+    text_sizes: tuple[int, int] | None = None
 
     @property
     def reduced(self) -> bool:
         return bool(self.stages)
 
+    def _sample(self, sample) -> int:
+        if isinstance(sample, bool) or not isinstance(sample, int):
+            raise TypeError(f"sample must be an int, got {type(sample).__name__}")
+        if not 0 <= sample < self.batch_size:
+            raise ValueError(f"sample must be in 0..{self.batch_size - 1} (the batch of this forward), got {sample}")
+        return sample
+
     def leaving_per_layer(self, sample: int = 0) -> list[int]:
         """Visual tokens leaving each decoder layer for ``sample``."""
+        sample = self._sample(sample)
         current, out = self.visual_tokens[sample], []
         by_layer = {s.layer: s for s in self.stages}
         for layer in range(self.num_layers):
@@ -73,6 +86,45 @@ class EOSReport:
         leaving = self.leaving_per_layer(sample)
         return [self.visual_tokens[sample]] + leaving[:-1]
 
+    def token_report(self, sample: int = 0) -> dict:
+        """:meth:`Theta.token_report`'s accounting for one sample of this forward, as it ran.
+
+        The sample's own visual count, the counts its reducers actually kept
+        (ragged batches: each sample at its own count), its real text tokens
+        and the model's own layer sizes in the FLOPs estimate (same formula).
+        Keys: ``schedule`` (``(layer, incoming, kept)`` per reducer that ran),
+        ``leaving``, ``processed``, ``final``, ``mean_leaving``,
+        ``mean_processed``, ``num_visual_tokens``, ``text_tokens``,
+        ``num_layers``, and, when the sizes are known, ``prefill_flops``,
+        ``prefill_flops_full``, ``prefill_flops_ratio``, ``hidden_size``,
+        ``intermediate_size``.
+        """
+        from eos_kernels.theta import layer_flops
+
+        sample = self._sample(sample)
+        leaving = self.leaving_per_layer(sample)
+        processed = self.processed_per_layer(sample)
+        n0 = self.visual_tokens[sample]
+        text = self.text_tokens[sample] if self.text_tokens else self.sequence_length - n0
+        out = {
+            "schedule": [(s.layer, s.visual_in[sample], s.visual_out[sample]) for s in self.stages],
+            "leaving": leaving,
+            "processed": processed,
+            "final": leaving[-1],
+            "mean_leaving": sum(leaving) / self.num_layers,
+            "mean_processed": sum(processed) / self.num_layers,
+            "num_visual_tokens": n0,
+            "text_tokens": text,
+            "num_layers": self.num_layers,
+        }
+        if self.text_sizes is not None:
+            d, ffn = self.text_sizes
+            reduced = sum(layer_flops(text + p, d, ffn) for p in processed)
+            full = self.num_layers * layer_flops(text + n0, d, ffn)
+            out.update(prefill_flops=reduced, prefill_flops_full=full, prefill_flops_ratio=reduced / full if full else 1.0,
+                       hidden_size=d, intermediate_size=ffn)
+        return out
+
     def to_dict(self) -> dict:
         return {
             "theta_name": self.theta_name,
@@ -80,6 +132,7 @@ class EOSReport:
             "batch_size": self.batch_size,
             "sequence_length": self.sequence_length,
             "visual_tokens": list(self.visual_tokens),
+            "text_tokens": list(self.text_tokens),
             "note": self.note,
             "stages": [
                 {"layer": s.layer, "regime": s.regime, "visual_in": list(s.visual_in),
