@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 
 from _cuda_subset import DEVICE, HAS_CUDA, assert_close_verbose, requires_device  # noqa: E402
+from test_eos_reduce import make_inputs as _make_inputs  # noqa: E402
 
 pytestmark = requires_device
 
@@ -62,20 +63,8 @@ NORMS = on_gpu_else(["token", "frobenius"], ["token"])
 
 # --------------------------------------------------------------------------- operator helpers
 def make_inputs(B, K, M, d, dtype, seed, clustered=False, noncontiguous=False):
-    g = torch.Generator().manual_seed(seed)
-    A = torch.randn(B, K, d, generator=g)
-    if clustered and M:
-        owner = torch.randint(0, K, (B, M), generator=g)
-        D = torch.gather(A, 1, owner[..., None].expand(B, M, d)) + 0.3 * torch.randn(B, M, d, generator=g)
-    else:
-        D = torch.randn(B, M, d, generator=g)
-    q = torch.randn(B, M, generator=g)
-    A, D = A.to(dtype), D.to(dtype)
-    if noncontiguous:
-        A = A.transpose(1, 2).contiguous().transpose(1, 2)
-        D = torch.stack([D, torch.full_like(D, float("nan"))], dim=2).flatten(1, 2)[:, ::2]
-        q = q.t().contiguous().t()
-    return A.to(DEVICE), D.to(DEVICE), q.to(DEVICE)
+    """The operator suite's inputs (``test_eos_reduce.make_inputs``) on this module's device."""
+    return _make_inputs(B, K, M, d, dtype, seed, clustered=clustered, noncontiguous=noncontiguous, device=DEVICE)
 
 
 def run_op(impl, A, D, q, values, as_tensors=True, grad_seed=1, grad_dtype=None, **kw):
