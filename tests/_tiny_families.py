@@ -1,4 +1,5 @@
-"""Tiny randomly initialised Qwen2-VL, Qwen2.5-VL and LLaVA-NeXT models for CPU tests (no downloads).
+"""Tiny randomly initialised Qwen2-VL, Qwen2.5-VL, LLaVA-NeXT and LLaVA-OneVision models for CPU tests
+(no downloads).
 
 Built from transformers configs on transformers 5.0 to 5.24, fp32, eval mode,
 weights drawn with a fixed seed and a larger standard deviation than the
@@ -30,11 +31,13 @@ LLaVA-OneVision (``tiny_llava_onevision()``)
     SigLIP 56 px / patch 14 + Qwen2 text, the same tiling; videos of ``f`` frames
     give ``4 f + 1`` video tokens (2x2 pooling, one trailing newline).
 
-Model folders (``save_tiny_qwen``, ``save_tiny_llava_next``)
+Model folders (``save_tiny_qwen``, ``save_tiny_llava_next``, ``save_tiny_llava_onevision``)
     ``save_pretrained`` folders with a word-level tokenizer over the tiny words of
-    ``_tiny_models.py`` and the family's chat template. Qwen's processor needs
-    torchvision in transformers 5.x (its video half); without it the folder holds
-    the tokenizer and the image processor, loadable on their own.
+    ``_tiny_models.py`` and the family's chat template. The processors of Qwen
+    and OneVision need torchvision in transformers 5.x (their video half);
+    without it the folder holds the tokenizer and the image processor, loadable
+    on their own. OneVision's chat format is Qwen's without the vision markers:
+    ``<|im_start|>user <image>\n question <|im_end|> <|im_start|>assistant\n``.
 """
 from __future__ import annotations
 
@@ -46,7 +49,7 @@ VOCAB = 256
 PAD_TOKEN_ID = 0
 BOS_TOKEN_ID = 1
 EOS_TOKEN_ID = 2
-#: the image placeholder of every family here (LLaVA-NeXT's <image>, Qwen's <|image_pad|>)
+#: the image placeholder of every family here (LLaVA-NeXT's and OneVision's <image>, Qwen's <|image_pad|>)
 IMAGE_TOKEN_ID = VOCAB - 1
 # Qwen special tokens
 VIDEO_TOKEN_ID = 254
@@ -434,14 +437,38 @@ NEXT_CHAT_TEMPLATE = (
 )
 
 
-def qwen_tokenizer(chat_template: str | None = QWEN_CHAT_TEMPLATE):
+#: LLaVA-OneVision's (Qwen2 ChatML) format, images then videos then text in a turn, as its hub template:
+#: ``<|im_start|>user <image>\n{question}<|im_end|>\n<|im_start|>assistant\n{answer}<|im_end|>\n``
+ONEVISION_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + ' ' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for c in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for c in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>\n' }}{% endfor %}"
+    "{% for c in message['content'] | selectattr('type', 'equalto', 'text') %}{{ c['text'] }}{% endfor %}"
+    "{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _chatml_tokenizer(image: str, video: str, chat_template: str | None):
+    """The tiny word tokenizer with Qwen2's ChatML specials (no BOS, eos ``<|im_end|>``) and the
+    family's image / video placeholders at ``IMAGE_TOKEN_ID`` / ``VIDEO_TOKEN_ID``."""
     top = {SYSTEM_TOKEN_ID: "system", ASSISTANT_TOKEN_ID: "assistant", USER_TOKEN_ID: "user",
            NEWLINE_TOKEN_ID: "<nl>", IM_START_TOKEN_ID: "<|im_start|>", IM_END_TOKEN_ID: "<|im_end|>",
            VISION_START_TOKEN_ID: "<|vision_start|>", VISION_END_TOKEN_ID: "<|vision_end|>",
-           VIDEO_TOKEN_ID: "<|video_pad|>", IMAGE_TOKEN_ID: "<|image_pad|>"}
-    tok = _word_tokenizer(top, chat_template, bos=False)  # Qwen prepends no BOS
+           VIDEO_TOKEN_ID: video, IMAGE_TOKEN_ID: image}
+    tok = _word_tokenizer(top, chat_template, bos=False)  # Qwen2 prepends no BOS
     tok.eos_token = "<|im_end|>"
     return tok
+
+
+def qwen_tokenizer(chat_template: str | None = QWEN_CHAT_TEMPLATE):
+    return _chatml_tokenizer("<|image_pad|>", "<|video_pad|>", chat_template)
+
+
+def onevision_tokenizer(chat_template: str | None = ONEVISION_CHAT_TEMPLATE):
+    """OneVision's Qwen2 tokenizer: ChatML, ``<image>`` = 255, ``<video>`` = 254."""
+    return _chatml_tokenizer("<image>", "<video>", chat_template)
 
 
 def _pil_class(*names):
@@ -484,6 +511,20 @@ def tiny_qwen_processor(version: str = "2.5", chat_template: str | None = QWEN_C
                video_processor=video, chat_template=chat_template)
 
 
+def tiny_anyres_image_processor(family: str = "llava_next"):
+    """The PIL any-resolution image processor of ``"llava_next"`` / ``"llava_onevision"``: 56 px tiles
+    over ``NEXT_PINPOINTS`` (NeXT resizes the base image's shortest edge and centre-crops it,
+    OneVision resizes it to the square tile)."""
+    if family == "llava_next":
+        return _pil_class("LlavaNextImageProcessorPil", "LlavaNextImageProcessor")(
+            size={"shortest_edge": NEXT_TILE}, crop_size={"height": NEXT_TILE, "width": NEXT_TILE},
+            image_grid_pinpoints=NEXT_PINPOINTS)
+    if family == "llava_onevision":
+        return _pil_class("LlavaOnevisionImageProcessorPil", "LlavaOnevisionImageProcessor")(
+            size={"height": NEXT_TILE, "width": NEXT_TILE}, image_grid_pinpoints=NEXT_PINPOINTS)
+    raise ValueError(f"family must be 'llava_next' or 'llava_onevision', got {family!r}")
+
+
 def tiny_next_processor(chat_template: str | None = NEXT_CHAT_TEMPLATE):
     """A ``LlavaNextProcessor`` for :func:`tiny_llava_next`: PIL any-resolution image processor (56 px
     tiles, the pinpoints of the model), the tiny word tokenizer (``<image>`` = 255), a vicuna-style template."""
@@ -491,12 +532,46 @@ def tiny_next_processor(chat_template: str | None = NEXT_CHAT_TEMPLATE):
 
     from _tiny_models import tiny_tokenizer
 
-    images = _pil_class("LlavaNextImageProcessorPil", "LlavaNextImageProcessor")(
-        size={"shortest_edge": NEXT_TILE}, crop_size={"height": NEXT_TILE, "width": NEXT_TILE},
-        image_grid_pinpoints=NEXT_PINPOINTS)
-    return LlavaNextProcessor(image_processor=images, tokenizer=tiny_tokenizer(chat_template),
-                              patch_size=NEXT_PATCH, vision_feature_select_strategy="default",
-                              num_additional_image_tokens=1, chat_template=chat_template)
+    return LlavaNextProcessor(image_processor=tiny_anyres_image_processor("llava_next"),
+                              tokenizer=tiny_tokenizer(chat_template), patch_size=NEXT_PATCH,
+                              vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                              chat_template=chat_template)
+
+
+def tiny_onevision_processor(chat_template: str | None = ONEVISION_CHAT_TEMPLATE):
+    """A ``LlavaOnevisionProcessor`` for :func:`tiny_llava_onevision`: the any-resolution image processor
+    of :func:`tiny_anyres_image_processor`, :func:`onevision_tokenizer`, a 56 px video processor.
+
+    Like Qwen's, it needs torchvision in transformers 5.x (the video processor): without it this
+    raises ``ImportError``."""
+    import transformers
+
+    try:
+        video = transformers.LlavaOnevisionVideoProcessor(size={"height": NEXT_TILE, "width": NEXT_TILE})
+    except ImportError as exc:
+        raise ImportError(f"LlavaOnevisionProcessor needs LlavaOnevisionVideoProcessor, which needs torchvision "
+                          f"(transformers {transformers.__version__})") from exc
+    return transformers.LlavaOnevisionProcessor(
+        image_processor=tiny_anyres_image_processor("llava_onevision"), tokenizer=onevision_tokenizer(chat_template),
+        video_processor=video, num_image_tokens=(NEXT_TILE // NEXT_PATCH) ** 2,
+        vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9", chat_template=chat_template)
+
+
+def _save(path, model, processor, tokenizer=None, image_processor=None) -> str:
+    """``model`` and ``processor()`` saved into ``path``; where the processor cannot be built (it raises
+    ImportError: no torchvision for its video half) ``tokenizer()`` and ``image_processor()`` instead."""
+    import os
+
+    path = os.fspath(path)
+    model.save_pretrained(path)
+    try:
+        processor().save_pretrained(path)
+    except ImportError:
+        if tokenizer is None:
+            raise
+        tokenizer().save_pretrained(path)  # with the chat template
+        image_processor().save_pretrained(path)
+    return path
 
 
 def save_tiny_qwen(path, version: str = "2.5", seed: int = 0, num_layers: int = 6,
@@ -506,24 +581,25 @@ def save_tiny_qwen(path, version: str = "2.5", seed: int = 0, num_layers: int = 
     Without torchvision (the Qwen processor's video half needs it) the folder holds the model,
     the tokenizer with its chat template and the image processor: ``AutoTokenizer`` and
     ``AutoImageProcessor.from_pretrained(path)`` load them, ``AutoProcessor`` raises ImportError."""
-    import os
-
-    path = os.fspath(path)
-    tiny_qwen(version, seed=seed, num_layers=num_layers, attn_implementation=attn_implementation).save_pretrained(path)
-    try:
-        tiny_qwen_processor(version, chat_template=chat_template).save_pretrained(path)
-    except ImportError:  # no torchvision: the tokenizer (with the chat template) and the image processor
-        qwen_tokenizer(chat_template).save_pretrained(path)
-        tiny_qwen_image_processor().save_pretrained(path)
-    return path
+    return _save(path, tiny_qwen(version, seed=seed, num_layers=num_layers, attn_implementation=attn_implementation),
+                 lambda: tiny_qwen_processor(version, chat_template=chat_template),
+                 lambda: qwen_tokenizer(chat_template), tiny_qwen_image_processor)
 
 
 def save_tiny_llava_next(path, seed: int = 0, num_layers: int = 6, chat_template: str | None = NEXT_CHAT_TEMPLATE,
                          attn_implementation: str = "sdpa") -> str:
     """:func:`tiny_llava_next` and :func:`tiny_next_processor` saved into ``path``."""
-    import os
+    return _save(path, tiny_llava_next(seed=seed, num_layers=num_layers, attn_implementation=attn_implementation),
+                 lambda: tiny_next_processor(chat_template=chat_template))
 
-    path = os.fspath(path)
-    tiny_llava_next(seed=seed, num_layers=num_layers, attn_implementation=attn_implementation).save_pretrained(path)
-    tiny_next_processor(chat_template=chat_template).save_pretrained(path)
-    return path
+
+def save_tiny_llava_onevision(path, seed: int = 0, num_layers: int = 6,
+                              chat_template: str | None = ONEVISION_CHAT_TEMPLATE,
+                              attn_implementation: str = "sdpa") -> str:
+    """:func:`tiny_llava_onevision` and :func:`tiny_onevision_processor` saved into ``path``.
+
+    Without torchvision (the OneVision processor's video half needs it), as :func:`save_tiny_qwen`: the
+    model, :func:`onevision_tokenizer` with its chat template and the any-resolution image processor."""
+    return _save(path, tiny_llava_onevision(seed=seed, num_layers=num_layers, attn_implementation=attn_implementation),
+                 lambda: tiny_onevision_processor(chat_template=chat_template),
+                 lambda: onevision_tokenizer(chat_template), lambda: tiny_anyres_image_processor("llava_onevision"))

@@ -1,12 +1,14 @@
-"""eos-search on every family (issue 12, item 6): tiny random Qwen2.5-VL, Qwen2-VL and LLaVA-NeXT saved with ``save_pretrained``.
+"""eos-search on every family (issue 12, item 6): tiny random Qwen2.5-VL, Qwen2-VL, LLaVA-NeXT and LLaVA-OneVision
+saved with ``save_pretrained``.
 
 The models and processors come from ``tests/_tiny_families.py`` (6 layers);
 the data set is the tiny LLaVA-format JSON of ``_tiny_models.write_llava_dataset``
 with its PNGs resized to different sizes, so that the images give different
 visual counts (any-resolution tiling / dynamic resolution) and every training
 batch is ragged. Prompts are rendered with the checkpoint's chat template (the
-processor's for LLaVA-NeXT; the tokenizer's for Qwen when its processor cannot
-be built, i.e. without torchvision).
+processor's for LLaVA-NeXT; the tokenizer's for Qwen and OneVision when their
+processor cannot be built, i.e. without torchvision, OneVision's counts then
+coming from its image processor and the model's config).
 """
 import json
 import math
@@ -29,15 +31,17 @@ from eos_kernels.search_space import SearchSpace  # noqa: E402
 from eos_kernels.theta import Theta  # noqa: E402
 
 from _tiny_families import (  # noqa: E402
-    IMAGE_TOKEN_ID, VISION_END_TOKEN_ID, VISION_START_TOKEN_ID, save_tiny_llava_next, save_tiny_qwen,
+    IMAGE_TOKEN_ID, VISION_END_TOKEN_ID, VISION_START_TOKEN_ID, next_visual_count, onevision_tokenizer,
+    save_tiny_llava_next, save_tiny_llava_onevision, save_tiny_qwen, tiny_anyres_image_processor,
+    tiny_llava_onevision_config,
 )
 from _tiny_models import write_llava_dataset  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-#: (width, height) of the data set's images, in turn: different counts for both families
+#: (width, height) of the data set's images, in turn: different counts for every family
 SIZES = [(56, 56), (50, 100), (100, 40), (112, 112), (40, 60), (64, 32)]
-FAMILIES = ("qwen2.5", "qwen2", "llava_next")
+FAMILIES = ("qwen2.5", "qwen2", "llava_next", "llava_onevision")
 
 
 def _write_data(root, n=6, seed=0):
@@ -56,6 +60,8 @@ def env(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param.replace(".", ""))
     if request.param.startswith("qwen"):
         model_dir = save_tiny_qwen(str(root / "model"), version=request.param[len("qwen"):])
+    elif request.param == "llava_onevision":
+        model_dir = save_tiny_llava_onevision(str(root / "model"))
     else:
         model_dir = save_tiny_llava_next(str(root / "model"))
     data = _write_data(root / "data")
@@ -79,7 +85,8 @@ def test_model_class_processor_and_prompts_follow_the_checkpoint(env, loaded):
 
     model, processor = loaded
     want = {"qwen2.5": "Qwen2_5_VLForConditionalGeneration", "qwen2": "Qwen2VLForConditionalGeneration",
-            "llava_next": "LlavaNextForConditionalGeneration"}[env.family]
+            "llava_next": "LlavaNextForConditionalGeneration",
+            "llava_onevision": "LlavaOnevisionForConditionalGeneration"}[env.family]
     assert type(model) is getattr(transformers, want)
     ds = _dataset(env, processor)
     counts = ds.visual_counts
@@ -90,26 +97,34 @@ def test_model_class_processor_and_prompts_follow_the_checkpoint(env, loaded):
         words = tok.convert_ids_to_tokens(ex.input_ids)
         answers = [t["value"] for t in json.load(open(env.data))[ex.index]["conversations"][1::2]]
         labelled = [w for w, y in zip(words, ex.labels) if y != -100]
-        if env.family.startswith("qwen"):
-            # the Qwen chat format (the tokenizer's template), not LLaVA-1.5's
+        if env.family != "llava_next":
+            # the ChatML format of Qwen / OneVision (the tokenizer's template), not LLaVA-1.5's
             at = ex.input_ids.index(IMAGE_TOKEN_ID)
-            assert ex.input_ids[at - 1] == VISION_START_TOKEN_ID
-            assert ex.input_ids[at + ex.num_visual_tokens] == VISION_END_TOKEN_ID
+            if env.family.startswith("qwen"):
+                assert ex.input_ids[at - 1] == VISION_START_TOKEN_ID
+                assert ex.input_ids[at + ex.num_visual_tokens] == VISION_END_TOKEN_ID
+            else:  # OneVision: the image opens the user turn, no vision markers
+                assert words[:at] == ["<|im_start|>", "user"] and VISION_START_TOKEN_ID not in ex.input_ids
             assert words[0] == "<|im_start|>" and "USER:" not in words
             assert words[ex.prompt_length - 1] == "assistant"
             assert labelled == [w for a in answers for w in a.split() + ["<|im_end|>"]]
         else:
             assert words[ex.prompt_length - 1] == "ASSISTANT:"
             assert labelled == [w for a in answers for w in a.split() + ["</s>"]]
-    if env.family.startswith("qwen"):
+    from PIL import Image
+
+    if env.family != "llava_next":
         try:
             import torchvision  # noqa: F401
-        except ImportError:  # the Qwen processor needs torchvision in transformers 5.x: the fallback
+        except ImportError:  # Qwen's / OneVision's processor needs torchvision in transformers 5.x: the fallback
             assert isinstance(processor, TokenizerAndImageProcessor)
-    else:
-        # LLaVA-NeXT's own processor expands <image> to the same ids
-        from PIL import Image
-
+    if env.family.startswith("llava"):
+        # any-resolution tiling: each image's count is what the model's image features give
+        for ex in ds.examples:
+            with Image.open(ex.image) as im:
+                assert ex.num_visual_tokens == next_visual_count(model, im.size[::-1]), (ex.index, im.size)
+    if env.family.startswith("llava") and not isinstance(processor, TokenizerAndImageProcessor):
+        # the family's own processor expands <image> to the same ids
         ex = ds.examples[1]
         text = tok.decode(ex.input_ids[:ex.prompt_length], skip_special_tokens=False)
         with Image.open(ex.image) as im:
@@ -172,12 +187,20 @@ def test_ragged_alignment_and_plan_bookkeeping_equal_each_sample_alone(env, load
         assert math.isclose(float(value), mean, rel_tol=1e-4), layer
 
 
-def test_short_search_from_the_command_line_writes_theta(env, tmp_path):
+def test_short_search_from_the_command_line_writes_theta(env, tmp_path, monkeypatch):
+    from eos_kernels.search import plots
     from eos_kernels.search.cli import main
 
+    # the plots read log.jsonl alone (nothing of the family) and take most of a 2-step search's time on a
+    # CPU: drawn (and checked) for the first family, skipped for the others
+    plotted = env.family == FAMILIES[0]
+    if not plotted:
+        monkeypatch.setattr(plots, "plot_log", lambda *args, **kwargs: [])
     out = tmp_path / "out"
     assert main(["--model", env.model, "--data", env.data, "--budget", "6", "--steps", "2", "--batch-size", "4",
                  "--micro-batch-size", "2", "--output", str(out), "--no-progress"]) == 0
+    assert sorted(f.name for f in out.glob("*.png")) == \
+        (["loss.png", "profile.png", "trajectories.png"] if plotted else [])
     theta = Theta.from_json(str(out / "theta.json"))
     assert all(r.is_fraction for r in theta.reducers)  # counts differ per image: Θ keeps fractions
     assert theta.reducers, "the warm start has active reducers"
@@ -209,6 +232,35 @@ def test_eval_runs_on_the_family(env, loaded, tmp_path):
     assert all(math.isfinite(r["answer_ce"]) for r in res)
     assert res[1]["measured_final"] > res[0]["measured_final"]
     assert not is_patched(model)
+
+
+def test_onevision_counts_without_its_processor_follow_the_model(tmp_path):
+    """Without its processor (it needs torchvision in transformers 5.x) OneVision's counts come from the
+    image processor and the model's config: they are the model's own, also where ``anyres_max`` shrinks
+    the grid of tiles (``anyres_max_1``: every image of more than one tile)."""
+    from PIL import Image
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    data = _write_data(tmp_path)
+    counts = {}
+    for aspect in ("anyres_max_9", "anyres_max_1"):
+        config = tiny_llava_onevision_config(num_layers=1)
+        config.vision_aspect_ratio = aspect
+        model = LlavaOnevisionForConditionalGeneration(config).eval()
+        processor = TokenizerAndImageProcessor(onevision_tokenizer(), tiny_anyres_image_processor("llava_onevision"),
+                                               model_config=config)
+        ds = load_dataset(data, processor, num_visual_tokens=None, image_token_id=IMAGE_TOKEN_ID)
+        for ex in ds.examples:
+            with Image.open(ex.image) as im:
+                assert ex.num_visual_tokens == next_visual_count(model, im.size[::-1]), (aspect, im.size)
+        counts[aspect] = ds.visual_counts
+    # the first image is one tile; every other one is a grid of 2 or 4, shrunk under anyres_max_1
+    assert counts["anyres_max_9"][0] == counts["anyres_max_1"][0]
+    assert all(a < b for a, b in zip(counts["anyres_max_1"][1:], counts["anyres_max_9"][1:])), counts
+    # without the model's config there is no way to count: said clearly
+    with pytest.raises(ValueError, match="cannot tell how many visual tokens"):
+        load_dataset(data, TokenizerAndImageProcessor(processor.tokenizer, processor.image_processor),
+                     num_visual_tokens=None, image_token_id=IMAGE_TOKEN_ID)
 
 
 def test_unsupported_models_are_refused_clearly(tmp_path):

@@ -48,11 +48,15 @@ Qwen2(.5)-VL, which its chat template writes between ``<|vision_start|>`` and
 the families' processors do in the text). How many:
 
 - a model with a fixed count (LLaVA-1.5: ``num_visual_tokens``) uses it for every image;
-- otherwise each image has its own count (LLaVA-NeXT's any-resolution tiling,
-  Qwen2(.5)-VL's dynamic resolution), asked of the processor itself (the
-  number of placeholders it writes for the image) or, without a full processor
-  (Qwen in transformers 5.x needs torchvision for one), from the image
-  processor's ``image_grid_thw`` and ``merge_size``.
+- otherwise each image has its own count (LLaVA-NeXT's and LLaVA-OneVision's
+  any-resolution tiling, Qwen2(.5)-VL's dynamic resolution), asked of the
+  processor itself (the number of placeholders it writes for the image) or,
+  without a full processor (Qwen's and OneVision's need torchvision in
+  transformers 5.x, for their video half), from the image processor's
+  ``image_grid_thw`` and ``merge_size`` (Qwen) or, for OneVision, from its
+  ``image_sizes`` and tile size with the checkpoint's config
+  (:attr:`TokenizerAndImageProcessor.model_config`), by the count of
+  ``LlavaOnevisionProcessor`` itself.
 
 Images: :meth:`Dataset.collate` runs the image processor on the batch's images
 (RGB) and keeps everything it returns: ``pixel_values`` and the family's extra
@@ -158,15 +162,18 @@ class TokenizerAndImageProcessor:
     """A tokenizer and an image processor standing in for a checkpoint's processor.
 
     For checkpoints whose ``AutoProcessor`` cannot be built here (Qwen2(.5)-VL's
-    processor needs torchvision in transformers 5.x for its video half): prompts
-    are rendered with the tokenizer's chat template and the image placeholder is
-    expanded by :func:`load_dataset` (counts from ``image_grid_thw``)."""
+    and LLaVA-OneVision's processors need torchvision in transformers 5.x for
+    their video half): prompts are rendered with the tokenizer's chat template
+    and the image placeholder is expanded by :func:`load_dataset` (counts from
+    ``image_grid_thw``; for OneVision from ``image_sizes`` and ``model_config``,
+    the checkpoint's config, which :func:`load_processor` sets)."""
 
     chat_template = None
 
-    def __init__(self, tokenizer, image_processor):
+    def __init__(self, tokenizer, image_processor, model_config=None):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
+        self.model_config = model_config
 
     def __repr__(self):
         return (f"TokenizerAndImageProcessor({type(self.tokenizer).__name__}, "
@@ -189,11 +196,18 @@ def load_processor(path: str):
     except (OSError, ValueError, TypeError, ImportError, KeyError, AttributeError) as exc:
         first = f"AutoProcessor: {type(exc).__name__}: {exc}"
     try:
-        return TokenizerAndImageProcessor(AutoTokenizer.from_pretrained(path),
-                                          AutoImageProcessor.from_pretrained(path))
+        fallback = TokenizerAndImageProcessor(AutoTokenizer.from_pretrained(path),
+                                              AutoImageProcessor.from_pretrained(path))
     except (OSError, ValueError, TypeError, ImportError, KeyError, AttributeError) as exc:
         raise ValueError(f"cannot load a processor from {path}: {first}; the fallback AutoTokenizer + "
                          f"AutoImageProcessor failed too: {type(exc).__name__}: {exc}") from None
+    try:  # what the image counts of any-resolution models (OneVision) need besides the image processor
+        from transformers import AutoConfig
+
+        fallback.model_config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, TypeError, ImportError, KeyError, AttributeError):
+        pass
+    return fallback
 
 
 def _where(i: int, rec: Any) -> str:
@@ -405,6 +419,37 @@ class Dataset:
         return (ids, mask, px, extra) if with_image_inputs else (ids, mask, px)
 
 
+def _onevision_count(config, image_processor, out) -> int:
+    """LLaVA-OneVision's image tokens for one image (``out``: the image processor's outputs for it), counted
+    as ``LlavaOnevisionProcessor`` counts the placeholders it writes (base tile + unpadded, ``anyres_max``
+    capped grid + one newline per row), from the model's config instead of the processor's, which cannot be
+    built without torchvision in transformers 5.x (its video processor)."""
+    import transformers
+    from transformers import LlavaOnevisionProcessor as P
+
+    if not all(callable(getattr(P, name, None)) for name in ("_get_number_of_features", "_get_unpadded_features")):
+        # private methods of transformers (5.0-5.24): fail loudly where they moved, never guess a count
+        raise ValueError(f"transformers {transformers.__version__}: LlavaOnevisionProcessor no longer has the "
+                         "feature-count methods eos_kernels counts OneVision images with (tested 5.0.0-5.24.0); "
+                         "install torchvision so that the checkpoint's full processor can be loaded")
+
+    class Count:  # the processor's own count, on the attributes it reads
+        _get_number_of_features = P._get_number_of_features
+        _get_unpadded_features = P._get_unpadded_features
+
+    count = Count()
+    count.image_processor = image_processor
+    vision = config.vision_config
+    count.num_image_tokens = (int(vision.image_size) // int(vision.patch_size)) ** 2
+    count.vision_aspect_ratio = getattr(config, "vision_aspect_ratio", None) or "anyres_max_9"
+    height, width = (int(x) for x in out["image_sizes"][0])
+    tile_h, tile_w = (int(x) for x in out["pixel_values"].shape[-2:])
+    n = count._get_number_of_features(height, width, tile_h, tile_w)
+    if getattr(config, "vision_feature_select_strategy", None) == "default":
+        n -= 1  # as LlavaOnevisionProcessor.replace_image_token
+    return int(n)
+
+
 class _VisualCounter:
     """How many visual tokens an image becomes (see the module docstring)."""
 
@@ -431,12 +476,17 @@ class _VisualCounter:
             out = ip([image], return_tensors="pt")
             grid = out.get("image_grid_thw")
             merge = getattr(ip, "merge_size", None)
-            if grid is None or not merge:
+            config = getattr(self.processor, "model_config", None)
+            if grid is not None and merge:
+                n = int(grid[0].prod()) // int(merge) ** 2
+            elif getattr(config, "model_type", None) == "llava_onevision" and out.get("image_sizes") is not None:
+                n = _onevision_count(config, ip, out)
+            else:
                 raise ValueError(
                     f"{where}: cannot tell how many visual tokens the image becomes: the model has no fixed "
                     f"count, {type(self.processor).__name__} does not expand the image placeholder, and the "
-                    "image processor gives no image_grid_thw / merge_size; load the checkpoint's full processor")
-            n = int(grid[0].prod()) // int(merge) ** 2
+                    "image processor gives no image_grid_thw / merge_size (LLaVA-OneVision: no model_config to count "
+                    "with); load the checkpoint's full processor")
         if n < 1:
             raise ValueError(f"{where}: the image {path} gives no visual token")
         return n
