@@ -2,8 +2,8 @@
 (search, baselines at two budgets, held-out table) on tiny random checkpoints saved with ``save_pretrained``.
 
 Qwen2.5-VL on the synthetic task (its 64 px images give every sample the same count, but the family's
-counts are not fixed, so every reducing Θ is deployed as fractions); LLaVA-NeXT on ``--data`` /
-``--eval-data`` whose images have different sizes, so counts differ per image. The numbers are those of
+counts are not fixed, so every reducing Θ is deployed as fractions); LLaVA-NeXT and LLaVA-OneVision on
+``--data`` / ``--eval-data`` whose images have different sizes, so counts differ per image. The numbers are those of
 random models: what is checked is that the driver runs, reports what it deployed, and deploys it right.
 """
 import json
@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from eos_kernels.demo.run import FAMILIES, main  # noqa: E402
 from eos_kernels.theta import Theta  # noqa: E402
 
-from _tiny_families import save_tiny_llava_next, save_tiny_qwen  # noqa: E402
+from _tiny_families import save_tiny_llava_next, save_tiny_llava_onevision, save_tiny_qwen  # noqa: E402
 from _tiny_models import write_llava_dataset  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -75,15 +75,19 @@ def test_demo_driver_on_qwen25_synthetic_task(tmp_path):
     assert res["data"]["synthetic"] is True and len(res["held_out_visual_counts"]) == 1
 
 
-def test_demo_driver_on_llava_next_own_ragged_data(tmp_path, capsys):
-    model = save_tiny_llava_next(str(tmp_path / "next"))
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
+def test_demo_driver_on_anyres_llava_own_ragged_data(tmp_path, capsys, family):
+    if family == "llava_next":
+        model, cls = save_tiny_llava_next(str(tmp_path / "m")), "LlavaNextForConditionalGeneration"
+    else:
+        model, cls = save_tiny_llava_onevision(str(tmp_path / "m")), "LlavaOnevisionForConditionalGeneration"
     search = _ragged_data(tmp_path / "search", 6, seed=0)
     held = _ragged_data(tmp_path / "held", 6, seed=1)
     out = str(tmp_path / "out")
     rc = main(["--demo", "--model", model, "--data", search, "--eval-data", held, "--output", out,
                "--budget", "4", "--second-budget", "8"] + SHORT)
     assert rc == 0, capsys.readouterr().err
-    res = _check_results(out, "LlavaNextForConditionalGeneration")
+    res = _check_results(out, cls)
     counts = res["held_out_visual_counts"]
     assert len(counts) >= 3, counts  # the images really give different counts
     assert res["data"]["synthetic"] is False and not os.path.exists(os.path.join(out, "data"))
