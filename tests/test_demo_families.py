@@ -103,6 +103,9 @@ def test_demo_driver_rejects_bad_options_before_searching(tmp_path, capsys):
     assert main(["--demo", "--model", model, "--data", data, "--eval-data", str(tmp_path / "nope.json"),
                  "--output", out] + SHORT) == 2
     assert "--eval-data: no such file" in capsys.readouterr().err
+    assert main(["--demo", "--model", model, "--data", data, "--eval-data", data, "--eval-images", "3",
+                 "--output", out] + SHORT) == 2
+    assert "size the synthetic task" in capsys.readouterr().err
     assert main(["--demo", "--model", model, "--data", data, "--eval-data", data, "--budget", "100000",
                  "--output", out] + SHORT) == 2
     err = capsys.readouterr().err

@@ -97,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=2e-2, help="search learning rate (default 2e-2)")
     p.add_argument("--local-moves-every", type=int, default=20,
                    help="local moves of the search every N steps (eos_kernels.search, decision 6; 0: off; default 20)")
-    p.add_argument("--search-images", type=int, default=400, help="images of the search split (default 400)")
-    p.add_argument("--eval-images", type=int, default=500, help="held-out questions (default 500)")
+    p.add_argument("--search-images", type=int, default=None, help="images of the synthetic search split (default 400; not with --data)")
+    p.add_argument("--eval-images", type=int, default=None, help="held-out questions of the synthetic task (default 500; not with --eval-data)")
     p.add_argument("--eval-batch-size", type=int, default=50, help="held-out evaluation batch (default 50)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="generated answer tokens (default: 3 on the synthetic task, eos-search's default on --data)")
@@ -271,13 +271,21 @@ def _splits(args) -> tuple[str, str, bool]:
     if (args.data is None) != (args.eval_data is None):
         raise ValueError("--data and --eval-data go together (a search split and a held-out split)")
     if args.data is not None:
+        if args.search_images is not None or args.eval_images is not None:
+            raise ValueError("--search-images / --eval-images size the synthetic task; with --data / --eval-data "
+                             "the files decide")
         for flag, path in (("--data", args.data), ("--eval-data", args.eval_data)):
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{flag}: no such file: {path}")
         return args.data, args.eval_data, False
     data = os.path.join(args.output, "data")
-    return (task.generate_split(data, "search", args.search_images, args.seed),
-            task.generate_split(data, "eval", args.eval_images, args.seed), True)
+    sizes = {"--search-images": 400 if args.search_images is None else args.search_images,
+             "--eval-images": 500 if args.eval_images is None else args.eval_images}
+    for flag, size in sizes.items():
+        if size < 1:
+            raise ValueError(f"{flag} must be >= 1, got {size}")
+    return (task.generate_split(data, "search", sizes["--search-images"], args.seed),
+            task.generate_split(data, "eval", sizes["--eval-images"], args.seed), True)
 
 
 def run_demo(args) -> dict:
