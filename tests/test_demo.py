@@ -164,6 +164,18 @@ def test_shipped_model_loads_offline_and_needs_its_visual_tokens(tmp_path, monke
     res = evaluate(SearchConfig(data=data, output=str(tmp_path), batch_size=100, max_new_tokens=3), thetas,
                    model=model, processor=processor, write=False)["results"]
     full, pruned = res[0]["accuracy"], res[1]["accuracy"]
+    # a held-out split loaded once (as the demo driver does) gives the same results
+    from eos_kernels.search.data import load_dataset
+
+    held = load_dataset(data, processor, num_visual_tokens=build.NUM_VISUAL_TOKENS,
+                        image_token_id=model.config.image_token_id)
+    again = evaluate(SearchConfig(data=data, output=str(tmp_path), batch_size=100, max_new_tokens=3), thetas[1:],
+                     model=model, processor=processor, dataset=held, write=False)["results"]
+    assert (again[0]["correct"], again[0]["answer_ce"]) == (res[1]["correct"], res[1]["answer_ce"])
+    held.num_visual_tokens = None  # as if loaded for a model without a fixed count
+    with pytest.raises(ValueError, match="dataset= was loaded for another model"):
+        evaluate(SearchConfig(data=data, output=str(tmp_path)), thetas[1:], model=model, processor=processor,
+                 dataset=held, write=False)
     assert abs(full - sample["accuracy_full"]) <= 0.02, (full, sample)
     assert abs(pruned - sample["accuracy_pruned"]) <= 0.03, (pruned, sample)
     assert full >= pruned + 0.10, (full, pruned)

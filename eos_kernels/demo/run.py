@@ -347,7 +347,7 @@ def run_demo(args) -> dict:
 
         bar = tqdm(total=len(configs), desc="held-out evaluation", dynamic_ncols=True)
     for fam, b, theta in configs:
-        r = evaluate(eval_cfg, [theta], model=model, processor=processor, write=False)["results"][0]
+        r = evaluate(eval_cfg, [theta], model=model, processor=processor, dataset=held, write=False)["results"][0]
         rows.append({"config": theta.name, "family": fam, "budget": b, "accuracy": r["accuracy"],
                      "correct": r["correct"], "answers": r["answers"], "answer_ce": r["answer_ce"],
                      "tokens": r["tokens"], "measured_final": r["measured_final"],

@@ -172,7 +172,7 @@ def format_table(results: Sequence[Mapping[str, Any]]) -> str:
 
 
 def evaluate(config: SearchConfig | Mapping[str, Any] | None = None, thetas: Sequence[str | Theta] | None = None,
-             *, model=None, processor=None, write: bool = True, **overrides) -> dict:
+             *, model=None, processor=None, dataset=None, write: bool = True, **overrides) -> dict:
     """Accuracy and token report of each Θ on ``config.data`` (the held-out split).
 
     Args:
@@ -180,6 +180,10 @@ def evaluate(config: SearchConfig | Mapping[str, Any] | None = None, thetas: Seq
             batch_size, eval_limit, max_new_tokens, device, dtype, output).
         thetas: Θ objects or specs (paths, ``none``, presets); default ``config.eval``.
         model, processor: an already loaded model/processor instead of ``config.model``.
+        dataset: the held-out split already loaded with :func:`~eos_kernels.search.data.load_dataset`
+            for this model and processor (``config.data`` is then only recorded, ``eval_limit``
+            not applied), to evaluate
+            several calls on one load.
         write: write ``<output>/eval.json``.
 
     Returns:
@@ -212,8 +216,16 @@ def evaluate(config: SearchConfig | Mapping[str, Any] | None = None, thetas: Seq
     adapter.check_model(model)
     L = adapter.num_layers(model)
     fixed = adapter.visual_tokens_per_image(model)  # None: each image its own count
-    data = load_dataset(config.data, processor, num_visual_tokens=fixed, image_token_id=model.config.image_token_id,
-                        image_folder=config.image_folder, limit=config.eval_limit)
+    if dataset is None:
+        data = load_dataset(config.data, processor, num_visual_tokens=fixed,
+                            image_token_id=model.config.image_token_id, image_folder=config.image_folder,
+                            limit=config.eval_limit)
+    elif dataset.num_visual_tokens != fixed or dataset.image_token_id != model.config.image_token_id:
+        raise ValueError(f"eval: dataset= was loaded for another model (num_visual_tokens "
+                         f"{dataset.num_visual_tokens}, image_token_id {dataset.image_token_id}; this model: "
+                         f"{fixed}, {model.config.image_token_id})")
+    else:
+        data = dataset
     n0 = _reference_count(data)
     resolved = [(spec if isinstance(spec, str) else (spec.name or "theta"),
                  spec if isinstance(spec, Theta) else resolve_theta(spec, L, n0)) for spec in thetas]
