@@ -27,6 +27,7 @@ from eos_kernels.search import NonFiniteLossError, SearchConfig, evaluate, run  
 from eos_kernels.search import objective  # noqa: E402
 from eos_kernels.search.config import default_align_layers, scale_init_layers, warm_start_discard  # noqa: E402
 from eos_kernels.search.driver import TIMING_FIELDS  # noqa: E402
+from eos_kernels.search.cli import parse_config  # noqa: E402
 from eos_kernels.search_space import SearchSpace  # noqa: E402
 from eos_kernels.theta import Reducer, Theta  # noqa: E402
 
@@ -59,7 +60,9 @@ def loaded(env):
 
 
 def config(env, out, **kw):
-    base = dict(model=env.model, data=env.data, budget=6, steps=3, batch_size=4, output=str(out), progress=False)
+    # no plots unless a test asks: they are most of a 3-step CPU search's time (checked where asked)
+    base = dict(model=env.model, data=env.data, budget=6, steps=3, batch_size=4, output=str(out), progress=False,
+                plots=False)
     base.update(kw)
     return SearchConfig(**base)
 
@@ -163,7 +166,7 @@ def test_run_outputs_and_frozen_model(env, loaded, tmp_path):
     out = tmp_path / "out"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(objective, "data_terms", spy)
-        result = run(config(env, out, steps=3), model=model, processor=processor)
+        result = run(config(env, out, steps=3, plots=True), model=model, processor=processor)
     # frozen backbone during the run, untouched afterwards, unpatched, flags restored
     assert trainable and all(t == [] for t in trainable)
     after = model.state_dict()
@@ -200,6 +203,17 @@ def test_run_outputs_and_frozen_model(env, loaded, tmp_path):
         with open(out / name, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
     assert sorted(result.plots) == sorted(str(out / n) for n in ("trajectories.png", "profile.png", "loss.png"))
+
+
+def test_no_plots_writes_none(env, loaded, tmp_path):
+    model, processor = loaded
+    result = run(config(env, tmp_path, steps=1, plots=False), model=model, processor=processor)
+    assert result.plots == [] and not list(tmp_path.glob("*.png"))
+    assert (tmp_path / "theta.json").is_file()
+    assert parse_config(["--no-plots", "--budget", "4"]).plots is False
+    assert parse_config(["--budget", "4"]).plots is True
+    with pytest.raises(ValueError, match="plots"):
+        SearchConfig(plots="no").validate()
 
 
 # --------------------------------------------------------------------------- loss decomposition

@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop-after", type=int, metavar="N", help="end this invocation after N steps in total "
                    "(checkpointed; the schedule still spans --steps)")
     _bool_flag(g, "progress", "tqdm progress bar (default)", "no progress bar", "progress")
+    _bool_flag(g, "plots", "PNG plots of log.jsonl at the end (default)", "no plots (eos_kernels.search.plots."
+               "plot_log draws them later)", "plots")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval", nargs="+", metavar="THETA", help="evaluate these Θ (JSON files, 'none', or presets "
                    "sparsevlm-v2-192, paper-64, tome-64, pool-64, fastv-2-0.5, ...) on --data instead of searching")

@@ -42,7 +42,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 # fields that only steer one invocation: they may differ between a run and its --resume
 RUN_CONTROL_FIELDS = frozenset({
-    "output", "resume", "overwrite", "checkpoint_every", "stop_after", "progress", "impl", "device",
+    "output", "resume", "overwrite", "checkpoint_every", "stop_after", "progress", "plots", "impl", "device",
     "micro_batch_size", "eval", "eval_limit", "max_new_tokens", "attn_implementation",
 })
 
@@ -112,7 +112,9 @@ class SearchConfig:
     Run control: checkpoint_every (steps; 0: only at the end), resume,
     overwrite (start over in an output folder that holds a search),
     stop_after (end this invocation after that many steps in total, with a
-    checkpoint; the schedule still spans ``steps``), progress (tqdm bar).
+    checkpoint; the schedule still spans ``steps``), progress (tqdm bar),
+    plots (draw trajectories/profile/loss PNGs from ``log.jsonl`` at the end;
+    ``eos_kernels.search.plots.plot_log`` draws them later).
 
     Evaluation (``eos-search --eval``): eval (Θ JSON files, preset names or
     "none"), eval_limit (first N examples), max_new_tokens.
@@ -176,6 +178,7 @@ class SearchConfig:
     overwrite: bool = False
     stop_after: int | None = None
     progress: bool = True
+    plots: bool = True
     # evaluation
     eval: list[str] | None = None
     eval_limit: int | None = None
@@ -364,6 +367,7 @@ class SearchConfig:
         need_bool("overwrite")
         need_int("stop_after", lo=1, optional=True)
         need_bool("progress")
+        need_bool("plots")
         if self.eval is not None:
             if isinstance(self.eval, str):
                 self.eval = [self.eval]

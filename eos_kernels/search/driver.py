@@ -751,7 +751,7 @@ class _Search:
                          if self.saved_step is not None else "no checkpoint was written")
                 raise NonFiniteLossError(f"{exc}; stopping: {where}") from None
             self._checkpoint()
-            if self.dist.main:
+            if self.dist.main and cfg.plots:
                 from eos_kernels.search.plots import plot_log
 
                 try:
