@@ -114,3 +114,24 @@ def test_demo_driver_rejects_bad_options_before_searching(tmp_path, capsys):
                  "--search-images", "2", "--eval-images", "2"] + SHORT) == 2
     assert "not a local Hugging Face checkpoint" in capsys.readouterr().err
     assert not os.path.exists(os.path.join(out, "theta.json"))
+
+
+def test_defaults_follow_the_model():
+    """The demo's tuned search on the built-in model; eos-search's own defaults on a --model checkpoint."""
+    from eos_kernels.demo.run import _resolve_defaults, build_parser
+    from eos_kernels.search import SearchConfig
+
+    d = SearchConfig()
+    builtin = build_parser().parse_args(["--demo"])
+    _resolve_defaults(builtin, 64)
+    assert (builtin.budget, builtin.second_budget, builtin.steps, builtin.batch_size, builtin.lr,
+            builtin.local_moves_every) == (8, 16, 300, 8, 2e-2, 20)
+    own = build_parser().parse_args(["--demo", "--model", "m", "--budget", "40"])
+    _resolve_defaults(own, 64)
+    assert (own.budget, own.second_budget, own.steps, own.batch_size, own.lr, own.local_moves_every) == \
+        (40, 64, d.steps, d.batch_size, d.lr, d.local_moves_every)
+    given = build_parser().parse_args(["--demo", "--model", "m", "--budget", "4", "--steps", "7", "--lr", "0.5"])
+    _resolve_defaults(given, 64)
+    assert (given.second_budget, given.steps, given.lr) == (8, 7, 0.5)
+    with pytest.raises(ValueError, match="--model needs --budget"):
+        _resolve_defaults(build_parser().parse_args(["--demo", "--model", "m"]), 64)

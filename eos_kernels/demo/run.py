@@ -58,6 +58,16 @@ from eos_kernels.theta import Theta
 DEMO_BUDGET = 8
 SECOND_BUDGET = 16
 FAMILIES = ("fastv", "sparsevlm-style", "merge", "pool", "eos-searched")
+#: the search's settings tuned for the built-in model (300 steps in ~1 min on 2 CPU cores); a --model checkpoint
+#: gets eos-search's own defaults (the paper's table 5) for what is not given
+_DEMO_SEARCH = {"steps": 300, "batch_size": 8, "lr": 2e-2, "local_moves_every": 20}
+
+
+def _search_defaults() -> dict:
+    from eos_kernels.search.config import SearchConfig
+
+    d = SearchConfig()
+    return {key: getattr(d, key) for key in _DEMO_SEARCH}
 _OPS = ("gamma", "tau", "theta", "rho", "nu")
 
 
@@ -79,6 +89,7 @@ def searched_at(searched: Theta, budget: int, n: int, L: int) -> Theta:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    search = _search_defaults()
     p = argparse.ArgumentParser(prog="eos-search --demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--demo", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--output", default="eos-demo-output", help="output folder (default: eos-demo-output)")
@@ -89,14 +100,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-data", metavar="JSON", default=None, help="LLaVA-format held-out split (with --data)")
     p.add_argument("--image-folder", metavar="DIR", default=None,
                    help="folder the image paths of --data/--eval-data are relative to (default: each file's folder)")
-    p.add_argument("--budget", type=int, default=DEMO_BUDGET, help=f"final visual tokens (default {DEMO_BUDGET})")
-    p.add_argument("--second-budget", type=int, default=SECOND_BUDGET,
-                   help=f"second evaluation budget, the searched Θ rescaled (default {SECOND_BUDGET})")
-    p.add_argument("--steps", type=int, default=300, help="search steps (default 300)")
-    p.add_argument("--batch-size", type=int, default=8, help="search batch (default 8)")
-    p.add_argument("--lr", type=float, default=2e-2, help="search learning rate (default 2e-2)")
-    p.add_argument("--local-moves-every", type=int, default=20,
-                   help="local moves of the search every N steps (eos_kernels.search, decision 6; 0: off; default 20)")
+    p.add_argument("--budget", type=int, default=None,
+                   help=f"final visual tokens (built-in model: default {DEMO_BUDGET}; required with --model)")
+    p.add_argument("--second-budget", type=int, default=None,
+                   help=f"second evaluation budget, the searched Θ rescaled (default {SECOND_BUDGET} on the built-in "
+                        "model, else twice --budget, at most the visual tokens)")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"search steps (default {_DEMO_SEARCH['steps']} on the built-in model, else eos-search's "
+                        f"{search['steps']})")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"search batch (default {_DEMO_SEARCH['batch_size']}, else eos-search's "
+                        f"{search['batch_size']})")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"search learning rate (default {_DEMO_SEARCH['lr']:g}, else eos-search's "
+                        f"{search['lr']:g})")
+    p.add_argument("--local-moves-every", type=int, default=None,
+                   help="local moves of the search every N steps (eos_kernels.search, decision 6; 0: off; default "
+                        f"{_DEMO_SEARCH['local_moves_every']} on the built-in model, else eos-search's "
+                        f"{search['local_moves_every']})")
     p.add_argument("--search-images", type=int, default=None, help="images of the synthetic search split (default 400; not with --data)")
     p.add_argument("--eval-images", type=int, default=None, help="held-out questions of the synthetic task (default 500; not with --eval-data)")
     p.add_argument("--eval-batch-size", type=int, default=50, help="held-out evaluation batch (default 50)")
@@ -288,6 +309,21 @@ def _splits(args) -> tuple[str, str, bool]:
             task.generate_split(data, "eval", sizes["--eval-images"], args.seed), True)
 
 
+def _resolve_defaults(args, n: int) -> None:
+    """Fill the options left unset: the demo's tuned search and budgets on the built-in model; on a --model
+    checkpoint eos-search's defaults, --budget required and the second budget twice it (at most ``n``)."""
+    builtin = args.model is None
+    if args.budget is None:
+        if not builtin:
+            raise ValueError(f"--model needs --budget (final visual tokens; this model's images give {n})")
+        args.budget = DEMO_BUDGET
+    if args.second_budget is None:
+        args.second_budget = SECOND_BUDGET if builtin else min(n, 2 * args.budget)
+    for key, value in (_DEMO_SEARCH if builtin else _search_defaults()).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
 def run_demo(args) -> dict:
     from eos_kernels.integrations.auto import adapter_for
     from eos_kernels.search import SearchConfig, evaluate, run
@@ -307,6 +343,7 @@ def run_demo(args) -> dict:
                         image_folder=args.image_folder)
     n = _reference_count(held)  # the fixed count, else the held-out images' mean
     varying = fixed is None
+    _resolve_defaults(args, n)
     if not 1 <= args.budget <= n or not 1 <= args.second_budget <= n:
         raise ValueError(f"--budget and --second-budget must be in 1..{n}, the visual tokens per image"
                          + (" (the held-out images' mean)" if varying else "")
@@ -374,6 +411,7 @@ def run_demo(args) -> dict:
         "budget": args.budget, "second_budget": args.second_budget, "num_visual_tokens": n, "num_layers": L,
         "visual_tokens_vary": varying, "held_out_visual_counts": sorted(set(held.visual_counts)),
         "search_steps": result.step, "search_lr": args.lr, "search_batch_size": args.batch_size,
+        "search_local_moves_every": args.local_moves_every,
         "eval_questions": rows[0]["answers"], "threads": torch.get_num_threads(),
         "warm_start_layers": list(layers), "searched_theta": searched.to_dict(), "search_parameters": params,
         "parameters_moved": [p["layer"] for p in params if p["moved"]],
