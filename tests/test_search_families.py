@@ -235,15 +235,23 @@ def test_eval_runs_on_the_family(env, loaded, tmp_path):
 def test_onevision_counts_without_its_processor_follow_the_model(tmp_path):
     """Without its processor (it needs torchvision in transformers 5.x) OneVision's counts come from the
     image processor and the model's config: they are the model's own, also where ``anyres_max`` shrinks
-    the grid of tiles (``anyres_max_1``: every image of more than one tile)."""
+    the grid of tiles (``anyres_max_1``: every image of more than one tile), and with a CLIP tower whose
+    CLS token the "default" feature strategy drops."""
     from PIL import Image
-    from transformers import LlavaOnevisionForConditionalGeneration
+    from transformers import CLIPVisionConfig, LlavaOnevisionForConditionalGeneration
 
     data = _write_data(tmp_path)
     counts = {}
-    for aspect in ("anyres_max_9", "anyres_max_1"):
+    for aspect in ("anyres_max_9", "anyres_max_1", "clip-default"):
         config = tiny_llava_onevision_config(num_layers=1)
-        config.vision_aspect_ratio = aspect
+        if aspect == "clip-default":
+            v = config.vision_config
+            config.vision_config = CLIPVisionConfig(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
+                                                    num_hidden_layers=1, num_attention_heads=v.num_attention_heads,
+                                                    image_size=v.image_size, patch_size=v.patch_size)
+            config.vision_feature_select_strategy = "default"
+        else:
+            config.vision_aspect_ratio = aspect
         model = LlavaOnevisionForConditionalGeneration(config).eval()
         processor = TokenizerAndImageProcessor(onevision_tokenizer(), tiny_anyres_image_processor("llava_onevision"),
                                                model_config=config)
@@ -255,6 +263,7 @@ def test_onevision_counts_without_its_processor_follow_the_model(tmp_path):
     # the first image is one tile; every other one is a grid of 2 or 4, shrunk under anyres_max_1
     assert counts["anyres_max_9"][0] == counts["anyres_max_1"][0]
     assert all(a < b for a, b in zip(counts["anyres_max_1"][1:], counts["anyres_max_9"][1:])), counts
+    assert counts["clip-default"] == counts["anyres_max_9"]  # the same patches² per tile
     # without the model's config there is no way to count: said clearly
     with pytest.raises(ValueError, match="cannot tell how many visual tokens"):
         load_dataset(data, TokenizerAndImageProcessor(processor.tokenizer, processor.image_processor),

@@ -440,12 +440,15 @@ def _onevision_count(config, image_processor, out) -> int:
     count = Count()
     count.image_processor = image_processor
     vision = config.vision_config
-    count.num_image_tokens = (int(vision.image_size) // int(vision.patch_size)) ** 2
+    # a base tile gives patches² features (the model reshapes them to a square grid); the processor's
+    # num_image_tokens counts the vision tower's sequence, one more (CLS) where "default" then drops it
+    default = getattr(config, "vision_feature_select_strategy", None) == "default"
+    count.num_image_tokens = (int(vision.image_size) // int(vision.patch_size)) ** 2 + int(default)
     count.vision_aspect_ratio = getattr(config, "vision_aspect_ratio", None) or "anyres_max_9"
     height, width = (int(x) for x in out["image_sizes"][0])
     tile_h, tile_w = (int(x) for x in out["pixel_values"].shape[-2:])
     n = count._get_number_of_features(height, width, tile_h, tile_w)
-    if getattr(config, "vision_feature_select_strategy", None) == "default":
+    if default:
         n -= 1  # as LlavaOnevisionProcessor.replace_image_token
     return int(n)
 
