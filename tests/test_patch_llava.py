@@ -83,6 +83,32 @@ def test_no_reducer_and_keep_all_are_identical(sdpa_model, prompts):
     assert report.stages == () and "keep-all" in report.note
 
 
+def test_text_only_prompts_pass_through_with_any_4d_mask():
+    """A patched model passes a text-only batch through bit for bit whatever its 4-D mask (bool, additive
+    float, or integer as eager attention takes it), and reports the real tokens of each sample as text."""
+    model = tiny_llava(num_layers=2, attn_implementation="eager")
+    ids, mask = pad_batch([make_prompt(0, 3, 5, seed=0), make_prompt(0, 6, 5, seed=1)], "left")
+    L = ids.shape[1]
+    causal = torch.tril(torch.ones(L, L, dtype=torch.long))[None, None] * mask[:, None, None, :]
+    additive = torch.zeros(causal.shape).masked_fill(causal == 0, torch.finfo(torch.float32).min)
+    for m in (mask, causal.bool(), additive, causal):
+        with torch.no_grad():
+            ref = model(input_ids=ids, attention_mask=m).logits
+        patch_llava(model, Theta([Reducer(0, 4)]))
+        try:
+            with torch.no_grad():
+                out = model(input_ids=ids, attention_mask=m).logits
+            report = model.eos_report
+        finally:
+            unpatch_llava(model)
+        assert torch.equal(out, ref), m.dtype
+        assert report.visual_tokens == (0, 0) and report.stages == ()
+        # an integer 4-D mask hides nothing when eager attention adds it: no padding is known there
+        want = (L, L) if (m.dim() == 4 and not (m.dtype == torch.bool or m.is_floating_point())) \
+            else tuple(mask.sum(dim=1).tolist())
+        assert report.text_tokens == want, m.dtype
+
+
 # --------------------------------------------------------------------------- generate: cache == no cache
 @pytest.mark.parametrize("name", list(THETAS))
 def test_generate_cache_equals_no_cache(sdpa_model, prompts, name):

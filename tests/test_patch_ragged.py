@@ -123,8 +123,11 @@ def test_token_report_per_sample_is_what_each_sample_ran(model):
             assert got[key] == want[key], (b, key)
         assert got["prefill_flops_ratio"] < 1
     assert report.to_dict()["text_tokens"] == [int((p != model.config.image_token_id).sum()) for p, _ in samples]
+    assert report.token_report(-1) == report.token_report(2) == report.token_report(torch.tensor(2))
     with pytest.raises(ValueError, match="sample must be in 0..2"):
         report.token_report(3)
+    with pytest.raises(ValueError, match="sample must be in 0..2"):
+        report.token_report(-4)
     with pytest.raises(TypeError, match="sample must be an int"):
         report.token_report("0")
 

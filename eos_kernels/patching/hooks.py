@@ -162,22 +162,18 @@ def _text_pre_hook(state: _PatchState, model):
         real = _real_tokens(kwargs.get("attention_mask"), B, L)
         if real is not None:
             real = real.to(ref.device)
-        ctx.text_counts = tuple(int(c) for c in real.sum(dim=1).tolist()) if real is not None else (L,) * B
-        if state.suspended:
-            ctx.note = "reduction suspended (eos_kernels.patching.suspended)"
-            ctx.mode = "off"
-            return None
-        if visual is None or visual.shape != (B, L):
-            ctx.note = "no visual-token information (the input module was not called)"
-            ctx.visual_counts = (0,) * B
+        if state.suspended or visual is None or visual.shape != (B, L):
+            ctx.note = ("reduction suspended (eos_kernels.patching.suspended)" if state.suspended else
+                        "no visual-token information (the input module was not called)")
+            ctx.visual_counts = (0,) * B  # not identified: every real token counts as text
+            ctx.text_counts = tuple(real.sum(dim=1).tolist()) if real is not None else (L,) * B
             ctx.mode = "off"
             return None
         visual = visual.to(device=ref.device, dtype=torch.bool)
         visual = _with_features(state.adapter, model, visual, embeds)
-        counts = visual.sum(dim=1).tolist()
-        ctx.visual_counts = tuple(int(c) for c in counts)
         text = ~visual if real is None else real & ~visual
-        ctx.text_counts = tuple(int(c) for c in text.sum(dim=1).tolist())
+        counts, texts = torch.stack((visual.sum(dim=1), text.sum(dim=1))).tolist()  # one device sync
+        ctx.visual_counts, ctx.text_counts = tuple(counts), tuple(texts)
         if not any(counts):
             ctx.note = "no image tokens in the input: passed through unreduced"
             ctx.mode = "off"
@@ -251,7 +247,12 @@ def _real_tokens(mask, B: int, L: int) -> torch.Tensor | None:
         # unless it is padding, so the diagonal tells the padding apart
         ar = torch.arange(L, device=mask.device)
         diag = mask[:, 0, ar, ar]
-        real = diag if diag.dtype == torch.bool else diag > torch.finfo(diag.dtype).min / 2
+        if diag.dtype == torch.bool:
+            real = diag
+        elif diag.is_floating_point():  # additive
+            real = diag > torch.finfo(diag.dtype).min / 2
+        else:  # an integer 4-D mask is neither kind: added to the scores as is, it hides nothing
+            return None
     else:
         return None
     return real.expand(B, L) if real.shape[0] != B else real

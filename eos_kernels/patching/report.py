@@ -44,7 +44,9 @@ class EOSReport:
         visual_tokens: visual tokens per sample in the input.
         stages: one :class:`StageRecord` per reducer that ran, in layer order.
         note: why nothing was reduced, when nothing was.
-        text_tokens: real (not padding) non-visual tokens per sample in the input.
+        text_tokens: real (not padding) non-visual tokens per sample in the input
+            (every real token where the visual ones were not identified, e.g.
+            while reduction is suspended: ``visual_tokens`` is 0 there).
         text_sizes: ``(hidden_size, intermediate_size)`` of the model's decoder
             layers (for :meth:`token_report`'s FLOPs estimate), or None.
     """
@@ -64,11 +66,18 @@ class EOSReport:
         return bool(self.stages)
 
     def _sample(self, sample) -> int:
-        if isinstance(sample, bool) or not isinstance(sample, int):
-            raise TypeError(f"sample must be an int, got {type(sample).__name__}")
-        if not 0 <= sample < self.batch_size:
+        """``sample`` as an index into the batch (negative from the end, as for a list)."""
+        import operator
+
+        if isinstance(sample, bool):
+            raise TypeError("sample must be an int, got bool")
+        try:
+            index = operator.index(sample)
+        except TypeError:
+            raise TypeError(f"sample must be an int, got {type(sample).__name__}") from None
+        if not -self.batch_size <= index < self.batch_size:
             raise ValueError(f"sample must be in 0..{self.batch_size - 1} (the batch of this forward), got {sample}")
-        return sample
+        return index % self.batch_size
 
     def leaving_per_layer(self, sample: int = 0) -> list[int]:
         """Visual tokens leaving each decoder layer for ``sample``."""
