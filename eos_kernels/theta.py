@@ -627,21 +627,31 @@ class Theta:
         return Theta(reducers, name=name)
 
     def as_fractions(self, num_visual_tokens: int, *, name: str | None = None) -> "Theta":
-        """The same reducers with each keep the fraction ``kept / incoming`` of the schedule at
-        ``num_visual_tokens``: the identical schedule at that count, proportional at any other.
+        """The same reducers with each count keep turned into the fraction ``kept / incoming`` of the
+        schedule at ``num_visual_tokens``: the identical schedule at that count, proportional at any other.
 
         For models whose images give different visual counts (LLaVA-NeXT,
-        Qwen2(.5)-VL), where a count designed for one image would be clipped
-        at a smaller one and leave most tokens of a larger one. Exact: the
+        LLaVA-OneVision, Qwen2(.5)-VL), where a count designed for one image
+        would be clipped at a smaller one and leave most tokens of a larger
+        one. Keeps that already are fractions stay as they are. Exact: the
         fraction ``k / n`` is read back as that rational (see the module
-        docstring), so ``floor(k / n * n) == k``. The name defaults to this Θ's.
+        docstring; denominators up to 10**6), so ``floor(k / n * n) == k``.
+        The name defaults to this Θ's.
+
+        Raises:
+            ValueError: if a count does not fit (see :meth:`schedule`), or if
+                a fraction cannot be stored exactly (incoming counts above 10**6).
         """
         if name is not None and not isinstance(name, str):
             raise TypeError(f"name must be a str or None, got {type(name).__name__}")
         sched = self.schedule(num_visual_tokens)
-        reducers = [dataclasses.replace(r, keep=float(Fraction(kept, incoming)))
+        reducers = [r if r.is_fraction else dataclasses.replace(r, keep=float(Fraction(kept, incoming)))
                     for r, (_, incoming, kept) in zip(self._reducers, sched)]
-        return Theta(reducers, name=self._name if name is None else name)
+        out = Theta(reducers, name=self._name if name is None else name)
+        if out.schedule(num_visual_tokens) != sched:
+            raise ValueError(f"as_fractions: the schedule at {num_visual_tokens} visual tokens cannot be stored "
+                             "exactly as fractions (incoming counts above 10**6)")
+        return out
 
     # ---- serialisation
     def to_dict(self) -> dict:

@@ -176,6 +176,12 @@ def test_shipped_model_loads_offline_and_needs_its_visual_tokens(tmp_path, monke
     with pytest.raises(ValueError, match="dataset= was loaded for another model"):
         evaluate(SearchConfig(data=data, output=str(tmp_path)), thetas[1:], model=model, processor=processor,
                  dataset=held, write=False)
+    with pytest.raises(ValueError, match="eval_limit applies when evaluate"):
+        evaluate(SearchConfig(data=data, output=str(tmp_path), eval_limit=3), thetas[1:], model=model,
+                 processor=processor, dataset=held, write=False)
+    with pytest.raises(TypeError, match="dataset= must be"):
+        evaluate(SearchConfig(data=data, output=str(tmp_path)), thetas[1:], model=model, processor=processor,
+                 dataset=held.examples, write=False)
     assert abs(full - sample["accuracy_full"]) <= 0.02, (full, sample)
     assert abs(pruned - sample["accuracy_pruned"]) <= 0.03, (pruned, sample)
     assert full >= pruned + 0.10, (full, pruned)

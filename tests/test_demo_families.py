@@ -19,7 +19,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 from eos_kernels.demo.run import FAMILIES, main  # noqa: E402
 from eos_kernels.theta import Theta  # noqa: E402
 
-from _tiny_families import save_tiny_llava_next, save_tiny_llava_onevision, save_tiny_qwen  # noqa: E402
+from _tiny_families import (  # noqa: E402
+    IMAGE_TOKEN_ID, save_tiny_llava_next, save_tiny_llava_onevision, save_tiny_qwen,
+)
 from _tiny_models import write_llava_dataset  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -41,7 +43,13 @@ def _ragged_data(root, n, seed):
 
 
 def _check_results(out, model_class, n_expected=None):
+    from eos_kernels.search.data import load_dataset, load_processor
+
     res = json.load(open(os.path.join(out, "demo_results.json")))
+    # the first held-out image's own count: what the patched model kept of it is measured_final
+    held = load_dataset(res["data"]["eval"], load_processor(res["model"]), num_visual_tokens=None,
+                        image_token_id=IMAGE_TOKEN_ID)
+    first = held.examples[0].num_visual_tokens
     assert res["model_class"] == model_class and res["visual_tokens_vary"] is True
     n = res["num_visual_tokens"]
     if n_expected is not None:
@@ -58,6 +66,8 @@ def _check_results(out, model_class, n_expected=None):
         # deployed as fractions of the schedule at N0, so the reported schedule is the one at N0
         assert all(red.is_fraction for red in theta), r["config"]
         assert [list(s) for s in theta.schedule(n)] == r["tokens"]["schedule"]
+        if len(theta):  # each image keeps its share of its own tokens
+            assert r["measured_final"] == theta.schedule(first)[-1][2], (r["config"], first, n)
         if r["family"] != "full" and r["budget"] is not None and not r["config"].startswith("eos-searched-as"):
             assert r["tokens"]["final"] <= r["budget"], r["config"]
     # the searched Θ is a fraction Θ too (counts vary), and the table's @budget row is it rescaled
@@ -90,6 +100,7 @@ def test_demo_driver_on_anyres_llava_own_ragged_data(tmp_path, capsys, family):
     res = _check_results(out, cls)
     counts = res["held_out_visual_counts"]
     assert len(counts) >= 3, counts  # the images really give different counts
+    assert res["num_visual_tokens"] not in counts  # N0 is their mean: every image is at another count
     assert res["data"]["synthetic"] is False and not os.path.exists(os.path.join(out, "data"))
     assert "fractions" in open(os.path.join(out, "demo_results.md")).read()
 
@@ -106,6 +117,16 @@ def test_demo_driver_rejects_bad_options_before_searching(tmp_path, capsys):
     assert main(["--demo", "--model", model, "--data", data, "--eval-data", data, "--eval-images", "3",
                  "--output", out] + SHORT) == 2
     assert "size the synthetic task" in capsys.readouterr().err
+    for bad, said in ((["--eval-batch-size", "0"], "--eval-batch-size must be >= 1"),
+                      (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+                      (["--lr", "nan"], "--lr must be a finite number > 0"),
+                      (["--local-moves-every", "-1"], "--local-moves-every must be >= 0"),
+                      (["--budget", "0"], "--budget must be >= 1")):
+        assert main(["--demo", "--model", model, "--data", data, "--eval-data", data, "--output", out]
+                    + SHORT + bad) == 2, bad
+        assert said in capsys.readouterr().err, bad
+    assert main(["--demo", "--model", model, "--image-folder", str(tmp_path), "--output", out] + SHORT) == 2
+    assert "--image-folder applies to --data" in capsys.readouterr().err
     assert main(["--demo", "--model", model, "--data", data, "--eval-data", data, "--budget", "100000",
                  "--output", out] + SHORT) == 2
     err = capsys.readouterr().err

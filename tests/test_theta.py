@@ -632,9 +632,17 @@ def test_as_fractions_scales_with_the_count():
     # exact rationals: 1/3 of 999 is 333, not 332
     assert Theta([Reducer(0, 333)]).as_fractions(999).schedule(999) == [(0, 999, 333)]
     assert Theta().as_fractions(5) == Theta()
+    # fractions stay as they are (re-deriving them at n would change them elsewhere), k_min too
+    mixed = Theta([Reducer(0, 0.5), Reducer(2, 100), Reducer(4, 0.01, k_min=5)])
+    frac = mixed.as_fractions(7 * 400)
+    assert [r.keep for r in frac] == [0.5, 100 / 1400, 0.01] and frac[2].k_min == 5
+    assert frac.schedule(2800) == mixed.schedule(2800)
+    assert frac.schedule(1000) == [(0, 1000, 500), (2, 500, 35), (4, 35, 5)]
 
 
 def test_as_fractions_rejects_bad_input():
+    with pytest.raises(ValueError, match="cannot be stored exactly"):
+        Theta([Reducer(0, 7977)]).as_fractions(1_000_001)
     with pytest.raises(ValueError, match="more than"):
         Theta([Reducer(0, 10)]).as_fractions(5)
     with pytest.raises(ValueError, match="num_visual_tokens"):

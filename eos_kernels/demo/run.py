@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import statistics
 import sys
@@ -285,6 +286,21 @@ def _load_model(args):
     return model.eval(), processor
 
 
+def _check_options(args) -> None:
+    """Every option's range, before anything is loaded or searched (ValueError naming the flag)."""
+    for flag, key, low in (("--budget", "budget", 1), ("--second-budget", "second_budget", 1),
+                           ("--steps", "steps", 1), ("--batch-size", "batch_size", 1),
+                           ("--local-moves-every", "local_moves_every", 0), ("--eval-batch-size", "eval_batch_size", 1),
+                           ("--max-new-tokens", "max_new_tokens", 1), ("--threads", "threads", 1)):
+        value = getattr(args, key)
+        if value is not None and value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        raise ValueError(f"--lr must be a finite number > 0, got {args.lr}")
+    if args.image_folder is not None and args.data is None:
+        raise ValueError("--image-folder applies to --data / --eval-data (the synthetic task writes its own images)")
+
+
 def _splits(args) -> tuple[str, str, bool]:
     """``(search JSON, held-out JSON, synthetic?)``: ``--data``/``--eval-data``, else the synthetic task's."""
     from eos_kernels.demo import task
@@ -331,6 +347,7 @@ def run_demo(args) -> dict:
     from eos_kernels.search.data import load_dataset
     from eos_kernels.search.evaluate import _reference_count
 
+    _check_options(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -374,7 +391,8 @@ def run_demo(args) -> dict:
         configs = [(fam, b, th.as_fractions(n)) for fam, b, th in configs]
 
     # 3. held-out evaluation (+ measured prefill time)
-    max_new = args.max_new_tokens or (3 if synthetic else SearchConfig().max_new_tokens)
+    max_new = args.max_new_tokens if args.max_new_tokens is not None else (
+        3 if synthetic else SearchConfig().max_new_tokens)
     eval_cfg = SearchConfig(data=eval_json, image_folder=args.image_folder, output=args.output, budget=args.budget,
                             max_new_tokens=max_new, batch_size=args.eval_batch_size, impl=args.impl)
     rows = []

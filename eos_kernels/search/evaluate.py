@@ -181,8 +181,8 @@ def evaluate(config: SearchConfig | Mapping[str, Any] | None = None, thetas: Seq
         thetas: Θ objects or specs (paths, ``none``, presets); default ``config.eval``.
         model, processor: an already loaded model/processor instead of ``config.model``.
         dataset: the held-out split already loaded with :func:`~eos_kernels.search.data.load_dataset`
-            for this model and processor (``config.data`` is then only recorded, ``eval_limit``
-            not applied), to evaluate
+            for this model and processor (``config.data`` is then only recorded; with
+            ``eval_limit`` it is an error), to evaluate
             several calls on one load.
         write: write ``<output>/eval.json``.
 
@@ -216,6 +216,15 @@ def evaluate(config: SearchConfig | Mapping[str, Any] | None = None, thetas: Seq
     adapter.check_model(model)
     L = adapter.num_layers(model)
     fixed = adapter.visual_tokens_per_image(model)  # None: each image its own count
+    if dataset is not None:
+        from eos_kernels.search.data import Dataset
+
+        if not isinstance(dataset, Dataset):
+            raise TypeError(f"eval: dataset= must be an eos_kernels.search.data.Dataset (load_dataset), "
+                            f"got {type(dataset).__name__}")
+        if config.eval_limit is not None:
+            raise ValueError("eval: eval_limit applies when evaluate() loads the data; with dataset= load it "
+                             "with load_dataset(..., limit=N)")
     if dataset is None:
         data = load_dataset(config.data, processor, num_visual_tokens=fixed,
                             image_token_id=model.config.image_token_id, image_folder=config.image_folder,
