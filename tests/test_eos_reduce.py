@@ -64,7 +64,8 @@ def make_inputs(B, K, M, d, dtype=torch.float32, seed=0, clustered=False, noncon
         A = A.transpose(1, 2).contiguous().transpose(1, 2)                 # feature stride != 1
         D = torch.stack([D, torch.full_like(D, float("nan"))], dim=2).flatten(1, 2)[:, ::2]  # row stride 2d
         q = q.t().contiguous().t()                                         # batch stride 1
-        assert not A.is_contiguous() and (not M or not D.is_contiguous()) and (B == 1 or M <= 1 or not q.is_contiguous())
+        assert not A.is_contiguous() and (not M or not D.is_contiguous())
+        assert B == 1 or M <= 1 or not q.is_contiguous()
     return A, D, q
 
 

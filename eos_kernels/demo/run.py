@@ -119,15 +119,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local moves of the search every N steps (eos_kernels.search, decision 6; 0: off; default "
                         f"{_DEMO_SEARCH['local_moves_every']} on the built-in model, else eos-search's "
                         f"{search['local_moves_every']})")
-    p.add_argument("--search-images", type=int, default=None, help="images of the synthetic search split (default 400; not with --data)")
-    p.add_argument("--eval-images", type=int, default=None, help="held-out questions of the synthetic task (default 500; not with --eval-data)")
+    p.add_argument("--search-images", type=int, default=None,
+                   help="images of the synthetic search split (default 400; not with --data)")
+    p.add_argument("--eval-images", type=int, default=None,
+                   help="held-out questions of the synthetic task (default 500; not with --eval-data)")
     p.add_argument("--eval-batch-size", type=int, default=50, help="held-out evaluation batch (default 50)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="generated answer tokens (default: 3 on the synthetic task, eos-search's default on --data)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--impl", choices=("auto", "triton", "torch"), default="auto")
-    p.add_argument("--device", default="auto", help="device of a --model checkpoint: auto (default: CUDA if there is one), cpu, cuda, "
-                        "cuda:N; the built-in model runs on the CPU")
+    p.add_argument("--device", default="auto",
+                   help="device of a --model checkpoint: auto (default: CUDA if there is one), cpu, cuda, cuda:N; "
+                        "the built-in model runs on the CPU")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="weights of a --model checkpoint (default auto: bfloat16 on CUDA, float32 on the CPU); "
                         "the built-in model runs in float32")
@@ -406,7 +409,8 @@ def run_demo(args) -> dict:
         rows.append({"config": theta.name, "family": fam, "budget": b, "accuracy": r["accuracy"],
                      "correct": r["correct"], "answers": r["answers"], "answer_ce": r["answer_ce"],
                      "tokens": r["tokens"], "measured_final": r["measured_final"],
-                     "prefill_ms": 1000 * prefill_seconds(model, held, theta, batch_size=args.eval_batch_size), "theta_config": r["theta_config"]})
+                     "prefill_ms": 1000 * prefill_seconds(model, held, theta, batch_size=args.eval_batch_size),
+                     "theta_config": r["theta_config"]})
         if bar is not None:
             bar.update(1)
             bar.set_postfix(config=theta.name, acc=f"{r['accuracy']:.3f}")

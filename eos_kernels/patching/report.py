@@ -130,7 +130,8 @@ class EOSReport:
             d, ffn = self.text_sizes
             reduced = sum(layer_flops(text + p, d, ffn) for p in processed)
             full = self.num_layers * layer_flops(text + n0, d, ffn)
-            out.update(prefill_flops=reduced, prefill_flops_full=full, prefill_flops_ratio=reduced / full if full else 1.0,
+            out.update(prefill_flops=reduced, prefill_flops_full=full,
+                       prefill_flops_ratio=reduced / full if full else 1.0,
                        hidden_size=d, intermediate_size=ffn)
         return out
 
