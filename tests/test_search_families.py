@@ -23,7 +23,7 @@ pytest.importorskip("transformers")
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from eos_kernels.patching import get_report, is_patched, patch_model, prompt_lengths, unpatch_model  # noqa: E402
+from eos_kernels.patching import is_patched, patch_model, unpatch_model  # noqa: E402
 from eos_kernels.search import SearchConfig, run  # noqa: E402
 from eos_kernels.search import objective  # noqa: E402
 from eos_kernels.search.data import TokenizerAndImageProcessor, load_dataset, load_processor  # noqa: E402
