@@ -125,10 +125,12 @@ def test_dataset_ids_and_image_inputs_equal_the_processors_own(env):
 
 
 def test_fallback_builds_the_same_examples_and_image_inputs(env):
-    from transformers import AutoImageProcessor, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from eos_kernels.search.data import load_image_processor
 
     _, model, data, processor = env
-    fallback = TokenizerAndImageProcessor(AutoTokenizer.from_pretrained(model), AutoImageProcessor.from_pretrained(model))
+    fallback = TokenizerAndImageProcessor(AutoTokenizer.from_pretrained(model), load_image_processor(model))
     full = load_dataset(data, processor, num_visual_tokens=None, image_token_id=IMAGE_TOKEN_ID)
     alone = load_dataset(data, fallback, num_visual_tokens=None, image_token_id=IMAGE_TOKEN_ID)
     for a, b in zip(full.examples, alone.examples):

@@ -270,6 +270,31 @@ def test_onevision_counts_without_its_processor_follow_the_model(tmp_path):
                      num_visual_tokens=None, image_token_id=IMAGE_TOKEN_ID)
 
 
+def test_image_processor_loads_where_auto_image_processor_needs_torchvision(env, monkeypatch, tmp_path):
+    """transformers 5.4-5.17 make ``AutoImageProcessor`` a torchvision placeholder: the class the checkpoint
+    names is loaded instead (its PIL variant), and processes images as the usual one does."""
+    import transformers
+    from PIL import Image
+
+    from eos_kernels.search.data import load_image_processor
+
+    image = Image.new("RGB", (50, 70), (10, 200, 30))
+    usual = load_image_processor(env.model)
+
+    class Placeholder:
+        @staticmethod
+        def from_pretrained(*args, **kwargs):
+            raise ImportError("AutoImageProcessor requires the Torchvision library")
+
+    monkeypatch.setattr(transformers, "AutoImageProcessor", Placeholder)
+    fallback = load_image_processor(env.model)
+    assert not type(fallback).__name__.endswith("Fast")  # the PIL one (named ...Pil from 5.x on where both exist)
+    a, b = usual([image], return_tensors="pt"), fallback([image], return_tensors="pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ImportError, match="Torchvision"):  # nothing to fall back to: the error as it was
+        load_image_processor(str(tmp_path))
+
+
 def test_unsupported_models_are_refused_clearly(tmp_path):
     from transformers import LlamaConfig
 

@@ -180,13 +180,45 @@ class TokenizerAndImageProcessor:
                 f"{type(self.image_processor).__name__})")
 
 
+def load_image_processor(path: str):
+    """The image processor of the checkpoint ``path``, also where ``AutoImageProcessor`` cannot be used.
+
+    transformers 5.4-5.17 mark ``AutoImageProcessor`` itself as needing
+    torchvision (a placeholder that raises ImportError), although the saved
+    processor class may have a PIL implementation: then the class named in
+    ``preprocessor_config.json`` (or in the ``image_processor`` entry of
+    ``processor_config.json``, where a whole processor was saved) is loaded
+    directly, its ``...Pil`` variant first, ``Fast`` dropped. Raises the
+    ImportError when there is none.
+    """
+    import transformers
+
+    try:
+        return transformers.AutoImageProcessor.from_pretrained(path)
+    except ImportError:
+        name = ""
+        for file, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
+            config = os.path.join(path, file)
+            if not name and os.path.isfile(config):
+                with open(config, encoding="utf-8") as f:
+                    entry = json.load(f)
+                entry = entry.get(key) if key and isinstance(entry, dict) else entry
+                name = (entry.get("image_processor_type") if isinstance(entry, dict) else None) or ""
+        name = name[:-len("Fast")] if name.endswith("Fast") else name
+        for candidate in (name + "Pil", name):
+            cls = getattr(transformers, candidate, None) if name else None
+            if isinstance(cls, type) and not hasattr(cls, "_backends"):  # not a dummy placeholder
+                return cls.from_pretrained(path)
+        raise
+
+
 def load_processor(path: str):
     """The processor of the checkpoint ``path``: ``AutoProcessor``, else tokenizer + image processor.
 
     Raises:
         ValueError: neither loads (the message gives both reasons).
     """
-    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+    from transformers import AutoProcessor, AutoTokenizer
 
     try:
         processor = AutoProcessor.from_pretrained(path)
@@ -196,8 +228,7 @@ def load_processor(path: str):
     except (OSError, ValueError, TypeError, ImportError, KeyError, AttributeError) as exc:
         first = f"AutoProcessor: {type(exc).__name__}: {exc}"
     try:
-        fallback = TokenizerAndImageProcessor(AutoTokenizer.from_pretrained(path),
-                                              AutoImageProcessor.from_pretrained(path))
+        fallback = TokenizerAndImageProcessor(AutoTokenizer.from_pretrained(path), load_image_processor(path))
     except (OSError, ValueError, TypeError, ImportError, KeyError, AttributeError) as exc:
         raise ValueError(f"cannot load a processor from {path}: {first}; the fallback AutoTokenizer + "
                          f"AutoImageProcessor failed too: {type(exc).__name__}: {exc}") from None
