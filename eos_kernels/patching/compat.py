@@ -2,7 +2,6 @@
 role, and the error raised when a call does not look as expected."""
 from __future__ import annotations
 
-import functools
 from typing import Mapping
 
 import torch
@@ -83,15 +82,12 @@ def check_transformers_version(version: str | None = None) -> str:
     return version
 
 
-@functools.lru_cache(maxsize=None)
-def _cache_class() -> type:
+def _is_cache(obj) -> bool:
+    # imported here, not at module level (transformers is optional for the operator); a plain import, not an
+    # lru_cache, which torch.compile traces around with a warning at every compiled forward
     from transformers.cache_utils import Cache
 
-    return Cache
-
-
-def _is_cache(obj) -> bool:
-    return isinstance(obj, _cache_class())
+    return isinstance(obj, Cache)
 
 
 def find_cache(args: tuple, kwargs: dict):
