@@ -482,3 +482,44 @@ def test_report_is_readable(sdpa_model, prompts):
     assert report.processed_per_layer(0) == [16, 16, 10, 6, 6, 3]
     assert report.to_dict()["stages"][1]["regime"] == "hybrid"
     assert num_visual_tokens(model) == N_VIS
+
+
+# --------------------------------------------------------------------------- training with gradient checkpointing
+def test_gradient_checkpointing_gives_the_same_gradients_or_a_clear_error():
+    """Fine-tuning a patched model with gradient checkpointing: where transformers checkpoints the decoder
+    layers' ``forward`` (5.23 on) the reduction hooks stay outside the checkpoint and the gradients equal
+    those without checkpointing; where it checkpoints ``__call__`` (hooks inside, run again in the backward)
+    the patched forward refuses with a clear error instead of reducing twice."""
+    model = tiny_llava(seed=3, num_layers=4)
+    theta = Theta([Reducer(1, 10, **HYBRID), Reducer(2, 4)], name="ft")
+    ids, px = make_prompt(N_VIS, 3, 6, seed=0)[None], make_pixels(1)
+    labels = ids.masked_fill(ids == IMAGE_TOKEN_ID, -100)
+    layers = model.model.language_model.layers
+    hooks_inside = type(layers[0]).__call__ is not torch.nn.Module.__call__
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, pixel_values=px, labels=labels).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model.train()
+    patch_llava(model, theta)
+    try:
+        ref_loss, ref_grads = loss_and_grads()
+        assert [s.visual_out for s in model.eos_report.stages] == [(10,), (4,)]
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hooks_inside:
+            with pytest.raises(NotImplementedError, match="gradient checkpointing"):
+                loss_and_grads()
+            return
+        loss, grads = loss_and_grads()
+        assert [s.visual_out for s in model.eos_report.stages] == [(10,), (4,)]
+        assert torch.equal(loss, ref_loss)
+        assert grads.keys() == ref_grads.keys() and len(grads) > 10
+        for name in grads:
+            torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+    finally:
+        unpatch_llava(model)
+        model.gradient_checkpointing_disable()
+        model.eval()
