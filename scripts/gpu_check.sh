@@ -17,6 +17,8 @@
 #   2. tests-kernels          CUDA-only kernel tests: operator fwd + 8 gradients at LLaVA-1.5-7B
 #                             shapes, fp32/fp16/bf16, awkward shapes, importance kernel
 #   3. tests-model            patched tiny LLaVA on CUDA (cache == no cache, padded batches, sdpa),
+#                             tiny Qwen2.5-VL / LLaVA-NeXT / LLaVA-OneVision on CUDA (ragged batches,
+#                             cache == no cache fp32/bf16, kernels vs the CPU reference),
 #                             a few search steps in bf16 with the fused kernels
 #   4. bench-operator-headline          fused + eager, fwd and fwd+bwd, B in {1,32}, K=64, bf16
 #   5. bench-operator-headline-compile  torch.compile of the same 4 cases
@@ -92,9 +94,11 @@ if [ "$MODE" = cpu ]; then
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} EOS_BENCH_CPU_THREADS=${EOS_BENCH_CPU_THREADS:-1}
     export EOS_BENCH_MAX_ROUNDS=${EOS_BENCH_MAX_ROUNDS:-1}
     BUDGET=${GPU_CHECK_BUDGET:-240}; GRACE=5; MIN_STEP=3; REPORT_LIMIT=40
+    MODEL_LIMIT=90   # tests-model: the interpreted kernels of four tiny model families
 else
     unset TRITON_INTERPRET EOS_CUDA_TESTS_ON_CPU EOS_BENCH_MAX_ROUNDS
     BUDGET=${GPU_CHECK_BUDGET:-450}; GRACE=10; MIN_STEP=15; REPORT_LIMIT=20
+    MODEL_LIMIT=60   # tests-model: ~20 s of Triton compiles (~1.2 s a variant) on a cold cache
 fi
 INJECT=${GPU_CHECK_INJECT:-}
 HANG_S=${GPU_CHECK_HANG_S:-3}
@@ -204,9 +208,10 @@ run_step tests-kernels test 80 -- "${PYTEST[@]}" "${TESTS[@]}" \
     tests/test_cuda_kernels.py \
     tests/test_eos_reduce.py::test_gpu_llava_shapes tests/test_eos_reduce.py::test_gpu_inference_fast_path_bf16 \
     tests/test_importance.py::test_gpu_llava7b_shapes
-run_step tests-model test 45 -- "${PYTEST[@]}" "${TESTS[@]}" \
+# the families last: a step cut at its limit keeps the results of the earlier files
+run_step tests-model test "$MODEL_LIMIT" -- "${PYTEST[@]}" "${TESTS[@]}" \
     tests/test_cuda_search.py::test_search_steps_bf16_fused_kernels tests/test_cuda_patch_llava.py \
-    tests/test_cuda_search.py::test_fused_and_reference_agree_on_the_device
+    tests/test_cuda_search.py::test_fused_and_reference_agree_on_the_device tests/test_cuda_patch_families.py
 
 # ---------------------------------------------------------------------------- 3. benchmarks
 HEADLINE="(B1-K64-bf16 or B32-K64-bf16)"
@@ -219,9 +224,10 @@ if [ "$MODE" = gpu ]; then
         bench/test_bench_importance.py -k "cuda"
     run_step bench-e2e-r64 bench 50 -- "${PYTEST[@]}" "${BENCH[@]}" \
         bench/test_bench_e2e.py -k "cuda and (vision or (prefill and (unpatched or r64)))"
-    run_step bench-operator-grid bench 30 -- "${PYTEST[@]}" "${BENCH[@]}" "${BENCH_SHORT[@]}" \
+    # 20 + 20 (not 30 + 25): the model families' CUDA tests took those 15 s (steps 1-10 fit in 415 s)
+    run_step bench-operator-grid bench 20 -- "${PYTEST[@]}" "${BENCH[@]}" "${BENCH_SHORT[@]}" \
         bench/test_bench_operator.py -k "cuda and not compile and not $HEADLINE"
-    run_step bench-e2e-rest bench 25 -- "${PYTEST[@]}" "${BENCH[@]}" \
+    run_step bench-e2e-rest bench 20 -- "${PYTEST[@]}" "${BENCH[@]}" \
         bench/test_bench_e2e.py -k "cuda and not vision and not (prefill and (unpatched or r64))"
     run_step bench-search-step bench 20 -- "${PYTEST[@]}" "${BENCH[@]}" \
         bench/test_bench_search_step.py -k "cuda"

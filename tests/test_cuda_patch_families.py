@@ -1,0 +1,364 @@
+"""CUDA-only: the patched tiny Qwen2.5-VL, LLaVA-NeXT and LLaVA-OneVision on the GPU, with the compiled kernels.
+
+The models are those of ``tests/_tiny_families.py`` (6 text layers, grouped-query
+sdpa attention; the visual count depends on each image: Qwen's dynamic-resolution
+grids, the any-resolution tiles of NeXT / OneVision with their image-newline
+tokens) moved to CUDA and patched with ``eos_kernels.patch`` (the adapter chosen
+from the class). Inside the patched model the importance and the operator run
+through the Triton kernels (``impl="triton"`` is forced on the module that calls
+them, so the kernels are what is tested, also in the interpreter subset). The
+Theta reduces by fractions (the counts vary per sample): the paper-like hybrid
+operator at layer 1, a prune at layer 3. Checked, per family, on a left-padded
+ragged batch (three samples with different visual counts: one image, one or two
+images, a text-only prompt; inputs whose top-k choices are far from ties, see
+the seeds):
+
+- the batch gives each sample's logits and kept positions alone, and each sample
+  follows the schedule of its own count;
+- ``generate`` with the KV cache gives the tokens of ``generate(use_cache=False)``,
+  fp32 and bf16 (bf16: a first difference only at a near-tie of the top two
+  logits, whose size is reported);
+- the GPU model with the kernels matches the same weights on the CPU with the
+  PyTorch reference (kept positions identical, logits close).
+
+Without CUDA the file skips; ``EOS_CUDA_TESTS_ON_CPU=1`` runs it on the CPU
+through Triton's interpreter (``scripts/gpu_check.sh --cpu``) with fewer generated
+tokens and bf16 for one family only.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from _cuda_subset import DEVICE, HAS_CUDA, assert_close_verbose, requires_device  # noqa: E402
+
+pytestmark = [requires_device, pytest.mark.usefixtures("one_torch_thread")]
+
+transformers = pytest.importorskip("transformers")
+
+import eos_kernels  # noqa: E402
+from eos_kernels.theta import Reducer, Theta  # noqa: E402
+
+import _tiny_families as tf  # noqa: E402
+
+HYBRID = dict(gamma=0.083, tau=0.22, theta=0.1)
+#: fractions: each sample is reduced at its own visual count
+THETA = Theta([Reducer(1, 0.6, **HYBRID), Reducer(3, 0.5)], name="hybrid-prune")
+#: tokens generated per comparison (the interpreter subset runs every prefill's kernels interpreted)
+N_NEW = 6 if HAS_CUDA else 2
+#: fp32 logits of two runs of the model (see test_ragged_batch_matches_each_sample_alone)
+FP32_TOL = dict(rtol=1e-4, atol=1e-4)
+#: bf16 logits of a generation step, cache vs no cache (see test_generate_cache_equals_no_cache)
+BF16_TOL = dict(rtol=3e-2, atol=3e-2)
+#: input seeds (tests/test_patch_families.py's builders) whose top-k boundaries are far from a tie: the
+#: relative gap between the last kept and the first dropped importance score is >= 1e-2 at every
+#: reducer, sample and family (CPU, fp32), far above fp32 rounding and above bf16's 0.4 %
+SEED_RAGGED, SEED_GENERATE, SEED_REFERENCE = 29, 1, 26
+FAMILIES = ["qwen2.5", "llava_next", "llava_onevision"]
+
+
+# --------------------------------------------------------------------------- models and inputs
+def build(family):
+    """The family's tiny model on the CPU, fp32 (the same weights at every call: fixed seed)."""
+    if family.startswith("qwen"):
+        return tf.tiny_qwen(family[len("qwen"):], seed=0, attn_implementation="sdpa")
+    if family == "llava_next":
+        return tf.tiny_llava_next(seed=0, attn_implementation="sdpa")
+    return tf.tiny_llava_onevision(seed=0, attn_implementation="sdpa")
+
+
+def ragged(family, cpu_model, seed=0):
+    """A left-padded batch of three samples with different visual counts (the last one text only), and
+    each sample's own inputs (the same pixels), on the CPU (``tests/test_patch_families.py``'s batches)."""
+    if family.startswith("qwen"):
+        grids = [[(1, 4, 8)], [(1, 4, 4), (1, 6, 4)], []]  # 8, 4 + 6, no image
+        prompts = [tf.qwen_prompt(g, seed=seed + i, after=4 + i) for i, g in enumerate(grids)]
+        batch = tf.qwen_inputs(cpu_model, prompts, grids, side="left", seed=seed)
+        alone, row = [], 0
+        for p, g in zip(prompts, grids):
+            a = tf.qwen_inputs(cpu_model, [p], [g], seed=seed)
+            n = sum(t * h * w for t, h, w in g)
+            if n:
+                a["pixel_values"] = batch["pixel_values"][row:row + n]
+            row += n
+            alone.append(a)
+        return batch, alone
+    sizes = [(50, 100), (112, 112)]  # 52 and 88 image tokens (newlines included), then a text-only prompt
+    prompts = [tf.next_prompt(tf.next_visual_count(cpu_model, s), 3, 4 + i, seed=seed + i)
+               for i, s in enumerate(sizes)]
+    text = tf.next_prompt(0, 4, 6, seed=seed + 7)
+    ids, mask = tf.pad_batch(prompts + [text], "left")
+    batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": tf.next_pixels(sizes, seed=seed),
+             "image_sizes": torch.tensor(sizes)}
+    alone = [{"input_ids": p[None], "pixel_values": batch["pixel_values"][b:b + 1],
+              "image_sizes": batch["image_sizes"][b:b + 1]} for b, p in enumerate(prompts)]
+    return batch, alone + [{"input_ids": text[None]}]
+
+
+def to_device(inputs, dtype=torch.float32):
+    """Inputs on DEVICE, floating tensors (the pixels) in ``dtype``."""
+    return {k: v.to(DEVICE, dtype) if torch.is_floating_point(v) else v.to(DEVICE) for k, v in inputs.items()}
+
+
+def visual_count(inputs) -> int:
+    ids = inputs["input_ids"]
+    return int(((ids == tf.IMAGE_TOKEN_ID) | (ids == tf.VIDEO_TOKEN_ID)).sum())
+
+
+@pytest.fixture
+def use_impl(monkeypatch):
+    """``use_impl("triton" | "torch")``: the implementation the patched model's reductions run.
+
+    Rebinds ``eos_reduce`` / ``text_to_visual_importance`` with a fixed ``impl=`` in every
+    ``eos_kernels`` module that imported them (the patching code), whatever its layout."""
+    import eos_kernels.integrations.llava_next  # noqa: F401  (imports the patching code)
+    import eos_kernels.integrations.qwen2_vl  # noqa: F401
+    from eos_kernels.importance import text_to_visual_importance
+    from eos_kernels.operator import eos_reduce
+
+    originals = {"eos_reduce": eos_reduce, "text_to_visual_importance": text_to_visual_importance}
+
+    def use(impl):
+        done = set()
+        for modname, mod in list(sys.modules.items()):
+            if mod is None or not modname.startswith("eos_kernels."):
+                continue
+            for attr, fn in originals.items():
+                bound = getattr(mod, attr, None)
+                if modname == fn.__module__ or modname == "eos_kernels":
+                    continue  # where it is defined / the package's lazy export
+                if bound is fn or (isinstance(bound, functools.partial) and bound.func is fn):
+                    monkeypatch.setattr(mod, attr, functools.partial(fn, impl=impl))
+                    done.add(attr)
+        assert done == set(originals), f"no eos_kernels module calls {set(originals) - done}: the test must be updated"
+
+    use("triton")
+    return use
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32():
+    """No TF32 in the vision towers' convolutions (cuDNN allows it by default): fp32 means fp32 here."""
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@pytest.fixture(scope="module")
+def models():
+    """``models(family, dtype)``: the family's model on DEVICE; ``models(family, cpu=True)``: the same
+    weights on the CPU (fp32; it also builds the inputs). Each built once per module."""
+    cache = {}
+
+    def get(family, dtype=torch.float32, cpu=False):
+        key = (family, dtype, cpu)
+        if key not in cache:
+            model = build(family)
+            cache[key] = model if cpu else model.to(DEVICE, dtype)
+        return cache[key]
+
+    get.cache = cache
+    yield get
+    cache.clear()
+
+
+@pytest.fixture(autouse=True)
+def _unpatch(models):
+    yield
+    for model in models.cache.values():
+        eos_kernels.unpatch(model)
+
+
+# --------------------------------------------------------------------------- helpers
+def logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def greedy(model, inputs, n=N_NEW, **kw):
+    """``(sequences, per-step logits [B, n, V])`` of greedy decoding."""
+    out = model.generate(**inputs, max_new_tokens=n, do_sample=False, return_dict_in_generate=True,
+                         output_logits=True, **kw)
+    return out.sequences, torch.stack(out.logits, dim=1).float()
+
+
+def real_kept(stage, b, mask):
+    """Sample ``b``'s kept positions at ``stage`` in its own (unpadded) coordinates."""
+    pos = stage.kept_positions[b]
+    if stage.valid_slots is not None:
+        pos = pos[stage.valid_slots[b]]
+    pos = pos.cpu()
+    if mask is None:
+        return pos
+    real = mask[b].cpu().bool()
+    return pos[real[pos]] - int(real.int().argmax())  # left padding: shift by the pad length
+
+
+def kept_difference(a, b) -> str:
+    """Per sample, the positions kept only in ``a`` / only in ``b`` (the test message)."""
+    out = []
+    for row, (x, y) in enumerate(zip(a.tolist(), b.tolist())):
+        if x != y:
+            out.append(f"sample {row}: only in the first {sorted(set(x) - set(y))}, only in the second "
+                       f"{sorted(set(y) - set(x))}, lengths {len(x)} / {len(y)}")
+    return "; ".join(out) or "the same sets"
+
+
+def _schedule(stages, b):
+    return [(s.layer, s.visual_in[b], s.visual_out[b]) for s in stages]
+
+
+# --------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ragged_batch_matches_each_sample_alone(models, use_impl, family):
+    """fp32 (TF32 off), the kernels both times. The batch and the lone sample differ in shape (batch
+    size, padding), so cuBLAS / SDPA / the kernels' tiles sum in different orders: fp32 rounding
+    (~1e-7 relative per operation) carried through the vision tower and 6 layers gives ~1e-5 on
+    logits of magnitude up to ~5 (CPU, interpreted kernels: at most 1e-5). FP32_TOL is ten times
+    that; a wrong mask, position or rotary phase moves logits by far more, and one kept token
+    swapped at the top-k boundary moves the last logits by 0.2-0.6 (measured on the CPU). The kept
+    positions themselves must be identical."""
+    cpu = models(family, cpu=True)
+    model = models(family)
+    batch, alone = ragged(family, cpu, seed=SEED_RAGGED)
+    counts = [visual_count(a) for a in alone]
+    assert len(set(counts)) == 3 and counts[-1] == 0, counts
+    eos_kernels.patch(model, THETA)
+    batch = to_device(batch)
+    out = logits(model, batch)
+    report = model.eos_report
+    assert report.visual_tokens == tuple(counts)
+    stages = report.stages
+    for b, n in enumerate(counts):  # each sample follows the schedule of its own count
+        want = THETA.schedule(n) if n else [(s.layer, 0, 0) for s in stages]
+        assert _schedule(stages, b) == want, (b, n)
+    mask = batch["attention_mask"]
+    for b, inputs in enumerate(alone):
+        single = logits(model, to_device(inputs))
+        real = mask[b].bool()
+        kept_batch = [real_kept(s, b, mask).tolist() for s in stages]
+        if counts[b]:
+            kept_alone = [real_kept(s, 0, None).tolist() for s in model.eos_report.stages]
+            assert kept_batch == kept_alone, (
+                f"{family}, sample {b} ({counts[b]} visual tokens), kept positions in the batch (first) vs alone "
+                f"(second): " + " | ".join(f"reducer {i}: {kept_difference(torch.tensor([x]), torch.tensor([y]))}"
+                                          for i, (x, y) in enumerate(zip(kept_batch, kept_alone))))
+        else:
+            assert not model.eos_report.reduced
+            assert all(k == list(range(int(real.sum()))) for k in kept_batch), kept_batch
+        assert_close_verbose(out[b, real], single[0], **FP32_TOL,
+                             what=f"{family}: logits of sample {b} ({counts[b]} visual tokens) in a ragged "
+                                  f"left-padded batch vs alone",
+                             context=f"kept positions in the batch: {kept_batch}")
+
+
+def first_difference(a, b):
+    """``(rows, column)``: the earliest column where two generations differ and the rows that differ there."""
+    diff = a != b
+    cols = diff.any(0).nonzero()
+    if not len(cols):
+        return None
+    col = int(cols[0])
+    return diff[:, col].nonzero().squeeze(1).tolist(), col
+
+
+def near_tie_gaps(seq_c, seq_n, log_n, first, n_prompt):
+    """At the first difference: per differing sample, ``(sample, step, |logit gap| of the two tokens, text)``
+    from the no-cache logits."""
+    rows, col = first
+    step = col - n_prompt
+    out = []
+    for row in rows:
+        a, b = seq_c[row, col].item(), seq_n[row, col].item()
+        gap = (log_n[row, step, a] - log_n[row, step, b]).abs().item()
+        top = log_n[row, step].topk(2)
+        text = (f"sample {row}, generated token {step}: {a} (cache) vs {b} (no cache), logit gap {gap:.3g}; "
+                f"top-2 no-cache logits {top.values.tolist()} (ids {top.indices.tolist()})")
+        out.append((row, step, gap, text))
+    return out
+
+
+#: (family, dtype): bf16 for every family on the GPU; the interpreter subset keeps one bf16 case (its code)
+GENERATE_CASES = [pytest.param(f, torch.float32, id=f"{f}-fp32") for f in FAMILIES] + [
+    pytest.param(f, torch.bfloat16, id=f"{f}-bf16") for f in FAMILIES if HAS_CUDA or f == "qwen2.5"]
+
+
+@pytest.mark.parametrize("family, dtype", GENERATE_CASES)
+def test_generate_cache_equals_no_cache(models, use_impl, family, dtype):
+    """Greedy decoding of the ragged batch, with the KV cache vs ``use_cache=False`` (every step a new
+    reduced prefill of the prompt and the tokens so far). fp32: the same tokens, and each step's
+    logits within FP32_TOL (same kernels, different shapes, as for the ragged batch; CPU: ~7e-6).
+
+    bf16: the logits are bf16 values (one ulp is 0.4-0.8 % of the value: 0.031 at 4-8), and the
+    decode step and the full recompute round differently: each step's logits must agree within
+    BF16_TOL (about 6 ulps at the largest logits; CPU, PyTorch path: <= 0.031) up to the first step where a
+    token differs; there the two tokens must be a near-tie, their no-cache logits closer than twice
+    the allowed error (on the CPU such a tie happens: two logits equal in bf16). Later steps are not
+    compared. The interpreter subset runs bf16 for Qwen2.5-VL only (the others add ~5 s each)."""
+    cpu = models(family, cpu=True)
+    model = models(family, dtype)
+    eos_kernels.patch(model, THETA)
+    batch, alone = ragged(family, cpu, seed=SEED_GENERATE)
+    batch = to_device(batch, dtype)
+    n_prompt = batch["input_ids"].shape[1]
+    seq_c, log_c = greedy(model, batch)
+    report = model.eos_report
+    assert report.reduced and report.visual_tokens == tuple(visual_count(a) for a in alone)
+    seq_n, log_n = greedy(model, batch, use_cache=False)
+    assert seq_c.shape == seq_n.shape == (3, n_prompt + N_NEW)
+    first = first_difference(seq_c, seq_n)
+    name = f"{family} {str(dtype).removeprefix('torch.')}"
+    if dtype == torch.float32:
+        assert first is None, f"{name}: first difference at " + "; ".join(
+            t for *_, t in near_tie_gaps(seq_c, seq_n, log_n, first, n_prompt))
+        assert_close_verbose(log_c, log_n, **FP32_TOL, what=f"{name}: per-step logits, cache vs no cache")
+        return
+    steps = N_NEW if first is None else first[1] - n_prompt + 1
+    ties = [] if first is None else near_tie_gaps(seq_c, seq_n, log_n, first, n_prompt)
+    assert_close_verbose(log_c[:, :steps], log_n[:, :steps], **BF16_TOL,
+                         what=f"{name}: per-step logits, cache vs no cache (steps 0..{steps - 1})",
+                         context="; ".join(t for *_, t in ties))
+    for row, step, gap, text in ties:
+        allowed = BF16_TOL["atol"] + BF16_TOL["rtol"] * log_n[row, step].abs().max().item()
+        assert gap <= 2 * allowed, f"{name}: tokens differ, not at a near-tie (allowed gap {2 * allowed:.3g}): {text}"
+        print(f"{name}: near-tie at {text}; steps after it not compared")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kernels_on_device_match_the_reference_on_cpu(models, use_impl, family):
+    """Same weights: the device with the kernels vs the CPU with the PyTorch reference, the ragged
+    batch. fp32 (TF32 off) on both; different hardware and summation orders: FP32_TOL as above."""
+    cpu = models(family, cpu=True)
+    model = models(family)
+    batch, _ = ragged(family, cpu, seed=SEED_REFERENCE)
+
+    use_impl("torch")
+    eos_kernels.patch(cpu, THETA)
+    ref = logits(cpu, batch)
+    ref_stages = cpu.eos_report.stages
+    eos_kernels.unpatch(cpu)
+
+    use_impl("triton")
+    eos_kernels.patch(model, THETA)
+    out = logits(model, to_device(batch))
+    stages = model.eos_report.stages
+    assert [(s.layer, s.visual_in, s.visual_out) for s in stages] == \
+        [(s.layer, s.visual_in, s.visual_out) for s in ref_stages]
+    for i, (a, b) in enumerate(zip(stages, ref_stages)):
+        assert torch.equal(a.kept_positions.cpu(), b.kept_positions.cpu()), (
+            f"{family}, reducer {i} (layer {a.layer}): kept positions differ, {DEVICE} with the kernels vs the "
+            f"CPU reference: {kept_difference(a.kept_positions, b.kept_positions)}")
+        assert (a.valid_slots is None) == (b.valid_slots is None)
+        if a.valid_slots is not None:
+            assert torch.equal(a.valid_slots.cpu(), b.valid_slots.cpu()), i
+    real = batch["attention_mask"].bool()
+    assert_close_verbose(out.cpu()[real], ref[real], **FP32_TOL,
+                         what=f"{family}: patched logits, device kernels vs CPU reference",
+                         context=f"theta {THETA.name}")
