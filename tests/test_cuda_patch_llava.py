@@ -126,6 +126,22 @@ def greedy(model, ids, pixels, n=N_NEW, **kw):
     return model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=n, do_sample=False, **kw)
 
 
+#: bf16 logits are bf16 values (an ulp is 0.4-0.8 % of the value) and a decode step rounds differently from a
+#: full recompute: a first differing token is accepted only at a near-tie, its two logits closer than twice
+#: this (about 6 ulps at the largest logits), as in tests/test_cuda_patch_families.py
+BF16_TOL = dict(rtol=3e-2, atol=3e-2)
+
+
+def _near_tie(model, px, a, b):
+    """Whether two greedy generations differ first at a near-tie: the two tokens are closer than twice
+    BF16_TOL in the recomputed logits of the common prefix (steps after it are not compared)."""
+    row, col = (a != b).nonzero()[0].tolist()
+    with torch.no_grad():
+        out = model(input_ids=a[row:row + 1, :col], pixel_values=px[row:row + 1]).logits[0, -1].float()
+    gap = (out[a[row, col]] - out[b[row, col]]).abs().item()
+    return gap <= 2 * (BF16_TOL["atol"] + BF16_TOL["rtol"] * out.abs().max().item())
+
+
 def _divergence(model, ids, px, a, b, mask=None):
     """Where two generations first differ, and the top-2 logit gap there (a near-tie or not)."""
     diff = (a != b).nonzero()
@@ -156,6 +172,10 @@ def test_generate_cache_equals_no_cache(models, prompts, use_impl, name, dtype):
         report = model.eos_report
         assert [(s.layer, s.visual_in[0], s.visual_out[0]) for s in report.stages] == expected
         no_cache = greedy(model, ids, px, use_cache=False)
+        if dtype == torch.bfloat16 and not torch.equal(with_cache, no_cache) and _near_tie(model, px, with_cache,
+                                                                                           no_cache):
+            print(f"{name} {i}: bf16 near-tie, accepted: {_divergence(model, ids, px, with_cache, no_cache)}")
+            continue
         assert torch.equal(with_cache, no_cache), (name, i, _divergence(model, ids, px, with_cache, no_cache))
     if dtype == torch.float32:  # the reduction does something
         ids, px = prompts[0][None].to(DEVICE), make_pixels(1, seed=0).to(DEVICE, dtype)
