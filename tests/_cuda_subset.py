@@ -87,3 +87,4 @@ def assert_close_verbose(actual: torch.Tensor, expected: torch.Tensor, *, rtol: 
     msg.append("  first mismatches (row-major order):")
     msg += lines
     raise AssertionError("\n".join(m for m in msg if m))
+

@@ -19,3 +19,49 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------- the CUDA patched-model tests'
+@pytest.fixture
+def use_impl(monkeypatch):
+    """``use_impl("triton" | "torch")``: the implementation the patched model's reductions run (triton
+    from the start, so that the kernels are what is tested, also in the interpreter subset).
+
+    Rebinds ``eos_reduce`` / ``text_to_visual_importance`` with a fixed ``impl=`` in every
+    ``eos_kernels`` module that imported them (the patching code), whatever its layout."""
+    import functools
+    import sys
+
+    import eos_kernels.integrations.llava  # noqa: F401  (import the patching code and every adapter)
+    import eos_kernels.integrations.llava_next  # noqa: F401
+    import eos_kernels.integrations.qwen2_vl  # noqa: F401
+    from eos_kernels.importance import text_to_visual_importance
+    from eos_kernels.operator import eos_reduce
+
+    originals = {"eos_reduce": eos_reduce, "text_to_visual_importance": text_to_visual_importance}
+
+    def use(impl):
+        done = set()
+        for modname, mod in list(sys.modules.items()):
+            if mod is None or not modname.startswith("eos_kernels."):
+                continue
+            for attr, fn in originals.items():
+                bound = getattr(mod, attr, None)
+                if modname == fn.__module__ or modname == "eos_kernels":
+                    continue  # where it is defined / the package's lazy export
+                if bound is fn or (isinstance(bound, functools.partial) and bound.func is fn):
+                    monkeypatch.setattr(mod, attr, functools.partial(fn, impl=impl))
+                    done.add(attr)
+        assert done == set(originals), f"no eos_kernels module calls {set(originals) - done}: the test must be updated"
+
+    use("triton")
+    return use
+
+
+@pytest.fixture
+def exact_fp32():
+    """No TF32 in the vision towers' convolutions and matmuls (cuDNN allows it by default): fp32 means fp32."""
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before

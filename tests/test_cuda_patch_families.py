@@ -27,7 +27,6 @@ tokens and bf16 for one family only.
 """
 from __future__ import annotations
 
-import functools
 import os
 import sys
 
@@ -38,7 +37,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from _cuda_subset import DEVICE, HAS_CUDA, assert_close_verbose, requires_device  # noqa: E402
 
-pytestmark = [requires_device, pytest.mark.usefixtures("one_torch_thread")]
+pytestmark = [requires_device, pytest.mark.usefixtures("one_torch_thread", "exact_fp32")]
 
 transformers = pytest.importorskip("transformers")
 
@@ -77,18 +76,7 @@ def ragged(family, cpu_model, seed=0):
     """A left-padded batch of three samples with different visual counts (the last one text only), and
     each sample's own inputs (the same pixels), on the CPU (``tests/test_patch_families.py``'s batches)."""
     if family.startswith("qwen"):
-        grids = [[(1, 4, 8)], [(1, 4, 4), (1, 6, 4)], []]  # 8, 4 + 6, no image
-        prompts = [tf.qwen_prompt(g, seed=seed + i, after=4 + i) for i, g in enumerate(grids)]
-        batch = tf.qwen_inputs(cpu_model, prompts, grids, side="left", seed=seed)
-        alone, row = [], 0
-        for p, g in zip(prompts, grids):
-            a = tf.qwen_inputs(cpu_model, [p], [g], seed=seed)
-            n = sum(t * h * w for t, h, w in g)
-            if n:
-                a["pixel_values"] = batch["pixel_values"][row:row + n]
-            row += n
-            alone.append(a)
-        return batch, alone
+        return tf.qwen_ragged(cpu_model, seed)
     sizes = [(50, 100), (112, 112)]  # 52 and 88 image tokens (newlines included), then a text-only prompt
     prompts = [tf.next_prompt(tf.next_visual_count(cpu_model, s), 3, 4 + i, seed=seed + i)
                for i, s in enumerate(sizes)]
@@ -109,46 +97,6 @@ def to_device(inputs, dtype=torch.float32):
 def visual_count(inputs) -> int:
     ids = inputs["input_ids"]
     return int(((ids == tf.IMAGE_TOKEN_ID) | (ids == tf.VIDEO_TOKEN_ID)).sum())
-
-
-@pytest.fixture
-def use_impl(monkeypatch):
-    """``use_impl("triton" | "torch")``: the implementation the patched model's reductions run.
-
-    Rebinds ``eos_reduce`` / ``text_to_visual_importance`` with a fixed ``impl=`` in every
-    ``eos_kernels`` module that imported them (the patching code), whatever its layout."""
-    import eos_kernels.integrations.llava_next  # noqa: F401  (imports the patching code)
-    import eos_kernels.integrations.qwen2_vl  # noqa: F401
-    from eos_kernels.importance import text_to_visual_importance
-    from eos_kernels.operator import eos_reduce
-
-    originals = {"eos_reduce": eos_reduce, "text_to_visual_importance": text_to_visual_importance}
-
-    def use(impl):
-        done = set()
-        for modname, mod in list(sys.modules.items()):
-            if mod is None or not modname.startswith("eos_kernels."):
-                continue
-            for attr, fn in originals.items():
-                bound = getattr(mod, attr, None)
-                if modname == fn.__module__ or modname == "eos_kernels":
-                    continue  # where it is defined / the package's lazy export
-                if bound is fn or (isinstance(bound, functools.partial) and bound.func is fn):
-                    monkeypatch.setattr(mod, attr, functools.partial(fn, impl=impl))
-                    done.add(attr)
-        assert done == set(originals), f"no eos_kernels module calls {set(originals) - done}: the test must be updated"
-
-    use("triton")
-    return use
-
-
-@pytest.fixture(autouse=True)
-def _exact_fp32():
-    """No TF32 in the vision towers' convolutions (cuDNN allows it by default): fp32 means fp32 here."""
-    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ through Triton's interpreter (``scripts/gpu_check.sh --cpu``).
 """
 from __future__ import annotations
 
-import functools
 import os
 import sys
 
@@ -28,7 +27,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from _cuda_subset import DEVICE, HAS_CUDA, assert_close_verbose, requires_device  # noqa: E402
 
-pytestmark = [requires_device, pytest.mark.usefixtures("one_torch_thread")]
+pytestmark = [requires_device, pytest.mark.usefixtures("one_torch_thread", "exact_fp32")]
 
 transformers = pytest.importorskip("transformers")
 
@@ -49,45 +48,6 @@ THETAS = {
     "merge": Theta([Reducer(1, 10, **MERGE), Reducer(3, 6, **MERGE), Reducer(4, 3, **MERGE)], name="merge"),
     "pool": Theta([Reducer(1, 10, **POOL), Reducer(3, 6, **POOL), Reducer(4, 3, **POOL)], name="pool"),
 }
-
-
-@pytest.fixture
-def use_impl(monkeypatch):
-    """``use_impl("triton" | "torch")``: the implementation the patched model's reductions run.
-
-    Rebinds ``eos_reduce`` / ``text_to_visual_importance`` with a fixed ``impl=`` in every
-    ``eos_kernels`` module that imported them (the patching code), whatever its layout."""
-    import eos_kernels.integrations.llava  # noqa: F401  (imports the patching code)
-    from eos_kernels.importance import text_to_visual_importance
-    from eos_kernels.operator import eos_reduce
-
-    originals = {"eos_reduce": eos_reduce, "text_to_visual_importance": text_to_visual_importance}
-
-    def use(impl):
-        done = set()
-        for modname, mod in list(sys.modules.items()):
-            if mod is None or not modname.startswith("eos_kernels."):
-                continue
-            for attr, fn in originals.items():
-                bound = getattr(mod, attr, None)
-                if modname == fn.__module__ or modname == "eos_kernels":
-                    continue  # where it is defined / the package's lazy export
-                if bound is fn or (isinstance(bound, functools.partial) and bound.func is fn):
-                    monkeypatch.setattr(mod, attr, functools.partial(fn, impl=impl))
-                    done.add(attr)
-        assert done == set(originals), f"no eos_kernels module calls {set(originals) - done}: the test must be updated"
-
-    use("triton")
-    return use
-
-
-@pytest.fixture(autouse=True)
-def _exact_fp32():
-    """No TF32 in the vision tower's convolution (cuDNN allows it by default): fp32 means fp32 here."""
-    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
 
 
 @pytest.fixture(scope="module")

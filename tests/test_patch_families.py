@@ -103,18 +103,7 @@ class Qwen(Family):
         return batch, alone
 
     def ragged(self, model, seed=0):
-        grids = [[(1, 4, 8)], [(1, 4, 4), (1, 6, 4)], []]  # 8, 4 + 6, no image
-        prompts = [tf.qwen_prompt(g, seed=seed + i, after=4 + i) for i, g in enumerate(grids)]
-        batch = tf.qwen_inputs(model, prompts, grids, side="left", seed=seed)
-        alone, row = [], 0
-        for p, g in zip(prompts, grids):
-            a = tf.qwen_inputs(model, [p], [g], seed=seed)
-            n = sum(t * h * w for t, h, w in g)
-            if n:
-                a["pixel_values"] = batch["pixel_values"][row:row + n]
-            row += n
-            alone.append(a)
-        return batch, alone
+        return tf.qwen_ragged(model, seed)
 
     def text_only(self, model):
         return tf.qwen_inputs(model, [tf.qwen_prompt([], seed=5)], [[]])
