@@ -333,6 +333,21 @@ def next_prompt(n_visual: int, before: int = 3, after: int = 6, seed: int = 0) -
                       _text(after, gen)])
 
 
+def next_ragged(model, seed: int = 0):
+    """A left-padded batch of two LLaVA-NeXT (or OneVision) images of different sizes (52 and 88 image
+    tokens with the tiny tiling, newlines included) and a text-only prompt, and each prompt's own inputs
+    with the same pixels: ``(batch, [alone, ...])``."""
+    sizes = [(50, 100), (112, 112)]
+    prompts = [next_prompt(next_visual_count(model, s), 3, 4 + i, seed=seed + i) for i, s in enumerate(sizes)]
+    text = next_prompt(0, 4, 6, seed=seed + 7)
+    ids, mask = pad_batch(prompts + [text], "left")
+    batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": next_pixels(sizes, seed=seed),
+             "image_sizes": torch.tensor(sizes)}
+    alone = [{"input_ids": p[None], "pixel_values": batch["pixel_values"][b:b + 1],
+              "image_sizes": batch["image_sizes"][b:b + 1]} for b, p in enumerate(prompts)]
+    return batch, alone + [{"input_ids": text[None]}]
+
+
 def next_inputs(model, image_sizes, before=3, after=6, seed: int = 0, side: str = "left") -> dict:
     """Inputs of a batch with one image per sample (``image_sizes[b] = (h, w)`` pixels)."""
     prompts = [next_prompt(next_visual_count(model, s), before, after + b, seed=seed + b)

@@ -75,18 +75,7 @@ def build(family):
 def ragged(family, cpu_model, seed=0):
     """A left-padded batch of three samples with different visual counts (the last one text only), and
     each sample's own inputs (the same pixels), on the CPU (``tests/test_patch_families.py``'s batches)."""
-    if family.startswith("qwen"):
-        return tf.qwen_ragged(cpu_model, seed)
-    sizes = [(50, 100), (112, 112)]  # 52 and 88 image tokens (newlines included), then a text-only prompt
-    prompts = [tf.next_prompt(tf.next_visual_count(cpu_model, s), 3, 4 + i, seed=seed + i)
-               for i, s in enumerate(sizes)]
-    text = tf.next_prompt(0, 4, 6, seed=seed + 7)
-    ids, mask = tf.pad_batch(prompts + [text], "left")
-    batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": tf.next_pixels(sizes, seed=seed),
-             "image_sizes": torch.tensor(sizes)}
-    alone = [{"input_ids": p[None], "pixel_values": batch["pixel_values"][b:b + 1],
-              "image_sizes": batch["image_sizes"][b:b + 1]} for b, p in enumerate(prompts)]
-    return batch, alone + [{"input_ids": text[None]}]
+    return tf.qwen_ragged(cpu_model, seed) if family.startswith("qwen") else tf.next_ragged(cpu_model, seed)
 
 
 def to_device(inputs, dtype=torch.float32):

@@ -147,14 +147,7 @@ class Next(Family):
         return batch, self._split(batch, prompts)
 
     def ragged(self, model, seed=0):
-        sizes = [(50, 100), (112, 112)]  # 52 and 88 image tokens, then a text-only prompt
-        prompts = [tf.next_prompt(tf.next_visual_count(model, s), 3, 4 + i, seed=seed + i)
-                   for i, s in enumerate(sizes)]
-        text = tf.next_prompt(0, 4, 6, seed=seed + 7)
-        ids, mask = tf.pad_batch(prompts + [text], "left")
-        batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": tf.next_pixels(sizes, seed=seed),
-                 "image_sizes": torch.tensor(sizes)}
-        return batch, self._split(batch, prompts) + [{"input_ids": text[None]}]
+        return tf.next_ragged(model, seed)
 
     def text_only(self, model):
         return {"input_ids": tf.next_prompt(0, 4, 6, seed=5)[None]}
