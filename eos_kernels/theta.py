@@ -128,10 +128,18 @@ def _regime(gamma: float, tau: float, theta: float, rho: float, nu: float) -> st
     return "hybrid"
 
 
-def layer_flops(tokens: int, hidden_size: int, intermediate_size: int) -> int:
-    """Estimated FLOPs of one LLaMA-style decoder layer on ``tokens`` tokens (see :meth:`Theta.token_report`)."""
+def prefill_flops(processed: Sequence[int], text_tokens: int, hidden_size: int,
+                  intermediate_size: int) -> tuple[int, int]:
+    """``(reduced, full)`` estimated prefill FLOPs of the decoder layers, each processing ``text_tokens`` +
+    its entry of ``processed`` visual tokens, against all layers at ``processed[0]`` (see
+    :meth:`Theta.token_report` for the formula)."""
     d, ffn = hidden_size, intermediate_size
-    return 2 * tokens * (4 * d * d + 3 * d * ffn) + 4 * tokens * tokens * d
+
+    def layer(n: int) -> int:
+        return 2 * n * (4 * d * d + 3 * d * ffn) + 4 * n * n * d
+
+    reduced = sum(layer(text_tokens + p) for p in processed)
+    return reduced, len(processed) * layer(text_tokens + processed[0])
 
 
 def _leaving_per_layer(layers: Sequence[int], kept: Sequence[int], n0: int, num_layers: int) -> list[int]:
@@ -499,8 +507,7 @@ class Theta:
         leaving = _leaving_per_layer(layers, kept, num_visual_tokens, num_layers)
         processed = [num_visual_tokens] + leaving[:-1]
 
-        reduced = sum(layer_flops(text_tokens + p, d, ffn) for p in processed)
-        full = num_layers * layer_flops(text_tokens + num_visual_tokens, d, ffn)
+        reduced, full = prefill_flops(processed, text_tokens, d, ffn)
         return {
             "schedule": sched,
             "leaving": leaving,

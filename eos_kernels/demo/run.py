@@ -294,7 +294,8 @@ def _check_options(args) -> None:
     for flag, key, low in (("--budget", "budget", 1), ("--second-budget", "second_budget", 1),
                            ("--steps", "steps", 1), ("--batch-size", "batch_size", 1),
                            ("--local-moves-every", "local_moves_every", 0), ("--eval-batch-size", "eval_batch_size", 1),
-                           ("--max-new-tokens", "max_new_tokens", 1), ("--threads", "threads", 1)):
+                           ("--max-new-tokens", "max_new_tokens", 1), ("--threads", "threads", 1),
+                           ("--search-images", "search_images", 1), ("--eval-images", "eval_images", 1)):
         value = getattr(args, key)
         if value is not None and value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
@@ -319,13 +320,8 @@ def _splits(args) -> tuple[str, str, bool]:
                 raise FileNotFoundError(f"{flag}: no such file: {path}")
         return args.data, args.eval_data, False
     data = os.path.join(args.output, "data")
-    sizes = {"--search-images": 400 if args.search_images is None else args.search_images,
-             "--eval-images": 500 if args.eval_images is None else args.eval_images}
-    for flag, size in sizes.items():
-        if size < 1:
-            raise ValueError(f"{flag} must be >= 1, got {size}")
-    return (task.generate_split(data, "search", sizes["--search-images"], args.seed),
-            task.generate_split(data, "eval", sizes["--eval-images"], args.seed), True)
+    return (task.generate_split(data, "search", 400 if args.search_images is None else args.search_images, args.seed),
+            task.generate_split(data, "eval", 500 if args.eval_images is None else args.eval_images, args.seed), True)
 
 
 def _resolve_defaults(args, n: int) -> None:

@@ -108,7 +108,7 @@ class EOSReport:
         ``prefill_flops_full``, ``prefill_flops_ratio``, ``hidden_size``,
         ``intermediate_size``.
         """
-        from eos_kernels.theta import layer_flops
+        from eos_kernels.theta import prefill_flops
 
         sample = self._sample(sample)
         leaving = self.leaving_per_layer(sample)
@@ -128,8 +128,7 @@ class EOSReport:
         }
         if self.text_sizes is not None:
             d, ffn = self.text_sizes
-            reduced = sum(layer_flops(text + p, d, ffn) for p in processed)
-            full = self.num_layers * layer_flops(text + n0, d, ffn)
+            reduced, full = prefill_flops(processed, text, d, ffn)
             out.update(prefill_flops=reduced, prefill_flops_full=full,
                        prefill_flops_ratio=reduced / full if full else 1.0,
                        hidden_size=d, intermediate_size=ffn)

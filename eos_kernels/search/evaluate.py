@@ -216,7 +216,11 @@ def evaluate(config: SearchConfig | Mapping[str, Any] | None = None, thetas: Seq
     adapter.check_model(model)
     L = adapter.num_layers(model)
     fixed = adapter.visual_tokens_per_image(model)  # None: each image its own count
-    if dataset is not None:
+    if dataset is None:
+        data = load_dataset(config.data, processor, num_visual_tokens=fixed,
+                            image_token_id=model.config.image_token_id, image_folder=config.image_folder,
+                            limit=config.eval_limit)
+    else:
         from eos_kernels.search.data import Dataset
 
         if not isinstance(dataset, Dataset):
@@ -225,15 +229,10 @@ def evaluate(config: SearchConfig | Mapping[str, Any] | None = None, thetas: Seq
         if config.eval_limit is not None:
             raise ValueError("eval: eval_limit applies when evaluate() loads the data; with dataset= load it "
                              "with load_dataset(..., limit=N)")
-    if dataset is None:
-        data = load_dataset(config.data, processor, num_visual_tokens=fixed,
-                            image_token_id=model.config.image_token_id, image_folder=config.image_folder,
-                            limit=config.eval_limit)
-    elif dataset.num_visual_tokens != fixed or dataset.image_token_id != model.config.image_token_id:
-        raise ValueError(f"eval: dataset= was loaded for another model (num_visual_tokens "
-                         f"{dataset.num_visual_tokens}, image_token_id {dataset.image_token_id}; this model: "
-                         f"{fixed}, {model.config.image_token_id})")
-    else:
+        if dataset.num_visual_tokens != fixed or dataset.image_token_id != model.config.image_token_id:
+            raise ValueError(f"eval: dataset= was loaded for another model (num_visual_tokens "
+                             f"{dataset.num_visual_tokens}, image_token_id {dataset.image_token_id}; this model: "
+                             f"{fixed}, {model.config.image_token_id})")
         data = dataset
     n0 = _reference_count(data)
     resolved = [(spec if isinstance(spec, str) else (spec.name or "theta"),
