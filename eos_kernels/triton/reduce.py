@@ -51,6 +51,47 @@ BLOCK_VEC = 128 if not INTERPRETED else 32  # 1-D loops over M or K in per-sampl
 
 
 # --------------------------------------------------------------------------- #
+# Products with fp32 operands (the [M, K] intermediates C, dS, E of any dtype, and
+# the inputs when they are fp32).
+# fp32 inputs: input_precision="ieee", exact fp32 products (fp32 loads, no upcast).
+# fp16/bf16 inputs: their values upcast to fp32 are tf32 values (<= 10 mantissa bits,
+# fp32's exponent range), but the fp32 intermediates are not, and a tf32 product
+# keeps only 10 of their bits (Hopper truncates the other 13): a biased 2^-11..2^-10
+# error per product that the backward's cancelling sums (dtau = -sum dz S / tau^2,
+# dA) turned into 2-3 % errors on an H200. So an intermediate is split, x = hi + lo,
+# hi = x with its 13 low mantissa bits cleared (a tf32 value, |lo| < 2^-10 |x|), and
+#     x y ~ hi_x hi_y + hi_x lo_y + lo_x hi_y      (lo_x lo_y < 2^-20 |x y| dropped)
+# on tf32 tensor cores: 2^-20 of sum |x_i y_i|, a thousandth of an fp16 ulp (not
+# enough for fp32's 1e-5 once a sum cancels: hence ieee there). Bit masks rather
+# than input_precision="ieee" for upcast operands, which some Triton releases lower
+# to tf32 (triton-lang/triton#10176).
+# --------------------------------------------------------------------------- #
+@triton.jit
+def _tf32_hi(x):
+    return (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _dot_fp32(x, y, acc, SPLIT_X: tl.constexpr, SPLIT_Y: tl.constexpr, IEEE: tl.constexpr):
+    # acc + x @ y for fp32 tiles (see above); SPLIT_*: the operand is an fp32 intermediate
+    if IEEE:
+        acc = tl.dot(x, y, acc, input_precision="ieee")
+    else:
+        xh = x
+        yh = y
+        if SPLIT_X:
+            xh = _tf32_hi(x)
+        if SPLIT_Y:
+            yh = _tf32_hi(y)
+        acc = tl.dot(xh, yh, acc, input_precision="tf32")
+        if SPLIT_Y:
+            acc = tl.dot(xh, y - yh, acc, input_precision="tf32")
+        if SPLIT_X:
+            acc = tl.dot(x - xh, yh, acc, input_precision="tf32")
+    return acc
+
+
+# --------------------------------------------------------------------------- #
 # out[b, i, j] = <x_i, y_j>; with NORMALIZE: / (max(|x_i|, eps) max(|y_j|, eps))
 # and the raw norms |x_i|, |y_j| are stored. Grid (K-blocks, M-blocks, B): the
 # K-blocks of one M-block run back to back and share its x tile through L2.
@@ -61,7 +102,7 @@ def _pairwise_dot_kernel(
     M, K, D,
     sxb, sxm, sxd, syb, syk, syd,
     eps,
-    NORMALIZE: tl.constexpr, FP32_DOT: tl.constexpr, PRECISION: tl.constexpr,
+    NORMALIZE: tl.constexpr, FP32_DOT: tl.constexpr, SPLIT_Y: tl.constexpr, IEEE: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
 ):
     pid_k = tl.program_id(0)
@@ -84,9 +125,9 @@ def _pairwise_dot_kernel(
         if FP32_DOT:
             x = x.to(tl.float32)
             y = y.to(tl.float32)
-            acc += tl.dot(x, tl.trans(y), input_precision=PRECISION)
+            acc = _dot_fp32(x, tl.trans(y), acc, False, SPLIT_Y, IEEE)
         else:  # fp16/bf16 tiles on the GPU: exact products, fp32 accumulation
-            acc += tl.dot(x, tl.trans(y))
+            acc = tl.dot(x, tl.trans(y), acc)
         if NORMALIZE:
             xf = x.to(tl.float32)
             yf = y.to(tl.float32)
@@ -115,9 +156,9 @@ def _gate_and_slope(pre):
 
 # --------------------------------------------------------------------------- #
 # Per candidate row i (grid (M-blocks, B)):
-#   smax_i = max_j S_ij (first index on ties), lse_tau_i = logsumexp_j(S_ij / tau),
+#   smax_i = max_j S_ij (first index on ties), lse_tau_i = logsumexp_j((S_ij - smax_i) / tau),
 #   lse1_i = logsumexp_j S_ij, m_i = sigmoid(beta (smax_i - theta)),
-#   C_ij = exp(S_ij / tau - lse_tau_i) m_i, and the block's column partial
+#   C_ij = exp((S_ij - smax_i) / tau - lse_tau_i) m_i, and the block's column partial
 #   sum_i exp(S_ij - lse1_i) u_i of s = P^T u, with u = softmax(q) over all M
 #   (log-sum-exp of q recomputed per program: M scalars, cheap). The gate's
 #   pre-activation beta (smax - theta) is stored for the backward's slope.
@@ -125,11 +166,15 @@ def _gate_and_slope(pre):
 # -inf + log(0): then u_i = exp(q_i - lse_q) = 0 for every i, here and in the
 # backward (_dsim, _grad_scores), which read u only through lse_q.
 # Since tau > 0, max_j S_ij / tau = smax_i / tau: one max pass serves both lse.
+# The max is subtracted BEFORE dividing by tau: S / tau - lse with S / tau ~ 1e4
+# (tau = 1e-4, the merge corner) has an ulp of 1e-3, and a fused multiply-add in
+# one kernel but not another would put ~1e-3 into W's row sums, which the
+# backward's 1 / tau then amplifies (seen on an H200).
 # --------------------------------------------------------------------------- #
 @triton.jit
 def _row_stats_kernel(
     s_ptr, c_ptr, q_ptr, params_ptr,
-    lse_tau_ptr, lse1_ptr, pre_ptr, amax_ptr, lseq_ptr, spart_ptr,
+    smax_ptr, lse_tau_ptr, lse1_ptr, pre_ptr, amax_ptr, lseq_ptr, spart_ptr,
     beta, M, K, sqb, sqm,
     BM: tl.constexpr, BK: tl.constexpr, BQ: tl.constexpr,
 ):
@@ -185,13 +230,14 @@ def _row_stats_kernel(
         sum_one += tl.sum(tl.where(valid, tl.exp(tile - smax[:, None]), 0.0), axis=1)
     sum_tau = tl.where(mask_m, sum_tau, 1.0)
     sum_one = tl.where(mask_m, sum_one, 1.0)
-    lse_tau = smax * inv_tau + tl.log(sum_tau)
+    lse_tau = tl.log(sum_tau)  # of the shifted logits (S - smax) / tau
     lse_one = smax + tl.log(sum_one)
     pre = beta * (smax - theta)
     gate, _ = _gate_and_slope(pre)
     qv = tl.load(q_ptr + b * sqb + offs_m.to(tl.int64) * sqm, mask=mask_m, other=0.0).to(tl.float32)
     u = tl.where(mask_m, tl.exp(qv - lse_q), 0.0)
     stat = b * M + offs_m
+    tl.store(smax_ptr + stat, smax, mask=mask_m)
     tl.store(lse_tau_ptr + stat, lse_tau, mask=mask_m)
     tl.store(lse1_ptr + stat, lse_one, mask=mask_m)
     tl.store(pre_ptr + stat, pre, mask=mask_m)
@@ -203,7 +249,7 @@ def _row_stats_kernel(
         mask_k = offs_k < K
         valid = mask_m[:, None] & mask_k[None, :]
         tile = tl.load(row + offs_k[None, :], mask=valid, other=0.0)
-        c = tl.where(valid, tl.exp(tile * inv_tau - lse_tau[:, None]) * gate[:, None], 0.0)
+        c = tl.where(valid, tl.exp((tile - smax[:, None]) * inv_tau - lse_tau[:, None]) * gate[:, None], 0.0)
         tl.store(crow + offs_k[None, :], c, mask=valid)
         p = tl.where(valid, tl.exp(tile - lse_one[:, None]) * u[:, None], 0.0)
         tl.store(spart_ptr + (b * num_mb + pid_m) * K + offs_k, tl.sum(p, axis=0), mask=mask_k)
@@ -211,7 +257,7 @@ def _row_stats_kernel(
 
 @triton.jit
 def _sum_over_candidates(x_ptr, d_ptr, b, M, K, offs_k, mask_k, offs_d, mask_d, sdb, sdm, sdd,
-                         PRECISION: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr):
+                         IEEE: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr):
     # sum_i X[b, i, k] D[b, i, d] for the (anchor, feature) tile: X^T D with X an
     # fp32 [B, M, K] matrix (C forward, dS backward), streamed over candidate blocks
     acc = tl.zeros((BK, BD), dtype=tl.float32)
@@ -222,7 +268,7 @@ def _sum_over_candidates(x_ptr, d_ptr, b, M, K, offs_k, mask_k, offs_d, mask_d, 
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         dt = tl.load(d_ptr + b * sdb + offs_m.to(tl.int64)[:, None] * sdm + offs_d[None, :] * sdd,
                      mask=mask_m[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-        acc += tl.dot(tl.trans(x), dt, input_precision=PRECISION)
+        acc = _dot_fp32(tl.trans(x), dt, acc, True, False, IEEE)
     return acc
 
 
@@ -242,7 +288,7 @@ def _transfer_kernel(
     M, K, D, num_mb,
     sab, sak, sad, sdb, sdm, sdd,
     HAS_TRANSFER: tl.constexpr, FINAL: tl.constexpr, ROUND_BF16: tl.constexpr,
-    PRECISION: tl.constexpr,
+    IEEE: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
 ):
     pid_k = tl.program_id(0)
@@ -257,7 +303,7 @@ def _transfer_kernel(
     mask_d = offs_d < D
     if HAS_TRANSFER:
         acc = _sum_over_candidates(c_ptr, d_ptr, b, M, K, offs_k, mask_k, offs_d, mask_d, sdb, sdm, sdd,
-                                   PRECISION, BM, BK, BD)
+                                   IEEE, BM, BK, BD)
     else:
         acc = tl.zeros((BK, BD), dtype=tl.float32)
     s = tl.zeros((BK,), tl.float32)
@@ -511,21 +557,26 @@ def _anchor_grad_coef_kernel(
 #   dS_ij = gamma m_i W_ij (Q_ij - R_i) / tau          (through W)
 #         + P_ij u_i (ds_j - Ps_i)                     (through s = P^T u)
 #         + beta dpre_i [j == argmax_i]                (through the gate's max)
-#   dgamma += sum_i m_i R_i, dtau -= sum_ij gamma m_i W_ij (Q_ij - R_i) S_ij / tau^2,
+#   dgamma += sum_i m_i R_i, dtau -= sum_ij gamma m_i W_ij (Q_ij - R_i) (S_ij - smax_i) / tau^2,
 #   dtheta -= beta sum_i dpre_i.
+# Q_ij - R_i is formed as (Q_ij - Q_ia) - R'_i, R'_i = sum_j W_ij (Q_ij - Q_ia) / sum_j W_ij
+# with a = argmax_i: exact centring (sum_j W_ij (Q_ij - R_i) = 0 to rounding) even when
+# W's row sum is 1 only to rounding, and exactly 0 for a one-hot row (tau -> 0), where
+# the 1 / tau would otherwise amplify rounding into O(1) errors. dtau uses S - smax (the
+# same exact value, since the W (Q - R) row sums vanish; better conditioned).
 # Also the normalisation's back-projections: kappa_i = sum_j dS_ij S_ij / |d_i|^2
 # (0 when |d_i| is clamped), column partials of sum_i dS_ij S_ij for the anchors.
 # dS is written pre-scaled as dS_ij / (max|d_i|,eps) / (max|a_j|,eps) over Q in place.
 # --------------------------------------------------------------------------- #
 @triton.jit
-def _dsim_tile(srow, qrow, ds_ptr, b, k0, K, mask_m, inv_tau, lse_tau, lse_one, BK: tl.constexpr):
+def _dsim_tile(srow, qrow, ds_ptr, b, k0, K, mask_m, inv_tau, smax, lse_tau, lse_one, BK: tl.constexpr):
     # one [BM, BK] tile of the row block: S, Q, W = softmax(S / tau), P = softmax(S), ds_j
     offs_k = k0 + tl.arange(0, BK)
     mask_k = offs_k < K
     valid = mask_m[:, None] & mask_k[None, :]
     st = tl.load(srow + offs_k[None, :], mask=valid, other=0.0)
     qt = tl.load(qrow + offs_k[None, :], mask=valid, other=0.0)
-    w = tl.where(valid, tl.exp(st * inv_tau - lse_tau[:, None]), 0.0)
+    w = tl.where(valid, tl.exp((st - smax[:, None]) * inv_tau - lse_tau[:, None]), 0.0)
     p = tl.where(valid, tl.exp(st - lse_one[:, None]), 0.0)
     dsk = tl.load(ds_ptr + b * K + offs_k, mask=mask_k, other=0.0)
     return offs_k, mask_k, valid, st, qt, w, p, dsk
@@ -534,7 +585,7 @@ def _dsim_tile(srow, qrow, ds_ptr, b, k0, K, mask_m, inv_tau, lse_tau, lse_one, 
 @triton.jit
 def _dsim_kernel(
     s_ptr, q_ptr, params_ptr,
-    lse_tau_ptr, lse1_ptr, pre_ptr, amax_ptr, lseq_ptr, nd_ptr, na_ptr, ds_ptr, sc_ptr,
+    smax_ptr, lse_tau_ptr, lse1_ptr, pre_ptr, amax_ptr, lseq_ptr, nd_ptr, na_ptr, ds_ptr, sc_ptr,
     kappa_ptr, ps_ptr, lampart_ptr, ppart_ptr,
     beta, eps, M, K, ssb, ssm,
     BM: tl.constexpr, BK: tl.constexpr,
@@ -547,6 +598,7 @@ def _dsim_kernel(
     offs_m = pid_m * BM + tl.arange(0, BM)
     mask_m = offs_m < M
     stat = b * M + offs_m
+    smax = tl.load(smax_ptr + stat, mask=mask_m, other=0.0)
     lse_tau = tl.load(lse_tau_ptr + stat, mask=mask_m, other=0.0)
     lse_one = tl.load(lse1_ptr + stat, mask=mask_m, other=0.0)
     pre = tl.load(pre_ptr + stat, mask=mask_m, other=0.0)
@@ -557,14 +609,19 @@ def _dsim_kernel(
     u = tl.where(mask_m, tl.exp(sc - tl.load(lseq_ptr + b)), 0.0)
     srow = s_ptr + b * M * K + offs_m.to(tl.int64)[:, None] * K
     qrow = q_ptr + b * M * K + offs_m.to(tl.int64)[:, None] * K
-    # pass 1: row sums R_i and Ps_i
-    r_sum = tl.zeros((BM,), tl.float32)
+    q_arg = tl.load(q_ptr + b * M * K + offs_m.to(tl.int64) * K + amax, mask=mask_m, other=0.0)  # Q_ia
+    # pass 1: row sums sum_j W_ij, R'_i (shifted by Q_ia) and Ps_i
+    w_sum = tl.zeros((BM,), tl.float32)
+    r_shift = tl.zeros((BM,), tl.float32)
     ps = tl.zeros((BM,), tl.float32)
     for k0 in range(0, K, BK):
         offs_k, mask_k, valid, st, qt, w, p, dsk = _dsim_tile(srow, qrow, ds_ptr, b, k0, K, mask_m, inv_tau,
-                                                              lse_tau, lse_one, BK)
-        r_sum += tl.sum(w * qt, axis=1)
+                                                              smax, lse_tau, lse_one, BK)
+        w_sum += tl.sum(w, axis=1)
+        r_shift += tl.sum(w * (qt - q_arg[:, None]), axis=1)
         ps += tl.sum(p * dsk[None, :], axis=1)
+    r_shift = r_shift / tl.where(mask_m, w_sum, 1.0)  # w_sum ~ 1 (>= W_ia >= 1 / K) on a valid row
+    r_sum = q_arg + r_shift
     dpre = gamma * r_sum * slope
     # pass 2: dS, its projections, dtau
     rowdot = tl.zeros((BM,), tl.float32)
@@ -572,12 +629,12 @@ def _dsim_kernel(
     rnd = 1.0 / tl.maximum(nd, eps)
     for k0 in range(0, K, BK):
         offs_k, mask_k, valid, st, qt, w, p, dsk = _dsim_tile(srow, qrow, ds_ptr, b, k0, K, mask_m, inv_tau,
-                                                              lse_tau, lse_one, BK)
-        dz = gamma * gate[:, None] * w * (qt - r_sum[:, None])
+                                                              smax, lse_tau, lse_one, BK)
+        dz = gamma * gate[:, None] * w * ((qt - q_arg[:, None]) - r_shift[:, None])
         dst = dz * inv_tau + p * u[:, None] * (dsk[None, :] - ps[:, None])
         dst += tl.where(offs_k[None, :] == amax[:, None], beta * dpre[:, None], 0.0)
         dst = tl.where(valid, dst, 0.0)
-        dtau_lane += tl.sum(dz * st, axis=1)
+        dtau_lane += tl.sum(tl.where(valid, dz * (st - smax[:, None]), 0.0), axis=1)
         proj = dst * st
         rowdot += tl.sum(proj, axis=1)
         tl.store(lampart_ptr + (b * num_mb + pid_m) * K + offs_k, tl.sum(proj, axis=0), mask=mask_k)
@@ -600,7 +657,7 @@ def _dsim_kernel(
 def _grad_candidates_kernel(
     c_ptr, dsc_ptr, e_ptr, a_ptr, d_ptr, kappa_ptr, params_ptr, dd_ptr,
     M, K, D, sab, sak, sad, sdb, sdm, sdd,
-    ROUND_BF16: tl.constexpr, PRECISION: tl.constexpr,
+    ROUND_BF16: tl.constexpr, IEEE: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -623,8 +680,8 @@ def _grad_candidates_kernel(
         e = tl.load(e_ptr + b * K * D + offs_k.to(tl.int64)[:, None] * D + offs_d[None, :], mask=kd, other=0.0)
         a = tl.load(a_ptr + b * sab + offs_k.to(tl.int64)[:, None] * sak + offs_d[None, :] * sad,
                     mask=kd, other=0.0).to(tl.float32)
-        acc += tl.dot(c, e, input_precision=PRECISION)
-        acc += tl.dot(dsc, a, input_precision=PRECISION)
+        acc = _dot_fp32(c, e, acc, True, True, IEEE)
+        acc = _dot_fp32(dsc, a, acc, True, False, IEEE)
     valid = mask_m[:, None] & mask_d[None, :]
     dt = tl.load(d_ptr + b * sdb + offs_m.to(tl.int64)[:, None] * sdm + offs_d[None, :] * sdd,
                  mask=valid, other=0.0).to(tl.float32)
@@ -645,7 +702,7 @@ def _grad_candidates_kernel(
 def _grad_anchors_kernel(
     dsc_ptr, d_ptr, e_ptr, a_ptr, lampart_ptr, omega_ptr, na_ptr, da_ptr,
     M, K, D, num_mb, eps, sab, sak, sad, sdb, sdm, sdd,
-    ROUND_BF16: tl.constexpr, PRECISION: tl.constexpr,
+    ROUND_BF16: tl.constexpr, IEEE: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
 ):
     pid_k = tl.program_id(0)
@@ -656,7 +713,7 @@ def _grad_anchors_kernel(
     mask_k = offs_k < K
     mask_d = offs_d < D
     acc = _sum_over_candidates(dsc_ptr, d_ptr, b, M, K, offs_k, mask_k, offs_d, mask_d, sdb, sdm, sdd,
-                               PRECISION, BM, BK, BD)
+                               IEEE, BM, BK, BD)
     lam = tl.zeros((BK,), tl.float32)
     for p in range(0, num_mb):
         lam += tl.load(lampart_ptr + (b * num_mb + p) * K + offs_k, mask=mask_k, other=0.0)
@@ -717,10 +774,9 @@ def _grad_scores_kernel(
 # =========================================================================== #
 # Launchers
 # =========================================================================== #
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 inputs keep exact fp32 products; fp16/bf16 inputs are already coarser
-    # than tf32, whose products are exact for them (the fp32 operand is rounded).
-    return "ieee" if dtype == torch.float32 else "tf32"
+def _ieee(dtype: torch.dtype) -> bool:
+    """fp32 inputs: exact fp32 products; fp16/bf16: tf32 products of split intermediates (``_dot_fp32``)."""
+    return dtype == torch.float32
 
 
 def _params_tensor(params, device):
@@ -757,6 +813,7 @@ def _forward(anchors, candidates, scores, params, beta, norm, need_backward):
     comb = torch.empty(B, M, K, device=device, dtype=f32)
     n_cand = torch.empty(B, M, device=device, dtype=f32)
     n_anch = torch.empty(B, K, device=device, dtype=f32)
+    smax = torch.empty(B, M, device=device, dtype=f32)
     lse_tau = torch.empty(B, M, device=device, dtype=f32)
     lse_one = torch.empty(B, M, device=device, dtype=f32)
     pre = torch.empty(B, M, device=device, dtype=f32)
@@ -768,9 +825,10 @@ def _forward(anchors, candidates, scores, params, beta, norm, need_backward):
             candidates, anchors, sim, n_cand, n_anch, M, K, D,
             *candidates.stride(), *anchors.stride(), NORMALIZE_EPS,
             NORMALIZE=True, FP32_DOT=INTERPRETED or anchors.dtype == f32,
-            PRECISION=_precision(anchors.dtype), BM=BLOCK_M, BK=BLOCK_K, BD=BLOCK_D, **sal)
+            SPLIT_Y=False, IEEE=_ieee(anchors.dtype),
+            BM=BLOCK_M, BK=BLOCK_K, BD=BLOCK_D, **sal)
         _row_stats_kernel[(num_mb, B)](
-            sim, comb, scores, pvec, lse_tau, lse_one, pre, amax, lse_q, s_part,
+            sim, comb, scores, pvec, smax, lse_tau, lse_one, pre, amax, lse_q, s_part,
             float(beta), M, K, *scores.stride(), BM=BLOCK_M, BK=BLOCK_K, BQ=BLOCK_VEC, **sal)
 
     out = torch.empty(B, K, D, device=device, dtype=anchors.dtype)
@@ -785,7 +843,7 @@ def _forward(anchors, candidates, scores, params, beta, norm, need_backward):
     _transfer_kernel[(num_kb, num_db, B)](
         anchors, candidates, comb, s_part, pvec, out, a_tilde, pdelta, pna, s_vec,
         M, K, D, num_mb, *anchors.stride(), *candidates.stride(),
-        HAS_TRANSFER=has_transfer, FINAL=final, ROUND_BF16=rb, PRECISION=_precision(anchors.dtype),
+        HAS_TRANSFER=has_transfer, FINAL=final, ROUND_BF16=rb, IEEE=_ieee(anchors.dtype),
         BM=BLOCK_M, BK=BLOCK_K, BD=BLOCK_D, **sal)
     if final:
         return out, None
@@ -800,7 +858,7 @@ def _forward(anchors, candidates, scores, params, beta, norm, need_backward):
     _anchor_axpby_kernel[(num_kb, num_db, B)](
         a_tilde, a_tilde, scale, scale, out, K, D, *a_tilde.stride(),
         HAS_Y=False, ROUND_BF16=rb, BK=BLOCK_K, BD=BLOCK_D, **sal)
-    saved = dict(pvec=pvec, sim=sim, comb=comb, n_cand=n_cand, lse_tau=lse_tau,
+    saved = dict(pvec=pvec, sim=sim, comb=comb, n_cand=n_cand, smax=smax, lse_tau=lse_tau,
                  lse_one=lse_one, pre=pre, amax=amax, lse_q=lse_q, a_tilde=a_tilde, nat2=nat2, delta=delta,
                  s_vec=s_vec, n_ratio=n_ratio,
                  # |a_j| of the similarity's normalisation (only computed when there are candidates)
@@ -816,7 +874,6 @@ def _backward(grad_out, anchors, candidates, scores, saved, beta, norm, needs):
     num_kb = triton.cdiv(K, BLOCK_K)
     num_db = triton.cdiv(D, BLOCK_D)
     num_mb = triton.cdiv(M, BLOCK_M)
-    prec = _precision(anchors.dtype)
     sal = dict(num_warps=NUM_WARPS)
     ratio_eps = TOKEN_RATIO_EPS if norm == "token" else FROBENIUS_EPS
     pvec, a_tilde = saved["pvec"], saved["a_tilde"]
@@ -844,11 +901,12 @@ def _backward(grad_out, anchors, candidates, scores, saved, beta, norm, needs):
         dsc = torch.empty(B, M, K, device=device, dtype=f32)  # Q, then dS (pre-scaled) in place
         _pairwise_dot_kernel[(num_kb, num_mb, B)](
             candidates, e_grad, dsc, dsc, dsc, M, K, D, *candidates.stride(), *e_grad.stride(), 0.0,
-            NORMALIZE=False, FP32_DOT=True, PRECISION=prec, BM=BLOCK_M, BK=BLOCK_K, BD=BLOCK_D, **sal)
+            NORMALIZE=False, FP32_DOT=True, SPLIT_Y=True, IEEE=_ieee(anchors.dtype),
+            BM=BLOCK_M, BK=BLOCK_K, BD=BLOCK_D, **sal)
         ps = torch.empty(B, M, device=device, dtype=f32)
         p_part = torch.empty(B, num_mb, 3, device=device, dtype=f32)
         _dsim_kernel[(num_mb, B)](
-            saved["sim"], dsc, pvec, saved["lse_tau"], saved["lse_one"], saved["pre"], saved["amax"],
+            saved["sim"], dsc, pvec, saved["smax"], saved["lse_tau"], saved["lse_one"], saved["pre"], saved["amax"],
             saved["lse_q"], saved["n_cand"], saved["n_anch"], ds, scores, kappa, ps, lam_part, p_part,
             float(beta), NORMALIZE_EPS, M, K, *scores.stride(), BM=BLOCK_M, BK=BLOCK_K, **sal)
         if needs[1]:
@@ -856,7 +914,7 @@ def _backward(grad_out, anchors, candidates, scores, saved, beta, norm, needs):
             _grad_candidates_kernel[(num_mb, num_db, B)](
                 saved["comb"], dsc, e_grad, anchors, candidates, kappa, pvec, d_cand,
                 M, K, D, *anchors.stride(), *candidates.stride(),
-                ROUND_BF16=round_bf16_on_store(candidates.dtype), PRECISION=prec,
+                ROUND_BF16=round_bf16_on_store(candidates.dtype), IEEE=_ieee(anchors.dtype),
                 BM=BLOCK_M, BK=BLOCK_K, BD=BLOCK_D, **sal)
         d_scores = torch.empty(B, M, device=device, dtype=scores.dtype)
         _grad_scores_kernel[(B,)](
@@ -873,7 +931,7 @@ def _backward(grad_out, anchors, candidates, scores, saved, beta, norm, needs):
         _grad_anchors_kernel[(num_kb, num_db, B)](
             dsc, candidates, e_grad, anchors, lam_part, omega, saved["n_anch"], d_anch,
             M, K, D, num_mb if M > 0 else 0, NORMALIZE_EPS, *anchors.stride(), *candidates.stride(),
-            ROUND_BF16=round_bf16_on_store(anchors.dtype), PRECISION=prec,
+            ROUND_BF16=round_bf16_on_store(anchors.dtype), IEEE=_ieee(anchors.dtype),
             BM=BLOCK_M, BK=BLOCK_K, BD=BLOCK_D, **sal)
     return d_anch, d_cand, d_scores, pgrad.sum(dim=0)
 
