@@ -34,6 +34,7 @@ Initialisation (table 5 and the warm start of §2.6)
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Sequence
 
@@ -338,11 +339,15 @@ class SearchSpace(nn.Module):
         n = self.num_visual_tokens if num_visual_tokens is None else check_int("num_visual_tokens", num_visual_tokens, 1)
         if n < self.k_min:
             raise ValueError(f"num_visual_tokens ({n}) must be >= k_min ({self.k_min})")
+        # the maps evaluated on the CPU wherever the parameters live: a CUDA sigmoid or
+        # softplus can differ from the CPU's by an ulp, and the exported Θ must not
+        # depend on the device (theta.json written during a GPU search equals the result)
+        src = self if self.w_g.device.type == "cpu" else copy.deepcopy(self).cpu()
         with torch.no_grad():
-            g = self.gates().double().tolist()
-            c = self.discard().double().tolist()
-            ops = {"gamma": self.gamma().tolist(), "tau": self.tau().tolist(), "theta": self.theta().tolist(),
-                   "rho": self.rho().tolist(), "nu": self.nu().tolist()}
+            g = src.gates().double().tolist()
+            c = src.discard().double().tolist()
+            ops = {"gamma": src.gamma().tolist(), "tau": src.tau().tolist(), "theta": src.theta().tolist(),
+                   "rho": src.rho().tolist(), "nu": src.nu().tolist()}
         active = [l for l in range(self.num_layers) if g[l] > thr]
         active.sort(key=lambda l: (-g[l], l))
         if max_reducers is not None:
