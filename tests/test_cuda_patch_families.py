@@ -42,6 +42,7 @@ pytestmark = [requires_device, pytest.mark.usefixtures("one_torch_thread", "exac
 transformers = pytest.importorskip("transformers")
 
 import eos_kernels  # noqa: E402
+from eos_kernels.patching import is_patched  # noqa: E402
 from eos_kernels.theta import Reducer, Theta  # noqa: E402
 
 import _tiny_families as tf  # noqa: E402
@@ -196,6 +197,18 @@ def test_ragged_batch_matches_each_sample_alone(models, use_impl, family):
                              context=f"kept positions in the batch: {kept_batch}")
 
 
+def stock_cache_noise(model, batch) -> float:
+    """The unpatched model's largest per-step logit difference, greedy with the KV cache vs
+    ``use_cache=False``, on ``batch`` (up to its own first differing token, included)."""
+    assert not is_patched(model)
+    n_prompt = batch["input_ids"].shape[1]
+    seq_c, log_c = greedy(model, batch)
+    seq_n, log_n = greedy(model, batch, use_cache=False)
+    first = first_difference(seq_c, seq_n)
+    steps = N_NEW if first is None else first[1] - n_prompt + 1
+    return (log_c[:, :steps] - log_n[:, :steps]).abs().max().item()
+
+
 def first_difference(a, b):
     """``(rows, column)``: the earliest column where two generations differ and the rows that differ there."""
     diff = a != b
@@ -235,15 +248,23 @@ def test_generate_cache_equals_no_cache(models, use_impl, family, dtype):
 
     bf16: the logits are bf16 values (one ulp is 0.4-0.8 % of the value: 0.031 at 4-8), and the
     decode step and the full recompute round differently: each step's logits must agree within
-    BF16_TOL (about 6 ulps at the largest logits; CPU, PyTorch path: <= 0.031) up to the first step where a
-    token differs; there the two tokens must be a near-tie, their no-cache logits closer than twice
-    the allowed error (on the CPU such a tie happens: two logits equal in bf16). Later steps are not
-    compared. The interpreter subset runs bf16 for Qwen2.5-VL only (the others add ~5 s each)."""
+    BF16_TOL (about 6 ulps at the largest logits; CPU, PyTorch path: <= 0.031), or within twice what
+    the STOCK model (same weights, unpatched) shows between its own cache and no-cache decoding on
+    the same batch where that is larger (on an H200 the GPU's bf16 attention and matmuls gave
+    LLaVA-NeXT / OneVision differences of up to 0.094 at logits ~1, above BF16_TOL: rounding noise
+    the stock model has too), up to the first step where a token differs; there the two tokens must
+    be a near-tie, their no-cache logits closer than twice the allowed error (on the CPU such a tie
+    happens: two logits equal in bf16). Later steps are not compared. A reduction bug (a wrong
+    cache slot, mask or position) moves logits by 0.2-1 (a swapped kept token alone: 0.2-0.6). The
+    interpreter subset runs bf16 for Qwen2.5-VL only (the others add ~5 s each)."""
     cpu = models(family, cpu=True)
     model = models(family, dtype)
-    eos_kernels.patch(model, THETA)
     batch, alone = ragged(family, cpu, seed=SEED_GENERATE)
     batch = to_device(batch, dtype)
+    atol = BF16_TOL["atol"]
+    if dtype == torch.bfloat16:
+        atol = max(atol, 2 * stock_cache_noise(model, batch))
+    eos_kernels.patch(model, THETA)
     n_prompt = batch["input_ids"].shape[1]
     seq_c, log_c = greedy(model, batch)
     report = model.eos_report
@@ -259,11 +280,12 @@ def test_generate_cache_equals_no_cache(models, use_impl, family, dtype):
         return
     steps = N_NEW if first is None else first[1] - n_prompt + 1
     ties = [] if first is None else near_tie_gaps(seq_c, seq_n, log_n, first, n_prompt)
-    assert_close_verbose(log_c[:, :steps], log_n[:, :steps], **BF16_TOL,
+    assert_close_verbose(log_c[:, :steps], log_n[:, :steps], rtol=BF16_TOL["rtol"], atol=atol,
                          what=f"{name}: per-step logits, cache vs no cache (steps 0..{steps - 1})",
-                         context="; ".join(t for *_, t in ties))
+                         context="; ".join(t for *_, t in ties) + f"; atol {atol:.3g} (BF16_TOL or twice the "
+                                 "stock model's own cache vs no-cache difference)")
     for row, step, gap, text in ties:
-        allowed = BF16_TOL["atol"] + BF16_TOL["rtol"] * log_n[row, step].abs().max().item()
+        allowed = atol + BF16_TOL["rtol"] * log_n[row, step].abs().max().item()
         assert gap <= 2 * allowed, f"{name}: tokens differ, not at a near-tie (allowed gap {2 * allowed:.3g}): {text}"
         print(f"{name}: near-tie at {text}; steps after it not compared")
 
