@@ -38,12 +38,12 @@ setup(
         # the search driver (eos-search): data, progress, configs, plots
         "search": ["transformers>=5.0,<6.0", "tqdm>=4.60", "pyyaml>=6", "matplotlib>=3.5", "pillow>=9"],
         "flash": ["flash-attn>=2.6"],
-        # the lmms-eval plugin (--model eos): what lmms-eval 0.7.3's evaluator imports on a CPU-only machine.
-        # lmms-eval itself is installed with --no-deps (README): its declared torchvision is a CUDA build that
-        # breaks `import transformers` beside a CPU torch, which an extra cannot exclude
-        "eval": ["transformers>=5.0,<6.0", "tqdm>=4.60", "pyyaml>=6", "pillow>=9",
-                 "accelerate", "evaluate", "sacrebleu", "loguru", "tenacity", "pytz", "decord", "pytablewriter",
-                 "filelock<4.3"],
+        # the lmms-eval plugin (--model eos): what lmms-eval 0.7.3's evaluator and the plugin import on a
+        # CPU-only machine (measured). lmms-eval itself is installed with --no-deps (README): its declared
+        # torchvision is a CUDA build that breaks `import transformers` beside a CPU torch, which an extra
+        # cannot exclude; filelock 4.3 removed filelock._api, which the evaluator uses
+        "eval": ["transformers>=5.0,<6.0", "tqdm>=4.60", "pyyaml>=6", "pillow>=9", "accelerate", "evaluate",
+                 "datasets", "sacrebleu", "loguru", "tenacity", "pytz", "pytablewriter", "filelock<4.3"],
         "test": [
             "pytest>=8",
             "pytest-benchmark>=4",

@@ -64,6 +64,9 @@ inputs (``image_sizes``, ``image_grid_thw``, ...) in :attr:`Batch.image_inputs`;
 :func:`eos_kernels.search.objective.forward_inputs` passes those the model's
 forward takes. Batches are ragged when the samples' counts differ.
 
+:class:`PromptEncoder` renders and expands one conversation at a time exactly
+so (the lmms-eval plugin's prompts).
+
 Processors: :func:`load_processor` loads ``AutoProcessor`` and falls back to
 ``AutoTokenizer`` + ``AutoImageProcessor`` (:class:`TokenizerAndImageProcessor`)
 when the checkpoint has no usable processor; the tokenizer's chat template is

@@ -21,8 +21,8 @@ arguments (``--model_args k=v,...``):
   (``auto``: float16 on CUDA, float32 on the CPU, as ``eos-search --eval``;
   ``float32``, ``bfloat16``, ``float16``), ``attn_implementation`` (default: the
   checkpoint's), ``max_new_tokens`` (default: each task's), ``revision`` (Hub
-  checkpoints), ``impl`` is not a model argument (the operator runs the fused
-  kernels on CUDA, the reference on the CPU).
+  checkpoints). The operator runs the fused kernels on CUDA and the PyTorch
+  reference on the CPU, as everywhere in the package.
 
 Prompts are built exactly as ``eos-search`` builds them
 (:class:`eos_kernels.search.data.PromptEncoder`). Budget fields: see

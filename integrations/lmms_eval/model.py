@@ -99,8 +99,9 @@ def _positive_int(name: str, value, allow_none: bool = False):
     return number
 
 
-def _resolve_checkpoint(pretrained, revision) -> str:
-    """A local folder for ``pretrained``: itself, or the Hub snapshot of that repository id."""
+def _resolve_checkpoint(pretrained, revision, config_only: bool = False) -> str:
+    """A local folder for ``pretrained``: itself, or the Hub snapshot of that repository id (with
+    ``config_only``, of its JSON files alone: configs, tokenizer and processor settings)."""
     if not isinstance(pretrained, str) or not pretrained:
         raise ValueError(f"eos: pretrained must be a checkpoint folder or a Hugging Face Hub id, got {pretrained!r}")
     if os.path.isdir(pretrained):
@@ -110,7 +111,8 @@ def _resolve_checkpoint(pretrained, revision) -> str:
     try:
         from huggingface_hub import snapshot_download
 
-        return snapshot_download(repo_id=pretrained, revision=revision, allow_patterns=list(_HUB_FILES))
+        return snapshot_download(repo_id=pretrained, revision=revision,
+                                 allow_patterns=["*.json"] if config_only else list(_HUB_FILES))
     except Exception as exc:  # noqa: BLE001 - offline, unknown repository, ...: one clear message
         raise ValueError(f"eos: pretrained={pretrained!r} is not a local folder and cannot be fetched from the "
                          f"Hugging Face Hub: {type(exc).__name__}: {exc}") from None
@@ -204,30 +206,32 @@ class EOS(lmms):
         self.accelerator = accelerator
         self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
         device = "auto" if device is None else device
-        if accelerator.num_processes > 1 and device in ("auto", "cuda"):
-            device = str(accelerator.device)  # each process its own GPU (or the CPU)
+        # each process its own GPU: accelerate's index, or torchrun's LOCAL_RANK (lmms-eval's torchrun path)
+        local_rank = accelerator.local_process_index if accelerator.num_processes > 1 else \
+            int(os.environ.get("LOCAL_RANK", "0"))
         try:
-            self._device = resolve_device(str(device), accelerator.local_process_index)
+            self._device = resolve_device(str(device), local_rank)
         except ValueError as exc:
             raise ValueError(f"eos: device={device!r}: {exc}") from None
 
-        # the checkpoint's class and adapter, and the Θ, before any weight is loaded
-        path = _resolve_checkpoint(pretrained, revision)
-        try:
-            config, _, _ = _load_model_config(path)
-        except ValueError as exc:
-            raise ValueError(f"eos: pretrained={pretrained!r}: {exc}") from None
+        # the Θ spec, then the checkpoint's class and adapter and the Θ's depth, before any weight is fetched
         self.theta_spec = theta
         try:  # the spec itself (any preset resolves at LLaVA-1.5's shape); the model's own shape after loading
             early = resolve_theta(theta, 32, 576)
         except ValueError as exc:
             raise ValueError(f"eos: theta={theta!r}: {exc}") from None
+        path = _resolve_checkpoint(pretrained, revision, config_only=True)
+        try:
+            config, _, _ = _load_model_config(path)
+        except ValueError as exc:
+            raise ValueError(f"eos: pretrained={pretrained!r}: {exc}") from None
         depth = getattr(getattr(config, "text_config", config), "num_hidden_layers", None)
         for i, r in enumerate(early.reducers):
             if depth and r.layer >= int(depth):
                 raise ValueError(f"eos: theta={theta!r}: reducers[{i}].layer: layer {r.layer} does not exist in a "
                                  f"model with {depth} layers (valid: 0..{int(depth) - 1})")
 
+        path = _resolve_checkpoint(pretrained, revision)
         try:
             model, processor = load_model(path, self._device, resolve_dtype(dtype, self._device, torch.float16),
                                           attn_implementation)
@@ -259,12 +263,12 @@ class EOS(lmms):
         self.num_layers = adapter.num_layers(model)
         self._dtype = next(model.parameters()).dtype
         self.records: list[dict] = []
-        #: seconds spent in generate / in the whole request loop / fetching the tasks' visuals (bench.report)
-        self.timing = {"generate_s": 0.0, "total_s": 0.0, "visuals_s": 0.0, "samples": 0, "batches": 0}
+        #: seconds inside model.generate (or the log-likelihood forward), in the whole request loop, in the
+        #: tasks' doc_to_visual (lmms-eval's side) and in the image processor (part of the plugin's overhead)
+        self.timing = {"generate_s": 0.0, "total_s": 0.0, "visuals_s": 0.0, "preprocess_s": 0.0, "samples": 0,
+                       "batches": 0}
         self._ignored_keys: set = set()
-        self._prefill = {"armed": False, "start": None, "seconds": None}
-        self._timer_handles = [model.register_forward_pre_hook(self._prefill_start),
-                               model.register_forward_hook(self._prefill_end)]
+        self._prefill = {"start": None, "seconds": None}
 
     @classmethod
     def from_model(cls, model, processor, theta: str = "none", *, batch_size: int = 1,
@@ -309,23 +313,27 @@ class EOS(lmms):
 
     def _prefill_start(self, module, args):
         p = self._prefill
-        if p["armed"] and p["start"] is None:
+        if p["start"] is None:
             self._sync()
             p["start"] = time.perf_counter()
 
     def _prefill_end(self, module, args, output):
         p = self._prefill
-        if p["armed"] and p["start"] is not None and p["seconds"] is None:
+        if p["start"] is not None and p["seconds"] is None:
             self._sync()
             p["seconds"] = time.perf_counter() - p["start"]
 
     def _timed(self, fn):
-        """``fn()`` with the first forward inside it timed; ``(result, prefill seconds)``."""
-        self._prefill.update(armed=True, start=None, seconds=None)
+        """``fn()`` with the first forward of the model inside it (the prefill) timed: ``(result, seconds)``.
+        The two timing hooks live only as long as the call."""
+        self._prefill.update(start=None, seconds=None)
+        handles = [self._model.register_forward_pre_hook(self._prefill_start),
+                   self._model.register_forward_hook(self._prefill_end)]
         try:
             out = fn()
         finally:
-            self._prefill["armed"] = False
+            for h in handles:
+                h.remove()
         return out, self._prefill["seconds"] or 0.0
 
     # ------------------------------------------------------------------ requests -> conversations
@@ -397,7 +405,9 @@ class EOS(lmms):
             mask[b, sl] = 1
         extra, px = {}, None
         if images:
+            t0 = time.perf_counter()
             extra = self.encoder.image_inputs(images)
+            self.timing["preprocess_s"] += time.perf_counter() - t0
             px = extra.pop("pixel_values")
             px = px.to(self._device, self._dtype) if px.is_floating_point() else px.to(self._device)
             extra = {k: (v.to(self._device, self._dtype) if v.is_floating_point() else v.to(self._device))
@@ -520,13 +530,13 @@ class EOS(lmms):
         """``{task: {field: value}}`` of this process's records (or of ``records``), see :mod:`.budget`."""
         return _budget.summarize(self.records if records is None else records)
 
-    def _all_records(self) -> list[dict]:
-        """Every process's records (gathered when lmms-eval runs several)."""
+    def _gathered(self) -> tuple[list[dict], float]:
+        """Every process's records and generate seconds (gathered when lmms-eval runs several processes)."""
         if self._world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             gathered = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, self.records)
-            return [r for part in gathered for r in part]
-        return list(self.records)
+            torch.distributed.all_gather_object(gathered, (self.records, self.timing["generate_s"]))
+            return [r for part, _ in gathered for r in part], sum(sec for _, sec in gathered)
+        return list(self.records), self.timing["generate_s"]
 
     def clean(self):
         """End of lmms-eval's requests: every task's budget into lmms-eval's results (``"throughput"``) and the
@@ -534,11 +544,10 @@ class EOS(lmms):
         from loguru import logger
         from lmms_eval.models.model_utils.gen_metrics import log_metrics
 
-        records = self._all_records()
+        records, seconds = self._gathered()
         if records and self.rank == 0:
             summary = _budget.summarize(records)
             generated = sum(r["output_tokens"] or 0 for r in records)
-            seconds = self.timing["generate_s"] * self._world_size if self._world_size > 1 else self.timing["generate_s"]
             metrics = {"total_requests": len(records), **_budget.throughput_metrics(summary)}
             log_metrics(total_elapsed_time=seconds, total_gen_tokens=generated,
                         avg_speed=generated / seconds if seconds > 0 else 0.0, additional_metrics=metrics)
@@ -546,9 +555,6 @@ class EOS(lmms):
                         f"(counted as in eos_kernels.integrations.lmms_eval.budget)\n"
                         + _budget.format_budget_table(summary, theta=self.theta_spec))
             self.last_summary = summary
-        for h in getattr(self, "_timer_handles", ()):
-            h.remove()
-        self._timer_handles = []
         super().clean()
 
 
