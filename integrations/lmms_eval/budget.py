@@ -19,8 +19,9 @@ recomputed a second way):
   text tokens and the model's layer sizes); per task the ratio of the sums
   over the task's samples;
 - ``prefill_ms``: measured wall time of the prefill forward (the first forward
-  of ``generate``, CUDA synchronised before and after), of the batch the sample
-  ran in, divided by that batch's size;
+  of ``generate``, CUDA synchronised before and after; for ``loglikelihood``
+  requests the teacher-forced forward), of the batch the sample ran in, divided
+  by that batch's size;
 - ``text_tokens``: the sample's real non-visual prompt tokens.
 
 Per task the plugin reports the mean over the task's samples of each count,
