@@ -43,6 +43,8 @@ BANDWIDTH_BATCH = 32
 PAPER_VS_PRUNE = 1.05
 FLOPS_SHARE = 0.85
 TARGET_BUDGET = 64
+#: the lmms-eval plugin's own work per sample, as a share of the generate time
+PLUGIN_OVERHEAD = 0.05
 #: the operator grid of the issue: 3 batches x 4 K x 2 dtypes
 OPERATOR_GRID = 24
 TARGET_GPUS = ("h100", "h200")
@@ -431,6 +433,72 @@ def search_section(runs) -> list:
     return lines
 
 
+# --------------------------------------------------------------------------- lmms-eval plugin
+def lmms_eval_rows(run):
+    """{device: {B: entry}} of the plugin's throughput cases (``bench/test_bench_lmms_eval.py``)."""
+    out = defaultdict(dict)
+    for e in run.entries:
+        if e.get("subject") == "lmms_eval":
+            out[e.get("device")][e.get("B")] = e
+    return out
+
+
+def _samples_per_s(e):
+    return e.get("docs") / e.median if e.get("docs") and e.median > 0 else None
+
+
+def lmms_eval_section(runs) -> list:
+    lines = []
+    for run in runs:
+        rows_by_device = lmms_eval_rows(run)
+        if not rows_by_device:
+            continue
+        if not lines:
+            lines += ["## lmms-eval plugin (`--model eos`, demo model, eos_demo docs)", ""]
+        rows = []
+        for device, by_b in sorted(rows_by_device.items(), key=lambda kv: str(kv[0])):
+            base = by_b.get(1)
+            for B, e in sorted(by_b.items()):
+                per = e.median / e.get("docs") if e.get("docs") else None
+                gen = e.get("generate_s") / e.get("timed_samples") if e.get("timed_samples") else None
+                rows.append([device, B, e.get("theta"), fmt_num(_samples_per_s(e)), fmt_time(per), fmt_time(gen),
+                             fmt_pct(e.get("overhead_fraction")),
+                             fmt_pct(e.get("overhead_fraction_without_image_processor")),
+                             fmt_ratio(ratio(base.median, e.median)) if base is not None else "—"])
+        lines += table(["device", "B", "theta", "samples/s", "per sample", "generate per sample", "overhead",
+                        "overhead w/o image processor", "speed-up vs B1"], rows)
+        lines += ["", "Overhead: the plugin's time outside `model.generate` (prompt building, the image processor, "
+                  "padding, budget accounting, decoding; not the task's `doc_to_visual`) as a share of the "
+                  "generate time.", ""]
+    return lines
+
+
+def _lmms_eval_targets(runs) -> list:
+    speed, overhead = [], []
+    for run in runs:
+        for device, by_b in lmms_eval_rows(run).items():
+            where = f"{device}{' ' + run.gpu if device == 'cuda' and run.gpu else ''}"
+            if 1 in by_b and len(by_b) > 1:
+                B = max(by_b)
+                speed.append((by_b[1].median / by_b[B].median, f"{where} B{B} vs B1"))
+            for B, e in by_b.items():
+                if e.get("overhead_fraction") is not None:
+                    overhead.append((e.get("overhead_fraction"), f"{where} B{B}"))
+    out = []
+    for name, values, threshold, higher, fmt in (
+            ("lmms-eval plugin: a batch is faster per sample than batch 1", speed, 1.0, True, fmt_ratio),
+            (f"lmms-eval plugin: overhead < {PLUGIN_OVERHEAD:.0%} of the generate time", overhead,
+             PLUGIN_OVERHEAD, False, fmt_pct)):
+        if not values:
+            out.append((name, NOT_MEASURED, "no lmms-eval plugin results in these files"))
+            continue
+        ok = [v for v in values if (v[0] > threshold if higher else v[0] < threshold)]
+        verdict = MET if len(ok) == len(values) else MISSED
+        out.append((name, verdict, f"{len(ok)}/{len(values)} cases meet it: "
+                    + ", ".join(f"{w} {fmt(v)}" for v, w in values) + " (demo model; CPU and GPU both count)"))
+    return out
+
+
 # --------------------------------------------------------------------------- targets
 def _is_target_gpu(name) -> bool:
     return bool(name) and any(g in name.lower() for g in TARGET_GPUS)
@@ -559,6 +627,7 @@ def evaluate_targets(runs) -> list:
         targets.append((t6, verdict, "measured/predicted " + detail))
     else:
         targets.append((t6, NOT_MEASURED, "no CUDA end-to-end results" + cpu_info(4)))
+    targets += _lmms_eval_targets(runs)
     return targets
 
 
@@ -744,6 +813,7 @@ def build_report(paths, out_dir) -> tuple:
     lines += importance_section(runs)
     lines += e2e_section(runs)
     lines += search_section(runs)
+    lines += lmms_eval_section(runs)
     lines += ["## Plots", ""]
     if plt is None:
         lines += ["matplotlib is not installed: no plots were written.", ""]

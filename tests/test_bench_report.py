@@ -144,3 +144,26 @@ def _runs(data):
         with open(path, "w") as f:
             json.dump(data, f)
         return report.load_runs([path])
+
+
+def _plugin(B, median, overhead, device="cpu"):
+    return _bench(f"test_plugin_throughput[{device}-B{B}]", f"lmms-eval plugin {device}", median,
+                  {"subject": "lmms_eval", "device": device, "B": B, "docs": 32, "theta": "fastv-1-8",
+                   "timed_samples": 160, "generate_s": 5 * median * 0.9, "visuals_s": 0.0, "preprocess_s": 0.01,
+                   "overhead_fraction": overhead, "overhead_fraction_without_image_processor": overhead / 2})
+
+
+def test_lmms_eval_plugin_section_and_targets(tmp_path):
+    data = synthetic(gpu=False)
+    data["benchmarks"] += [_plugin(1, 2.0, 0.04), _plugin(4, 0.5, 0.07)]
+    path = tmp_path / "plugin.json"
+    path.write_text(json.dumps(data))
+    text, _ = report.build_report([str(path)], str(tmp_path / "out"))
+    row = next(line for line in text.splitlines() if line.startswith("| cpu | 4 |"))
+    # 32 docs in 0.5 s: 64 samples/s, 15.6 ms each, 4x batch 1; overhead 7.0% (3.5% without the image processor)
+    assert "| fastv-1-8 | 64 | 15.6 ms |" in row and "| 7.0% | 3.5% | 4.00× |" in row
+    verdicts = {t: (v, d) for t, v, d in report.evaluate_targets(_runs(data))}
+    speed = verdicts["lmms-eval plugin: a batch is faster per sample than batch 1"]
+    assert speed[0] == report.MET and "cpu B4 vs B1 4.00×" in speed[1]
+    over = verdicts["lmms-eval plugin: overhead < 5% of the generate time"]
+    assert over[0] == report.MISSED and "1/2 cases" in over[1]

@@ -64,6 +64,9 @@ inputs (``image_sizes``, ``image_grid_thw``, ...) in :attr:`Batch.image_inputs`;
 :func:`eos_kernels.search.objective.forward_inputs` passes those the model's
 forward takes. Batches are ragged when the samples' counts differ.
 
+:class:`PromptEncoder` renders and expands one conversation at a time exactly
+so (the lmms-eval plugin's prompts).
+
 Processors: :func:`load_processor` loads ``AutoProcessor`` and falls back to
 ``AutoTokenizer`` + ``AutoImageProcessor`` (:class:`TokenizerAndImageProcessor`)
 when the checkpoint has no usable processor; the tokenizer's chat template is
@@ -79,7 +82,7 @@ from typing import Any, Sequence
 import torch
 
 __all__ = ["Example", "Batch", "Dataset", "load_dataset", "BatchSampler", "IMAGE_PLACEHOLDER",
-           "TokenizerAndImageProcessor", "load_processor"]
+           "TokenizerAndImageProcessor", "load_processor", "PromptEncoder", "image_inputs"]
 
 IMAGE_PLACEHOLDER = "<image>"
 
@@ -317,8 +320,8 @@ class _Renderer:
             if who == "human":
                 if self.structured:
                     content = []
-                    if IMAGE_PLACEHOLDER in value:
-                        content.append({"type": "image"})
+                    if IMAGE_PLACEHOLDER in value:  # one image item per placeholder (eos-search: exactly one)
+                        content.extend({"type": "image"} for _ in range(value.count(IMAGE_PLACEHOLDER)))
                         value = value.replace(IMAGE_PLACEHOLDER + "\n", "").replace(
                             "\n" + IMAGE_PLACEHOLDER, "").replace(IMAGE_PLACEHOLDER, "").strip()
                     content.append({"type": "text", "text": value})
@@ -366,6 +369,13 @@ def _open_rgb(path: str):
         raise ValueError(f"cannot read image {path}: {exc}") from None
 
 
+def image_inputs(processor, images: Sequence) -> dict:
+    """The image processor's outputs for ``images`` (PIL images, converted to RGB) as a dict of tensors:
+    ``pixel_values`` and the family's extras (``image_sizes``, ``image_grid_thw``, ...)."""
+    out = _image_processor(processor)([im.convert("RGB") for im in images], return_tensors="pt")
+    return {k: v for k, v in dict(out).items() if torch.is_tensor(v)}
+
+
 def _image_processor(processor):
     ip = getattr(processor, "image_processor", None)
     if ip is None:
@@ -409,8 +419,7 @@ class Dataset:
     def image_inputs(self, paths: Sequence[str]) -> dict:
         """The image processor's outputs for ``paths`` (RGB), one image per sample: a dict of tensors
         (``pixel_values`` and the family's extras: ``image_sizes``, ``image_grid_thw``, ...)."""
-        out = _image_processor(self.processor)([_open_rgb(p) for p in paths], return_tensors="pt")
-        return {k: v for k, v in dict(out).items() if torch.is_tensor(v)}
+        return image_inputs(self.processor, [_open_rgb(p) for p in paths])
 
     def pixels(self, paths: Sequence[str]) -> torch.Tensor:
         return self.image_inputs(paths)["pixel_values"]
@@ -498,10 +507,11 @@ class _VisualCounter:
                               and getattr(processor, "image_processor", None) is not None
                               and getattr(processor, "tokenizer", None) is not None)
 
-    def __call__(self, path: str, where: str) -> int:
+    def __call__(self, path, where: str) -> int:
+        """``path``: an image file, or an image already open (a PIL image)."""
         if self.fixed is not None:
             return self.fixed
-        image = _open_rgb(path)
+        image = _open_rgb(path) if isinstance(path, (str, os.PathLike)) else path.convert("RGB")
         if self.ask_processor:
             out = self.processor(text=[self.placeholder], images=[image], return_tensors="pt")
             n = int((out["input_ids"] == self.image_token_id).sum())
@@ -522,8 +532,26 @@ class _VisualCounter:
                     "image processor gives no image_grid_thw / merge_size (LLaVA-OneVision: no model_config to count "
                     "with); load the checkpoint's full processor")
         if n < 1:
-            raise ValueError(f"{where}: the image {path} gives no visual token")
+            raise ValueError(f"{where}: the image {path if isinstance(path, (str, os.PathLike)) else ''} gives no "
+                             "visual token")
         return n
+
+
+def _tokens(processor, image_token_id: int, pad_token_id: int | None):
+    """``(tokenizer, image placeholder string, pad id)`` of ``processor``; ValueError where the tokenizer
+    has no token of its own for ``image_token_id`` or nothing to pad with."""
+    tok = getattr(processor, "tokenizer", processor)
+    placeholder = tok.convert_ids_to_tokens(int(image_token_id))
+    if not isinstance(placeholder, str) or \
+            list(tok(placeholder, add_special_tokens=False)["input_ids"]) != [image_token_id]:
+        raise ValueError(f"the tokenizer has no token of its own for the model's image token id {image_token_id} "
+                         f"(it maps {placeholder!r} to "
+                         f"{list(tok(str(placeholder), add_special_tokens=False)['input_ids'])})")
+    if pad_token_id is None:
+        pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if pad_token_id is None:
+        raise ValueError("the tokenizer has neither a pad nor an eos token to pad with")
+    return tok, placeholder, pad_token_id
 
 
 def load_dataset(path: str, processor, *, num_visual_tokens: int | None, image_token_id: int,
@@ -563,18 +591,8 @@ def load_dataset(path: str, processor, *, num_visual_tokens: int | None, image_t
     folder = image_folder if image_folder is not None else os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise ValueError(f"image folder not found: {folder}")
-    tok = getattr(processor, "tokenizer", processor)
-    placeholder = tok.convert_ids_to_tokens(int(image_token_id))
-    if not isinstance(placeholder, str) or \
-            list(tok(placeholder, add_special_tokens=False)["input_ids"]) != [image_token_id]:
-        raise ValueError(f"the tokenizer has no token of its own for the model's image token id {image_token_id} "
-                         f"(it maps {placeholder!r} to "
-                         f"{list(tok(str(placeholder), add_special_tokens=False)['input_ids'])})")
+    tok, placeholder, pad_token_id = _tokens(processor, image_token_id, pad_token_id)
     renderer = _Renderer(processor, placeholder)
-    if pad_token_id is None:
-        pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    if pad_token_id is None:
-        raise ValueError("the tokenizer has neither a pad nor an eos token to pad with")
 
     parsed = [_check_record(i, rec) for i, rec in enumerate(records)]
     missing = []
@@ -630,6 +648,97 @@ def load_dataset(path: str, processor, *, num_visual_tokens: int | None, image_t
             raise ValueError(f"the processor gives {tuple(px.shape[-2:])} pixels per image, but the model's "
                              f"vision tower expects {check_image_size}x{check_image_size}")
     return ds
+
+
+class PromptEncoder:
+    """Prompts (and answers) of one conversation at a time, rendered and expanded as :func:`load_dataset` does.
+
+    For callers that receive conversations one by one instead of a LLaVA-format
+    file (the lmms-eval plugin, :mod:`eos_kernels.integrations.lmms_eval`): the
+    same renderer (the processor's chat template, else the tokenizer's, else
+    LLaVA-1.5's format), the same image placeholder and the same visual counts
+    as :func:`load_dataset`, so :meth:`prompt` gives the ids ``eos-search
+    --eval`` generates from for the same record. A conversation is
+    ``[(who, value), ...]``, ``who`` alternating ``"human"`` / ``"gpt"`` from a
+    human turn, with ``<image>`` in the human turns where each image goes (one
+    per image, in the order of ``images``; eos-search's records hold exactly
+    one). Several images are expanded each to its own count and reduced as one
+    visual set by the patched model.
+
+    Args:
+        processor: the checkpoint's processor (or a :class:`TokenizerAndImageProcessor`).
+        image_token_id: the model's image placeholder id (``model.config.image_token_id``).
+        num_visual_tokens: the model's fixed count per image (LLaVA-1.5), or None (each image its own).
+        pad_token_id: padding id (default: the tokenizer's pad, else its eos).
+    """
+
+    def __init__(self, processor, *, image_token_id: int, num_visual_tokens: int | None = None,
+                 pad_token_id: int | None = None):
+        tok, placeholder, pad = _tokens(processor, image_token_id, pad_token_id)
+        self.processor = processor
+        self.tokenizer = tok
+        self.image_token_id = int(image_token_id)
+        self.pad_token_id = pad
+        self.num_visual_tokens = num_visual_tokens
+        self._renderer = _Renderer(processor, placeholder)
+        self._counter = _VisualCounter(processor, tok, image_token_id, placeholder, num_visual_tokens)
+
+    def counts(self, images: Sequence, where: str = "prompt") -> list[int]:
+        """Visual tokens of each image (PIL images or paths)."""
+        return [self._counter(im, where) for im in images]
+
+    def image_inputs(self, images: Sequence) -> dict:
+        """:func:`image_inputs` of this processor."""
+        return image_inputs(self.processor, images)
+
+    @staticmethod
+    def _check(turns, images, where: str, last: str) -> list[tuple[str, str]]:
+        turns = [(str(w), v) for w, v in turns]
+        if not turns:
+            raise ValueError(f"{where}: empty conversation")
+        for t, (who, value) in enumerate(turns):
+            want = "human" if t % 2 == 0 else "gpt"
+            if who != want or not isinstance(value, str):
+                raise ValueError(f"{where}: turn {t} must be a {want!r} turn with a string value, got "
+                                 f"({who!r}, {type(value).__name__})")
+            if who == "gpt" and IMAGE_PLACEHOLDER in value:
+                raise ValueError(f"{where}: turn {t} (gpt) contains {IMAGE_PLACEHOLDER}")
+        if turns[-1][0] != last:
+            raise ValueError(f"{where}: the conversation must end with a {last!r} turn")
+        n = sum(v.count(IMAGE_PLACEHOLDER) for w, v in turns if w == "human")
+        if n != len(images):
+            raise ValueError(f"{where}: {n} {IMAGE_PLACEHOLDER} placeholder(s) in the human turns for "
+                             f"{len(images)} image(s)")
+        return turns
+
+    def _expand(self, ids: list[int], counts: list[int], where: str) -> list[int]:
+        pos = [p for p, x in enumerate(ids) if x == self.image_token_id]
+        if len(pos) != len(counts):
+            raise ValueError(f"{where}: the rendered prompt holds {len(pos)} image tokens for {len(counts)} image(s)")
+        out, start = [], 0
+        for p, n in zip(pos, counts):
+            out += ids[start:p] + [self.image_token_id] * n
+            start = p + 1
+        return out + ids[start:]
+
+    def prompt(self, turns, images: Sequence = (), where: str = "prompt") -> list[int]:
+        """Token ids of ``turns`` (ending with a human turn) and the generation prompt, each image's
+        placeholder expanded to its visual tokens."""
+        turns = self._check(turns, images, where, last="human")
+        ids = self._renderer.ids(self._renderer.text(turns, True))
+        return self._expand(ids, self.counts(images, where), where)
+
+    def answer(self, turns, images: Sequence = (), where: str = "prompt") -> tuple[list[int], list[int]]:
+        """``(prompt ids, answer ids)`` of ``turns`` ending with a gpt turn: the prompt as :meth:`prompt`
+        gives it for the turns before the answer, and the answer's tokens as :func:`load_dataset` labels
+        them (a template's end-of-turn tokens, LLaVA-1.5's eos, belong to the answer)."""
+        turns = self._check(turns, images, where, last="gpt")
+        before = self._renderer.ids(self._renderer.text(turns[:-1], True))
+        upto = self._renderer.ids(self._renderer.text(turns, False))
+        if upto[:len(before)] != before or len(upto) <= len(before):
+            raise ValueError(f"{where}: cannot locate the tokens of the answer (the tokenisation of the prompt is "
+                             "not a prefix of the tokenisation of prompt + answer); check the chat template")
+        return self._expand(before, self.counts(images, where), where), upto[len(before):]
 
 
 class BatchSampler:

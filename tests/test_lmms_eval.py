@@ -1,0 +1,305 @@
+"""The lmms-eval plugin ``eos`` (issue 18) on tiny random models of every family and on the demo model.
+
+Runs where lmms-eval is installed (CI installs the ``eval`` extra and lmms-eval for this file; see
+the README's "Benchmarks with lmms-eval"). The plugin is driven here through lmms-eval's own request
+objects (``Instance``) with a task dict of plain docs, as lmms-eval's evaluator drives it; the command
+line end to end is ``tests/test_lmms_eval_cli.py``.
+"""
+import json
+import os
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("lmms_eval")
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from lmms_eval.api.instance import Instance  # noqa: E402
+
+from eos_kernels.integrations.lmms_eval import budget  # noqa: E402
+from eos_kernels.integrations.lmms_eval.model import EOS, EOSChat  # noqa: E402
+from eos_kernels.search.data import PromptEncoder, load_dataset  # noqa: E402
+from eos_kernels.search.driver import load_model  # noqa: E402
+from eos_kernels.theta import Theta  # noqa: E402
+
+from _tiny_families import save_tiny_llava_next, save_tiny_llava_onevision, save_tiny_qwen  # noqa: E402
+from _tiny_models import write_llava_dataset  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+#: (width, height) of the images, in turn: different visual counts where the family has no fixed count
+SIZES = [(56, 56), (50, 100), (100, 40), (112, 112), (40, 60), (64, 32)]
+FAMILIES = ("llava", "qwen2.5", "qwen2", "llava_next", "llava_onevision")
+#: a pruning Θ every family can run (fractions: each image keeps half of its own tokens after layer 1)
+PRUNE = "fastv-1-0.5"
+
+
+def _write_data(root, n=6):
+    from PIL import Image
+
+    path = write_llava_dataset(str(root), n=n, seed=0)
+    for i, rec in enumerate(json.load(open(path))):
+        full = os.path.join(str(root), rec["image"])
+        with Image.open(full) as im:
+            im.convert("RGB").resize(SIZES[i % len(SIZES)]).save(full)
+    return path
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def fam(request, tmp_path_factory):
+    from eos_kernels.demo.build import checkpoint_path
+
+    root = tmp_path_factory.mktemp(request.param.replace(".", ""))
+    if request.param == "llava":
+        model_dir = checkpoint_path()  # LLaVA-1.5: the demo checkpoint (fixed 64 visual tokens)
+    elif request.param.startswith("qwen"):
+        model_dir = save_tiny_qwen(str(root / "model"), version=request.param[len("qwen"):])
+    elif request.param == "llava_onevision":
+        model_dir = save_tiny_llava_onevision(str(root / "model"))
+    else:
+        model_dir = save_tiny_llava_next(str(root / "model"))
+    data = _write_data(root / "data")
+    model, processor = load_model(model_dir, torch.device("cpu"), torch.float32)
+    return SimpleNamespace(name=request.param, model_dir=model_dir, data=data, model=model.eval(),
+                           processor=processor, records=json.load(open(data)))
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The LLaVA-1.5 family alone (the demo checkpoint), for the tests that need one model."""
+    from eos_kernels.demo.build import checkpoint_path
+
+    root = tmp_path_factory.mktemp("demo")
+    data = _write_data(root / "data")
+    model, processor = load_model(checkpoint_path(), torch.device("cpu"), torch.float32)
+    return SimpleNamespace(name="llava", model_dir=checkpoint_path(), data=data, model=model.eval(),
+                           processor=processor, records=json.load(open(data)))
+
+
+def _docs(fam, text_only=(5,)):
+    """One doc per record: its image and first question; ``text_only`` records lose their image."""
+    from PIL import Image
+
+    docs = []
+    for i, rec in enumerate(fam.records):
+        image = None
+        if i not in text_only:
+            with Image.open(os.path.join(os.path.dirname(fam.data), rec["image"])) as im:
+                image = im.convert("RGB")
+        question = rec["conversations"][0]["value"].replace("<image>\n", "")
+        docs.append({"image": image, "question": question, "record": rec})
+    return docs
+
+
+def _visual(doc):
+    return [] if doc["image"] is None else [doc["image"]]
+
+
+def _simple_requests(docs, gen=None, task="t"):
+    gen = {"max_new_tokens": 4, "until": ["\n\n"]} if gen is None else gen
+    return [Instance("generate_until", (d["question"], dict(gen), _visual, i, task, "test"), 0,
+                     {"task": task, "doc_id": i, "repeats": 1}) for i, d in enumerate(docs)]
+
+
+def _plugin(fam, theta="none", cls=EOS, batch_size=1, docs=None):
+    lm = cls.from_model(fam.model, fam.processor, theta, batch_size=batch_size, name=fam.name)
+    lm.task_dict = {"t": {"test": docs or []}}
+    return lm
+
+
+def test_the_model_is_registered_with_lmms_eval():
+    from lmms_eval import models
+
+    assert "eos" in models.list_available_models()
+    assert models.get_model("eos") is EOSChat  # lmms-eval prefers the chat class
+    assert models.get_model("eos", force_simple=True) is EOS
+
+
+def test_prompts_are_eos_search_prompts(fam):
+    """The plugin's prompt ids and image inputs for a task's (question, image) are the ids and image inputs
+    eos-search generates from for the same record: both interfaces, first and (chat) second turns."""
+    fixed = 64 if fam.name == "llava" else None
+    ds = load_dataset(fam.data, fam.processor, num_visual_tokens=fixed, image_token_id=fam.model.config.image_token_id)
+    lm = _plugin(fam, docs=_docs(fam, text_only=()))
+    chat = _plugin(fam, cls=EOSChat, docs=lm.task_dict["t"]["test"])
+    for i, (ex, doc) in enumerate(zip(ds.examples, lm.task_dict["t"]["test"])):
+        turns, images = lm._simple_conversation(doc["question"], _visual, "t", "test", i)
+        assert lm.encoder.prompt(turns, images) == ex.input_ids[:ex.turns[0][0]], (fam.name, i)
+        got = lm.encoder.image_inputs(images)
+        want = ds.image_inputs([ex.image])
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+        # the chat interface: the record's whole conversation up to each gpt turn
+        conv = doc["record"]["conversations"]
+        for t in range(len(ex.turns)):
+            messages = []
+            for k, turn in enumerate(conv[:2 * t + 1]):
+                text = turn["value"].replace("<image>\n", "")
+                content = ([{"type": "image", "url": doc["image"]}] if "<image>" in turn["value"] else []) + \
+                    [{"type": "text", "text": text}]
+                messages.append({"role": "user" if k % 2 == 0 else "assistant", "content": content})
+            turns, images = chat._chat_conversation(messages, "t", "test", i)
+            assert chat.encoder.prompt(turns, images) == ex.input_ids[:ex.turns[t][0]], (fam.name, i, t)
+
+
+def test_batch_four_equals_batch_one_and_every_answer_carries_its_budget(fam):
+    """One generate per batch (left padding, ragged counts, a text-only prompt among image prompts): the
+    greedy answers at batch 4 are those at batch 1, and each sample's budget is the patched model's report
+    of its prefill = Theta.token_report at the sample's own visual and text counts."""
+    docs = _docs(fam)
+    answers, records = {}, {}
+    for bs in (1, 4):
+        lm = _plugin(fam, PRUNE, batch_size=bs, docs=docs)
+        out = lm.generate_until(_simple_requests(docs))
+        answers[bs] = [r.text for r in out]
+        records[bs] = {r["doc_id"]: r for r in lm.records}
+        assert lm.timing["batches"] == (len(docs) + bs - 1) // bs
+        for i, r in enumerate(out):
+            tc = r.token_counts.to_dict()
+            assert set(budget.FIELDS) <= set(tc) and tc["input_tokens"] == tc["text_tokens"] + tc["visual_tokens"]
+            for f in budget.FIELDS:
+                if f != "prefill_ms":
+                    assert tc[f] == records[bs][i][f]
+    assert answers[4] == answers[1]
+    theta = Theta.fastv(1, 0.5)
+    L = lm.num_layers
+    cfg = fam.model.config.text_config
+    for i, r in records[1].items():
+        assert {k: v for k, v in records[4][i].items() if k != "prefill_ms"} == \
+            {k: v for k, v in r.items() if k != "prefill_ms"}
+        assert r["prefill_ms"] > 0
+        if docs[i]["image"] is None:
+            assert (r["visual_tokens"], r["final_visual_tokens"], r["prefill_flops_ratio"]) == (0, 0, 1.0)
+            continue
+        want = theta.token_report(r["visual_tokens"], L, r["text_tokens"], hidden_size=cfg.hidden_size,
+                                  intermediate_size=cfg.intermediate_size)
+        assert (r["final_visual_tokens"], r["mean_leaving_visual_tokens"], r["mean_processed_visual_tokens"],
+                r["prefill_flops"], r["prefill_flops_full"]) == \
+            (want["final"], want["mean_leaving"], want["mean_processed"], want["prefill_flops"],
+             want["prefill_flops_full"])
+    summary = lm.budget_summary()["t"]
+    rs = list(records[4].values())
+    assert summary["samples"] == len(docs)
+    assert summary["final_visual_tokens"] == pytest.approx(sum(r["final_visual_tokens"] for r in rs) / len(rs))
+    assert summary["prefill_flops_ratio"] == pytest.approx(
+        sum(r["prefill_flops"] for r in rs) / sum(r["prefill_flops_full"] for r in rs))
+
+
+def test_theta_none_is_the_stock_model(fam):
+    """theta=none patches nothing that changes a token: the answers are the stock model's greedy answers."""
+    from eos_kernels.patching import unpatch_model
+
+    docs = _docs(fam)[:3]
+    lm = _plugin(fam, "none", batch_size=3, docs=docs)
+    got = [r.text for r in lm.generate_until(_simple_requests(docs))]
+    assert all(r["final_visual_tokens"] == r["visual_tokens"] and r["prefill_flops_ratio"] == 1.0
+               for r in lm.records)
+    unpatch_model(fam.model)
+    tok = lm.encoder.tokenizer
+    want = []
+    for i, d in enumerate(docs):
+        turns, images = lm._simple_conversation(d["question"], _visual, "t", "test", i)
+        inputs = lm._inputs([lm.encoder.prompt(turns, images)], images)
+        with torch.no_grad():
+            out = fam.model.generate(**inputs, max_new_tokens=4, do_sample=False, eos_token_id=tok.eos_token_id,
+                                     pad_token_id=lm.encoder.pad_token_id)
+        gen = out[0, inputs["input_ids"].shape[1]:].tolist()
+        gen = gen[:gen.index(tok.eos_token_id)] if tok.eos_token_id in gen else gen
+        want.append(tok.decode(gen, skip_special_tokens=True))
+    assert got == want
+
+
+def test_loglikelihood_is_eos_search_answer_ce(fam):
+    """loglikelihood of a record's answer = minus eos-search's teacher-forced answer CE sum on that record
+    (same tokens, same prompt-only rating of the visual tokens), batched or not."""
+    from eos_kernels.integrations.auto import adapter_for
+    from eos_kernels.search.objective import data_terms
+
+    fixed = 64 if fam.name == "llava" else None
+    ds = load_dataset(fam.data, fam.processor, num_visual_tokens=fixed, image_token_id=fam.model.config.image_token_id)
+    docs = _docs(fam, text_only=())
+    single = [i for i, ex in enumerate(ds.examples) if len(ex.turns) == 1]
+    reqs = [Instance("loglikelihood", (docs[i]["question"], docs[i]["record"]["conversations"][1]["value"], _visual,
+                                       i, "t", "test"), 0, {"task": "t", "doc_id": i, "repeats": 1}) for i in single]
+    lls = {}
+    for bs in (1, 4):
+        lm = _plugin(fam, PRUNE, batch_size=bs, docs=docs)
+        lls[bs] = lm.loglikelihood(reqs)
+    for (ll1, g1), (ll4, g4) in zip(lls[1], lls[4]):
+        assert ll4 == pytest.approx(ll1, rel=1e-5, abs=1e-4) and g1 == g4
+    for k, i in enumerate(single):
+        batch = ds.collate([i])
+        with torch.no_grad():
+            ce = float(data_terms(fam.model, batch, None, align=False, adapter=adapter_for(fam.model))["ce_sum"])
+        assert lls[1][k][0] == pytest.approx(-ce, rel=1e-5, abs=1e-4), (fam.name, i)
+
+
+def test_bad_input_is_refused_before_any_sample(tmp_path):
+    from eos_kernels.demo.build import checkpoint_path
+
+    ck = checkpoint_path()
+    cases = [
+        (dict(pretrained=ck, theta="sparsevlm-v3-64"), "theta='sparsevlm-v3-64'"),   # unknown preset
+        (dict(pretrained=ck, theta="fastv-8-4"), "layer 8 does not exist in a model with 8 layers"),
+        (dict(pretrained=ck, theta="none", temprature=0.5), "unknown model argument(s) temprature"),
+        (dict(pretrained=ck, batch_size="auto"), "batch_size must be an integer >= 1"),
+        (dict(pretrained=ck, dtype="fp16"), "dtype='fp16'"),
+        (dict(pretrained=str(tmp_path / "missing")), "neither a checkpoint folder nor a Hub id"),
+        (dict(), "pretrained= is required"),
+    ]
+    theta_json = tmp_path / "deep.json"
+    Theta.fastv(12, 4).to_json(str(theta_json))
+    cases.append((dict(pretrained=ck, theta=str(theta_json)), "layer 12 does not exist"))
+    # a checkpoint of an unsupported class
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 vocab_size=32)).save_pretrained(str(tmp_path / "llama"))
+    cases.append((dict(pretrained=str(tmp_path / "llama")), "not a supported model"))
+    for kwargs, message in cases:
+        with pytest.raises(ValueError) as err:
+            EOS(**kwargs)
+        assert message in str(err.value), (kwargs, str(err.value))
+
+
+def test_video_inputs_and_mismatched_placeholders_are_clear_errors(demo):
+    fam = demo
+    docs = _docs(fam)[:2]
+    lm = _plugin(fam, docs=docs)
+    video = [Instance("generate_until", ("q", {}, lambda doc: ["clip.mp4"], 0, "t", "test"), 0,
+                      {"task": "t", "doc_id": 0, "repeats": 1})]
+    with pytest.raises(ValueError, match="only image inputs are supported"):
+        lm.generate_until(video)
+    two = [Instance("generate_until", ("<image> <image> q", {}, _visual, 0, "t", "test"), 0,
+                    {"task": "t", "doc_id": 0, "repeats": 1})]
+    with pytest.raises(ValueError, match="holds 2 <image> for 1 image"):
+        lm.generate_until(two)
+    with pytest.raises(ValueError, match="2 <image> placeholder"):
+        PromptEncoder(fam.processor, image_token_id=fam.model.config.image_token_id, num_visual_tokens=64).prompt(
+            [("human", "<image>\n<image>\nq")], [docs[0]["image"]])
+
+
+def test_budget_reaches_the_results_and_reads_back(demo):
+    """clean() writes every task's budget through lmms-eval's log_metrics (the results file's "throughput"),
+    and budget_from_results / format_results read it back next to the scores."""
+    from lmms_eval.models.model_utils.gen_metrics import reset_logged_metrics, summarize_logged_metrics
+
+    fam = demo
+    docs = _docs(fam)
+    lm = _plugin(fam, PRUNE, batch_size=2, docs=docs)
+    lm.generate_until(_simple_requests(docs))
+    want = lm.budget_summary()
+    reset_logged_metrics()
+    lm.clean()
+    results = {"throughput": summarize_logged_metrics(), "results": {"t": {"alias": "t", "acc,none": 0.5},
+                                                                     "other": {"alias": "other", "acc,none": 1.0}},
+               "config": {"model_args": f"pretrained=x,theta={PRUNE}"}}
+    got = budget.budget_from_results(results)
+    assert got.keys() == {"t"} and got["t"] == pytest.approx(want["t"])
+    assert results["throughput"]["total_gen_tokens"] == sum(r["output_tokens"] for r in lm.records)
+    table = budget.format_results(results)
+    row = next(line for line in table.splitlines() if line.startswith("| t "))
+    assert "0.5" in row and f"{want['t']['prefill_flops_ratio']:.4g}" in row
+    assert "no budget recorded" in next(line for line in table.splitlines() if line.startswith("| other"))
