@@ -296,6 +296,7 @@ def _install(model: nn.Module, adapter: DecoderAdapter, plan: ReductionPlan) -> 
                     qm, km = adapter.qk_modules(layer)
                     handles.append(qm.register_forward_hook(_capture_hook(state, i, "q")))
                     handles.append(km.register_forward_hook(_capture_hook(state, i, "k")))
+        handles.extend(adapter.install_hooks(model, state))
         gen = getattr(model, "generate", None)
         if callable(gen):
             model.__dict__["generate"] = _generate_wrapper(state, model)
