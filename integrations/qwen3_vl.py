@@ -36,7 +36,10 @@ What is model-specific here (everything else is :mod:`eos_kernels.patching`):
   nothing) and hands over the DeepStack rows of exactly those tokens, in order, to the
   model's own method: each kept token gets its own features, a removed token gets
   nothing, merged and pooled anchors get their own (an anchor's features are not
-  merged). Before any reduction the wrapper passes the call through unchanged.
+  merged). Before any reduction the wrapper passes the call through unchanged. A
+  DeepStack level after the *last* decoder layer (a model with no more layers than
+  levels) meets the hidden states already scattered back to the input length: it
+  reaches the kept visual positions there; removed positions stay zero.
 - **Interleaved MRoPE**: the rotary module merges the (t, h, w) frequencies
   (``mrope_section``, interleaved) before the decoder layers, which receive ``(cos,
   sin)`` of shape [B, L, head_dim] on every supported release: the generic patch
@@ -96,12 +99,13 @@ class _Handle:
 class _DeepStackCall:
     """What the text model received for one reducing prefill: the mask, the levels, the calls seen."""
 
-    __slots__ = ("ctx", "mask", "levels", "rank", "calls")
+    __slots__ = ("ctx", "mask", "levels", "rank", "calls", "scattered")
 
     def __init__(self, ctx, mask, levels):
         self.ctx, self.mask, self.levels = ctx, mask, levels
         self.rank = None  # long [B, L]: row of each visual position in the DeepStack tensors (lazily)
         self.calls = 0
+        self.scattered = False  # the last decoder layer has scattered the kept tokens back to the input length
 
 
 class Qwen3VLAdapter(QwenVLAdapter):
@@ -190,22 +194,35 @@ class Qwen3VLAdapter(QwenVLAdapter):
             idx = ctx.cur_idx
             if idx is None:  # nothing reduced yet: the stock call
                 return original(hidden_states, visual_pos_masks, visual_embeds)
-            if not torch.is_tensor(hidden_states) or hidden_states.shape[:2] != idx.shape:
-                raise _drift(f"`{_METHOD}` received hidden states of shape "
-                             f"{tuple(getattr(hidden_states, 'shape', ()))}, not the {tuple(idx.shape)} tokens "
-                             "the reduced layers hold")
             mask = visual_pos_masks
+            want = tuple(mask.shape) if call.scattered else tuple(idx.shape)
+            if not torch.is_tensor(hidden_states) or tuple(hidden_states.shape[:2]) != want:
+                raise _drift(f"`{_METHOD}` received hidden states of shape "
+                             f"{tuple(getattr(hidden_states, 'shape', ()))}, not the {want} tokens the patched "
+                             "layers hold")
             if call.rank is None:  # row of each visual position in the [n_visual, d] features (row-major)
                 call.rank = (mask.reshape(-1).cumsum(0) - 1).view(mask.shape)
             idx = idx.to(mask.device)
-            kept = mask.gather(1, idx)
-            if ctx.valid is not None:
-                kept = kept & ctx.valid.to(mask.device)
-            rows = call.rank.gather(1, idx)[kept]
+            if call.scattered:  # a DeepStack level after the last layer: input length, removed tokens are zeros
+                kept = torch.zeros_like(mask).scatter(1, idx, True) & mask
+                rows = call.rank[kept]
+            else:
+                kept = mask.gather(1, idx)
+                if ctx.valid is not None:
+                    kept = kept & ctx.valid.to(mask.device)
+                rows = call.rank.gather(1, idx)[kept]
             return original(hidden_states, kept, visual_embeds[rows.to(visual_embeds.device)])
+
+        def after_last_layer(module, args, output):
+            call, ctx = seen[0], state.ctx
+            if call is not None and ctx is not None and call.ctx is ctx and ctx.cur_idx is not None:
+                call.scattered = True
+            return None
 
         handles = [text.register_forward_pre_hook(pre, with_kwargs=True)]
         handles.append(text.register_forward_hook(post, with_kwargs=True, prepend=True))
+        # after the generic hook of the last layer, which scatters the kept tokens back to the input length
+        handles.append(self.decoder_layers(model)[-1].register_forward_hook(after_last_layer))
         text.__dict__[_METHOD] = types.MethodType(deepstack_process, text)
         handles.append(_Handle(text, _METHOD))
         return handles
