@@ -122,3 +122,17 @@ def qwen3_ragged(model, seed: int = 0):
         row += n
         alone.append(a)
     return batch, alone
+
+
+def save_tiny_qwen3(path, moe: bool = False, seed: int = 0, num_layers: int = 6,
+                    chat_template: str | None = tf.QWEN_CHAT_TEMPLATE, attn_implementation: str = "sdpa") -> str:
+    """:func:`tiny_qwen3` saved into ``path`` with ``save_pretrained``, with the Qwen tokenizer (its chat
+    template) and Qwen2-VL's PIL image processor (patch 4, merge 2: Qwen3-VL's processor has the same
+    image half; its video half needs torchvision, so the folder never holds a full processor here)."""
+    import os
+
+    path = os.fspath(path)
+    tiny_qwen3(moe, seed=seed, num_layers=num_layers, attn_implementation=attn_implementation).save_pretrained(path)
+    tf.qwen_tokenizer(chat_template).save_pretrained(path)
+    tf.tiny_qwen_image_processor().save_pretrained(path)
+    return path
