@@ -89,7 +89,7 @@ def test_packed_row_under_a_reducing_theta_raises_and_is_stock_otherwise(family,
         eos_kernels.patch(model, PRUNE)
         _logits(model, padded)  # the padded batch reduces as usual
         assert model.eos_report.reduced and model.eos_report.batch_size == 2
-        with pytest.raises(NotImplementedError, match="packs several sequences into one row.*DataCollatorWithFlattening"):
+        with pytest.raises(NotImplementedError, match="several packed sequences.*DataCollatorWithFlattening"):
             _logits(model, packed)
         # flash attention's varlen keywords name a packed row too (sdpa / eager ignore them)
         lengths = torch.tensor([0] + [len(p) for p in prompts]).cumsum(0).to(torch.int32)
@@ -116,5 +116,27 @@ def test_padded_batches_and_generation_are_not_taken_for_packed_rows():
         out = model.generate(**padded, max_new_tokens=3, do_sample=False)
         assert model.eos_report.reduced
         assert torch.equal(out, model.generate(**padded, max_new_tokens=3, do_sample=False, use_cache=False))
+    finally:
+        eos_kernels.unpatch(model)
+
+
+def test_a_forward_the_stock_model_itself_reads_as_packed_is_refused_too():
+    """transformers 5.0's Qwen3-VL text model builds its mask from its temporal position row, which stays
+    constant over an image: without attention mask and cache its own attention splits the prompt at the
+    image (the stock logits then differ from those with an all-ones mask). A reducing forward there is
+    refused; where the stock model reads the row as one sequence (later releases), it reduces."""
+    model = tq.tiny_qwen3(num_layers=3)
+    inputs = tq.qwen3_inputs(model, [tq.qwen3_prompt([(1, 4, 8)])], [[(1, 4, 8)]])
+    stock = _logits(model, inputs)
+    stock_packed = not torch.equal(stock, _logits(model, dict(inputs, attention_mask=torch.ones_like(
+        inputs["input_ids"]))))
+    try:
+        eos_kernels.patch(model, PRUNE)
+        if stock_packed:
+            with pytest.raises(NotImplementedError, match="several packed sequences"):
+                _logits(model, inputs)
+        else:
+            _logits(model, inputs)
+            assert model.eos_report.reduced
     finally:
         eos_kernels.unpatch(model)

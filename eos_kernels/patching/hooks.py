@@ -388,12 +388,15 @@ def _refuse_packed_rows(state: _PatchState, model, ctx: _Context, kwargs: dict, 
         elif cache is None:
             packed = bool((steps != 1).any())
     if packed:
-        how = f"flash-attention varlen arguments {varlen}" if varlen else "position ids that restart within a row"
+        how = (f"flash-attention varlen arguments {varlen}" if varlen else
+               "no attention mask and position ids that do not rise by one within a row")
         raise NotImplementedError(
-            f"EOS: this forward packs several sequences into one row ({how}, no attention mask: transformers' "
-            "padding-free format, e.g. DataCollatorWithFlattening). The reduction works per row and would mix "
-            "the packed sequences' visual tokens and budgets. Pass a padded batch with an attention_mask (one "
-            "sequence per row), or run the packed forward unreduced inside eos_kernels.patching.suspended(model)."
+            f"EOS: the model's attention treats this forward's rows as several packed sequences ({how}: "
+            "transformers' padding-free format, e.g. DataCollatorWithFlattening; transformers 5.0's Qwen3-VL also "
+            "reads its own position ids this way in a forward without attention mask and cache). The reduction "
+            "works per row and would mix the packed sequences' visual tokens and budgets. Pass a padded batch "
+            "with an attention_mask (one sequence per row), or run the packed forward unreduced inside "
+            "eos_kernels.patching.suspended(model)."
         )
 
 
