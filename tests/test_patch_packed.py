@@ -97,6 +97,10 @@ def test_packed_row_under_a_reducing_theta_raises_and_is_stock_otherwise(family,
                       max_length_q=max(len(p) for p in prompts), max_length_k=max(len(p) for p in prompts))
         with pytest.raises(NotImplementedError, match="varlen"):
             _logits(model, varlen)
+        # [1, total] position ids (DataCollatorWithFlattening's): packed by intent, also where Qwen's own
+        # mask would not separate the sequences (it reads packing from a [4, B, L] text row only)
+        with pytest.raises(NotImplementedError, match="several packed sequences"):
+            _logits(model, dict(packed, position_ids=packed["position_ids"][0]))
         # nothing reduced, nothing changed: transformers' own test inputs (text only), suspension, keep-all
         assert torch.equal(_logits(model, text_only), stock_text)
         with suspended(model):

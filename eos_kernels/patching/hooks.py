@@ -201,6 +201,7 @@ def _text_pre_hook(state: _PatchState, model):
             real = None
         ctx.visual, ctx.real = visual, real
         ctx.rows = _rating_rows(visual, real, state.prompt_length)
+        _refuse_packed_rows(state, model, ctx, kwargs, cache, given=True)
         ctx.cache = cache
         ctx.mode = "prefill"
         return None
@@ -367,23 +368,29 @@ def _layer_pre_hook(state: _PatchState, model, layer_idx: int):
 _VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
-def _refuse_packed_rows(state: _PatchState, model, ctx: _Context, kwargs: dict, cache) -> None:
-    """Refuse a prefill whose rows the model's attention treats as several packed sequences.
+def _refuse_packed_rows(state: _PatchState, model, ctx: _Context, kwargs: dict, cache, given: bool = False) -> None:
+    """Refuse a prefill whose rows hold several packed sequences.
 
     transformers' padding-free format (``DataCollatorWithFlattening``: several sequences in one
     row, ``position_ids`` restarting, optionally flash-attention varlen keywords) keeps the
     sequences apart inside attention only. The reduction works per row: it would rate one
     sequence's visual tokens with another's text and keep one budget for all of them, so the
-    outputs would differ from the padded batch without a sign. The rules are transformers' own,
-    read from the first reducer layer's arguments (the position ids the model builds its mask
-    from): varlen keywords; or, without an attention mask, position ids that do not rise by one
-    (sdpa / eager, no cache; flash, batch 1)."""
+    outputs would differ from the padded batch without a sign. Checked twice, without an
+    attention mask: on the decoder stack's arguments (``given``: what the caller passed, i.e.
+    varlen keywords or text position ids -- [B, L], or row 0 of Qwen's [4, B, L] -- that do not
+    rise by one: packed by intent, even where a model's mask would not separate them), and on the
+    first reducer layer's, by transformers' own rules for the position ids it builds its mask
+    from (sdpa / eager without a cache; flash with batch 1)."""
     varlen = [k for k in _VARLEN_KEYS if kwargs.get(k) is not None]
     packed = bool(varlen)
     pid = kwargs.get("position_ids")
+    if given and torch.is_tensor(pid) and pid.dim() == 3 and pid.shape[0] == 4:
+        pid = pid[0]  # Qwen-VL's text row (the other three are the multimodal (t, h, w) positions)
     if not packed and not ctx.mask_given and torch.is_tensor(pid) and pid.dim() == 2 and pid.shape[-1] > 1:
         steps = pid[:, 1:] - pid[:, :-1]
-        if _is_flash(state.adapter.attn_implementation(model)):
+        if given:
+            packed = bool((steps != 1).any())
+        elif _is_flash(state.adapter.attn_implementation(model)):
             packed = pid.shape[0] == 1 and bool((steps != 1).any())
         elif cache is None:
             packed = bool((steps != 1).any())
