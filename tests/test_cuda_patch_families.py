@@ -23,7 +23,7 @@ the seeds):
 
 Without CUDA the file skips; ``EOS_CUDA_TESTS_ON_CPU=1`` runs it on the CPU
 through Triton's interpreter (``scripts/gpu_check.sh --cpu``) with fewer generated
-tokens and bf16 for one family only.
+tokens, bf16 for one family only and without Qwen3-VL.
 """
 from __future__ import annotations
 
@@ -60,7 +60,9 @@ BF16_TOL = dict(rtol=3e-2, atol=3e-2)
 #: relative gap between the last kept and the first dropped importance score is >= 1e-2 at every
 #: reducer, sample and family (CPU, fp32), far above fp32 rounding and above bf16's 0.4 %
 SEED_RAGGED, SEED_GENERATE, SEED_REFERENCE = 29, 1, 26
-FAMILIES = ["qwen2.5", "llava_next", "llava_onevision", "qwen3"]
+#: Qwen3-VL on the GPU only: the interpreter subset (``scripts/gpu_check.sh --cpu``, a 90 s step) has no room
+#: for its ~30 s, and its CPU path is tested in test_patch_families.py / test_patch_qwen3_vl.py
+FAMILIES = ["qwen2.5", "llava_next", "llava_onevision"] + (["qwen3"] if HAS_CUDA else [])
 
 
 # --------------------------------------------------------------------------- models and inputs
