@@ -144,3 +144,28 @@ def test_a_forward_the_stock_model_itself_reads_as_packed_is_refused_too():
             assert model.eos_report.reduced
     finally:
         eos_kernels.unpatch(model)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_llava_packed_row_is_refused_and_padded_batch_matches_the_packed_stock_text(attn):
+    """LLaVA-1.5 (a Llama text model whose mask honours packed position ids): transformers' own test
+    passes unchanged on the text-only packed row, and a packed row with images is refused."""
+    from _tiny_models import make_pixels, make_prompt, num_visual_tokens, pad_batch, tiny_llava
+
+    model = tiny_llava(attn_implementation=attn, num_layers=3)
+    n = num_visual_tokens(model)
+    prompts = [make_prompt(n, 2, 4, seed=0), make_prompt(n, 3, 6, seed=1)]
+    ids, mask = pad_batch(prompts, "left")
+    pixels = make_pixels(2)
+    text_ids = ids.masked_fill(ids == model.config.image_token_id, 5)  # transformers' test: text only
+    padded_text = _logits(model, {"input_ids": text_ids, "attention_mask": mask})
+    flat = {"input_ids": ids[mask.bool()][None], "pixel_values": pixels,
+            "position_ids": torch.cat([torch.arange(len(p)) for p in prompts])[None]}
+    try:
+        eos_kernels.patch(model, PRUNE)
+        packed_text = _logits(model, dict(flat, input_ids=text_ids[mask.bool()][None], pixel_values=None))
+        torch.testing.assert_close(packed_text[0], padded_text[mask.bool()], atol=1e-5, rtol=1e-5)
+        with pytest.raises(NotImplementedError, match="several packed sequences"):
+            _logits(model, flat)
+    finally:
+        eos_kernels.unpatch(model)
