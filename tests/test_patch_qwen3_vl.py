@@ -344,3 +344,22 @@ def test_unsupported_models_list_qwen3_vl():
                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
     with pytest.raises(ValueError, match=r"Qwen3VLForConditionalGeneration.*Qwen3VLMoeForConditionalGeneration"):
         eos_kernels.patch(llama, Theta([Reducer(1, 0.5)]))
+
+
+@torch.no_grad()
+def test_the_base_model_class_is_patched_alike(model):
+    """``Qwen3VLModel`` / ``Qwen3VLMoeModel`` on their own (no LM head): keep-all bit-exact, a reducing
+    Theta gives the hidden states of the full model's reduced forward."""
+    base = model.model
+    inputs = _inputs(model, seed=9)
+    stock = base(**inputs).last_hidden_state
+    try:
+        patch_qwen3_vl(base, Theta([Reducer(1, 1.0)]))
+        assert torch.equal(base(**inputs).last_hidden_state, stock)
+        patch_qwen3_vl(base, Theta([Reducer(1, 0.5)]))
+        reduced = base(**inputs).last_hidden_state
+        assert base.eos_report.reduced and not torch.equal(reduced, stock)
+    finally:
+        unpatch_qwen3_vl(base)
+    patch_qwen3_vl(model, Theta([Reducer(1, 0.5)]))
+    assert torch.equal(model.lm_head(reduced), _logits(model, inputs))
