@@ -134,7 +134,7 @@ class Qwen3VLAdapter(QwenVLAdapter):
         if not (experts and k and isinstance(moe, int)):
             return (d, ffn)
         widths = []
-        for i, layer in enumerate(self.decoder_layers(model)):
+        for layer in self.decoder_layers(model):
             sparse = hasattr(getattr(layer, "mlp", None), "experts")
             widths.append(k * moe if sparse else ffn)
         return (d, round(sum(widths) / len(widths)) if widths else ffn)
@@ -157,7 +157,8 @@ class Qwen3VLAdapter(QwenVLAdapter):
             if levels is None:
                 raise _drift(f"{type(module).__name__} received visual tokens with image features but no "
                              "`deepstack_visual_embeds`")
-            if not (torch.is_tensor(mask) and mask.dtype == torch.bool and tuple(mask.shape) == (ctx.batch, ctx.length)):
+            shape = (ctx.batch, ctx.length)
+            if not (torch.is_tensor(mask) and mask.dtype == torch.bool and tuple(mask.shape) == shape):
                 raise _drift(f"`visual_pos_masks` is not a bool tensor [{ctx.batch}, {ctx.length}] (got "
                              f"{type(mask).__name__} {tuple(getattr(mask, 'shape', ()))})")
             levels = list(levels)

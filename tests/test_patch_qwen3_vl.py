@@ -168,7 +168,8 @@ def test_reduction_equals_a_hand_reference_with_deepstack_on_the_kept_tokens(mod
     assert n == 16
     ref, sel, levels, rank = _reference(model, inputs, reducers)
     recorder = _Recorder(monkeypatch, model.model.language_model)
-    theta = Theta([Reducer(layer, keep, **(MERGE if merge else {})) for layer, (keep, merge) in sorted(reducers.items())])
+    theta = Theta([Reducer(layer, keep, **(MERGE if merge else {}))
+                   for layer, (keep, merge) in sorted(reducers.items())])
     patch_qwen3_vl(model, theta)
     out = _logits(model, inputs)
     stages = model.eos_report.stages
