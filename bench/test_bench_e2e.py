@@ -320,3 +320,4 @@ def test_e2e_vision(benchmark, models, device, B, config):
         "dtype": str(shape["dtype"]).replace("torch.", ""), "vision": shape["vision"],
     })
 
+

@@ -23,6 +23,7 @@ from _tiny_families import (  # noqa: E402
     IMAGE_TOKEN_ID, save_tiny_llava_next, save_tiny_llava_onevision, save_tiny_qwen,
 )
 from _tiny_models import write_llava_dataset  # noqa: E402
+from _tiny_qwen3_vl import save_tiny_qwen3  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -83,6 +84,20 @@ def test_demo_driver_on_qwen25_synthetic_task(tmp_path):
     assert rc == 0
     res = _check_results(out, "Qwen2_5_VLForConditionalGeneration")
     assert res["data"]["synthetic"] is True and len(res["held_out_visual_counts"]) == 1
+
+
+def test_demo_driver_on_qwen3_vl_moe_own_ragged_data(tmp_path, capsys):
+    """Qwen3-VL-MoE (DeepStack after layers 0-2, reducers of the search at layers 1 and 3) on images of
+    different sizes: the driver searches, deploys and reports as on the other families."""
+    model = save_tiny_qwen3(str(tmp_path / "m"), moe=True)
+    search = _ragged_data(tmp_path / "search", 6, seed=0)
+    held = _ragged_data(tmp_path / "held", 6, seed=1)
+    out = str(tmp_path / "out")
+    rc = main(["--demo", "--model", model, "--data", search, "--eval-data", held, "--output", out,
+               "--budget", "4", "--second-budget", "8"] + SHORT)
+    assert rc == 0, capsys.readouterr().err
+    res = _check_results(out, "Qwen3VLMoeForConditionalGeneration")
+    assert len(res["held_out_visual_counts"]) >= 3, res["held_out_visual_counts"]
 
 
 @pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])

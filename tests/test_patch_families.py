@@ -32,10 +32,12 @@ from eos_kernels.integrations.llava_next import (  # noqa: E402
     patch_llava_next, patch_llava_onevision, unpatch_llava_next, unpatch_llava_onevision,
 )
 from eos_kernels.integrations.qwen2_vl import patch_qwen2_vl, unpatch_qwen2_vl  # noqa: E402
+from eos_kernels.integrations.qwen3_vl import patch_qwen3_vl, unpatch_qwen3_vl  # noqa: E402
 from eos_kernels.patching import get_report, is_patched  # noqa: E402
 from eos_kernels.theta import Reducer, Theta  # noqa: E402
 
 import _tiny_families as tf  # noqa: E402
+import _tiny_qwen3_vl as tq  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -117,6 +119,40 @@ class Qwen(Family):
         return torch.cat([m[i % 3] for i, m in enumerate(cos.split(section, dim=-1))], dim=-1)
 
 
+class Qwen3(Qwen):
+    """Qwen3-VL (dense or MoE): the Qwen prompt format with DeepStack after text layers 0-2; its hand
+    reference of the reduction (with DeepStack) is in ``test_patch_qwen3_vl.py``."""
+
+    patch = staticmethod(patch_qwen3_vl)
+    unpatch = staticmethod(unpatch_qwen3_vl)
+    own_reference = True
+
+    def __init__(self, moe):
+        self.moe = moe
+        self.name = "qwen3_moe" if moe else "qwen3"
+
+    def build(self, seed=0, attn_implementation="sdpa"):
+        return tq.tiny_qwen3(self.moe, seed=seed, attn_implementation=attn_implementation)
+
+    def one(self, model, seed=0, grid=(1, 4, 8)):
+        return tq.qwen3_inputs(model, [tq.qwen3_prompt([grid], seed=seed)], [[grid]], seed=seed)
+
+    def pair(self, model, side="left", seed=0):
+        grids = [[(1, 4, 8)], [(1, 8, 4)]]
+        prompts = [tq.qwen3_prompt(grids[0], seed=seed, after=4), tq.qwen3_prompt(grids[1], seed=seed + 1, after=9)]
+        batch = tq.qwen3_inputs(model, prompts, grids, side=side, seed=seed)
+        alone = [tq.qwen3_inputs(model, [p], [g], seed=seed) for p, g in zip(prompts, grids)]
+        alone[0]["pixel_values"] = batch["pixel_values"][:32]
+        alone[1]["pixel_values"] = batch["pixel_values"][32:]
+        return batch, alone
+
+    def ragged(self, model, seed=0):
+        return tq.qwen3_ragged(model, seed)
+
+    def text_only(self, model):
+        return tq.qwen3_inputs(model, [tq.qwen3_prompt([], seed=5)], [[]])
+
+
 class Next(Family):
     name = "llava_next"
     patch = staticmethod(patch_llava_next)
@@ -166,7 +202,8 @@ class Onevision(Next):
         return tf.tiny_llava_onevision(seed=seed, attn_implementation=attn_implementation)
 
 
-FAMILIES = {"qwen2": Qwen("2"), "qwen2.5": Qwen("2.5"), "llava_next": Next(), "llava_onevision": Onevision()}
+FAMILIES = {"qwen2": Qwen("2"), "qwen2.5": Qwen("2.5"), "llava_next": Next(), "llava_onevision": Onevision(),
+            "qwen3": Qwen3(moe=False), "qwen3_moe": Qwen3(moe=True)}
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -316,6 +353,8 @@ def test_rows_are_the_prompt_text_after_the_image(fam):
     after the image (the model's own format: Qwen's <|vision_end|>, question and generation prompt)
     and drops the others by hand, with the kept tokens' original (Qwen: 3-D) rotary phases."""
     family, model = fam
+    if getattr(family, "own_reference", False):
+        pytest.skip("Qwen3-VL's reference (q/k norms, DeepStack) is test_patch_qwen3_vl.py's")
     inputs = family.one(model, seed=4)
     ids = inputs["input_ids"]
     L = ids.shape[1]

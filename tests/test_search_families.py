@@ -36,12 +36,13 @@ from _tiny_families import (  # noqa: E402
     tiny_llava_onevision_config,
 )
 from _tiny_models import write_llava_dataset  # noqa: E402
+from _tiny_qwen3_vl import save_tiny_qwen3  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 #: (width, height) of the data set's images, in turn: different counts for every family
 SIZES = [(56, 56), (50, 100), (100, 40), (112, 112), (40, 60), (64, 32)]
-FAMILIES = ("qwen2.5", "qwen2", "llava_next", "llava_onevision")
+FAMILIES = ("qwen2.5", "qwen2", "llava_next", "llava_onevision", "qwen3")
 
 
 def _write_data(root, n=6, seed=0):
@@ -58,7 +59,9 @@ def _write_data(root, n=6, seed=0):
 @pytest.fixture(scope="module", params=FAMILIES)
 def env(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param.replace(".", ""))
-    if request.param.startswith("qwen"):
+    if request.param == "qwen3":
+        model_dir = save_tiny_qwen3(str(root / "model"))
+    elif request.param.startswith("qwen"):
         model_dir = save_tiny_qwen(str(root / "model"), version=request.param[len("qwen"):])
     elif request.param == "llava_onevision":
         model_dir = save_tiny_llava_onevision(str(root / "model"))
@@ -86,7 +89,8 @@ def test_model_class_processor_and_prompts_follow_the_checkpoint(env, loaded):
     model, processor = loaded
     want = {"qwen2.5": "Qwen2_5_VLForConditionalGeneration", "qwen2": "Qwen2VLForConditionalGeneration",
             "llava_next": "LlavaNextForConditionalGeneration",
-            "llava_onevision": "LlavaOnevisionForConditionalGeneration"}[env.family]
+            "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+            "qwen3": "Qwen3VLForConditionalGeneration"}[env.family]
     assert type(model) is getattr(transformers, want)
     ds = _dataset(env, processor)
     counts = ds.visual_counts

@@ -3,7 +3,8 @@
 This package is the model-agnostic half of :func:`eos_kernels.patch`; a model
 family plugs in through a small :class:`~.adapter.VisionLanguageAdapter` (one
 file each in ``eos_kernels.integrations``: LLaVA-1.5, LLaVA-NeXT/OneVision,
-Qwen2(.5)-VL). Its modules: ``compat`` (versions, lookups by type or role, the
+Qwen2(.5)-VL, Qwen3-VL; a family may add removable hooks of its own,
+``DecoderAdapter.install_hooks``). Its modules: ``compat`` (versions, lookups by type or role, the
 drift error), ``plan`` (what to reduce), ``adapter``, ``report``, ``cache`` (the
 slot map of a reduced KV cache and the masks fitted to it), ``hooks`` (the
 per-forward context and the reduction step); patching and unpatching here.
@@ -101,7 +102,10 @@ batched operator call; when they end at different lengths, the shorter ones
 are padded with masked slots inside the patched layers and their KV caches
 (``StageRecord.valid_slots``), so decoding, beam search and the scatter back
 stay right. Limitations: flex attention's ``BlockMask`` is not
-supported (``NotImplementedError``); a prefill is one forward (chunked prefill
+supported (``NotImplementedError``), nor are packed rows (transformers'
+padding-free format: a reducing prefill whose first reducer layer sees
+flash-attention varlen arguments, or position ids that do not rise by one without
+an attention mask, raises ``NotImplementedError``); a prefill is one forward (chunked prefill
 would reduce the first chunk only); visual tokens arriving after the prefill
 (a later turn on the same cache) are not reduced; ``output_hidden_states``
 gives each layer's states at that layer's own length; a compiled forward
@@ -296,6 +300,7 @@ def _install(model: nn.Module, adapter: DecoderAdapter, plan: ReductionPlan) -> 
                     qm, km = adapter.qk_modules(layer)
                     handles.append(qm.register_forward_hook(_capture_hook(state, i, "q")))
                     handles.append(km.register_forward_hook(_capture_hook(state, i, "k")))
+        handles.extend(adapter.install_hooks(model, state))
         gen = getattr(model, "generate", None)
         if callable(gen):
             model.__dict__["generate"] = _generate_wrapper(state, model)

@@ -126,6 +126,19 @@ class DecoderAdapter:
         impl = getattr(config, "_attn_implementation", None) or "eager"
         return str(impl)
 
+    def install_hooks(self, model: nn.Module, state) -> list:
+        """Family-specific additions to a patch, installed after the generic hooks; default none.
+
+        Returns removable handles (objects with ``remove()``), which :func:`unpatch_model`
+        removes with the generic ones (and ``copy.deepcopy`` reinstalls on the copy). ``state``
+        is the patch's per-instance state: ``state.ctx`` is the context of the decoder-stack
+        forward in progress (None outside one); a family reads its ``mode`` ("prefill" while
+        reducing), ``batch``, ``length``, ``cur_idx`` (long [B, L'], the original positions
+        of the tokens the layers currently hold, None before the first reduction) and
+        ``valid`` (bool [B, L'], False at a ragged reduction's padding slots, or None).
+        Qwen3-VL uses it for DeepStack (:mod:`eos_kernels.integrations.qwen3_vl`)."""
+        return []
+
 
 
 

@@ -11,7 +11,7 @@ TRANSFORMERS_MIN = "5.0"
 TRANSFORMERS_MAX = "6.0"
 #: The oldest and newest releases CI runs the patching tests on (``.ci/run`` pins both exactly).
 #: A release newer than ``TESTED_TRANSFORMERS[1]`` patches with one warning naming this range.
-TESTED_TRANSFORMERS = ("5.0.0", "5.24.0")
+TESTED_TRANSFORMERS = ("5.0.0", "5.25.0")
 
 class TransformersDriftError(RuntimeError):
     """A patched model met a call from transformers that it does not understand.

@@ -51,6 +51,8 @@ class _Context:
         self.text_counts: tuple[int, ...] = ()     # real (not padding) non-visual tokens per sample
         self.found_cache = None                   # the Cache among the decoder stack's arguments (prefill)
         self.labels: torch.Tensor | None = None   # this forward's own copy of `labels`, if any
+        self.mask_given = False                   # the decoder stack received an attention mask (prefill)
+        self.packing_checked = False              # the packed-rows guard ran on this prefill
 
 
 class _PatchState:
@@ -159,6 +161,7 @@ def _text_pre_hook(state: _PatchState, model):
         # ---- prefill
         if cache is not None and hasattr(cache, "__dict__"):
             cache.__dict__.pop(CACHE_MAP_ATTR, None)  # a reused cache: forget the old map
+        ctx.mask_given = kwargs.get("attention_mask") is not None
         real = _real_tokens(kwargs.get("attention_mask"), B, L)
         if real is not None:
             real = real.to(ref.device)
@@ -198,6 +201,7 @@ def _text_pre_hook(state: _PatchState, model):
             real = None
         ctx.visual, ctx.real = visual, real
         ctx.rows = _rating_rows(visual, real, state.prompt_length)
+        _refuse_packed_rows(state, model, ctx, kwargs, cache, given=True)
         ctx.cache = cache
         ctx.mode = "prefill"
         return None
@@ -336,6 +340,9 @@ def _layer_pre_hook(state: _PatchState, model, layer_idx: int):
                          "decoder stack's call did not show, so this decode step was taken for a new prefill")
         if ctx.mode != "prefill":
             return None
+        if not ctx.packing_checked:  # the first hooked layer runs before any reduction
+            ctx.packing_checked = True
+            _refuse_packed_rows(state, model, ctx, kwargs, cache)
         if layer_idx in ctx.schedule:
             ctx.capturing = layer_idx
             ctx.captured = {}
@@ -355,6 +362,49 @@ def _layer_pre_hook(state: _PatchState, model, layer_idx: int):
         return args, new
 
     return hook
+
+
+#: flash-attention varlen keywords of transformers' padding-free path (``DataCollatorWithFlattening``)
+_VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def _refuse_packed_rows(state: _PatchState, model, ctx: _Context, kwargs: dict, cache, given: bool = False) -> None:
+    """Refuse a prefill whose rows hold several packed sequences.
+
+    transformers' padding-free format (``DataCollatorWithFlattening``: several sequences in one
+    row, ``position_ids`` restarting, optionally flash-attention varlen keywords) keeps the
+    sequences apart inside attention only. The reduction works per row: it would rate one
+    sequence's visual tokens with another's text and keep one budget for all of them, so the
+    outputs would differ from the padded batch without a sign. Checked twice, without an
+    attention mask: on the decoder stack's arguments (``given``: what the caller passed, i.e.
+    varlen keywords or text position ids -- [B, L], or row 0 of Qwen's [4, B, L] -- that do not
+    rise by one: packed by intent, even where a model's mask would not separate them), and on the
+    first reducer layer's, by transformers' own rules for the position ids it builds its mask
+    from (sdpa / eager without a cache; flash with batch 1)."""
+    varlen = [k for k in _VARLEN_KEYS if kwargs.get(k) is not None]
+    packed = bool(varlen)
+    pid = kwargs.get("position_ids")
+    if given and torch.is_tensor(pid) and pid.dim() == 3 and pid.shape[0] == 4:
+        pid = pid[0]  # Qwen-VL's text row (the other three are the multimodal (t, h, w) positions)
+    if not packed and not ctx.mask_given and torch.is_tensor(pid) and pid.dim() == 2 and pid.shape[-1] > 1:
+        steps = pid[:, 1:] - pid[:, :-1]
+        if given:
+            packed = bool((steps != 1).any())
+        elif _is_flash(state.adapter.attn_implementation(model)):
+            packed = pid.shape[0] == 1 and bool((steps != 1).any())
+        elif cache is None:
+            packed = bool((steps != 1).any())
+    if packed:
+        how = (f"flash-attention varlen arguments {varlen}" if varlen else
+               "no attention mask and position ids that do not rise by one within a row")
+        raise NotImplementedError(
+            f"EOS: the model's attention treats this forward's rows as several packed sequences ({how}: "
+            "transformers' padding-free format, e.g. DataCollatorWithFlattening; transformers 5.0's Qwen3-VL also "
+            "reads its own position ids this way in a forward without attention mask and cache). The reduction "
+            "works per row and would mix the packed sequences' visual tokens and budgets. Pass a padded batch "
+            "with an attention_mask (one sequence per row), or run the packed forward unreduced inside "
+            "eos_kernels.patching.suspended(model)."
+        )
 
 
 def _check_unknown_args(ctx: _Context, layer_idx: int, args: tuple, kwargs: dict, known: set, lengths) -> None:
