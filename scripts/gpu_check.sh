@@ -27,15 +27,17 @@
 #   8. bench-operator-grid              the rest of the operator grid, fused + eager
 #   9. bench-e2e-rest                   the other budgets and the decode step
 #  10. bench-search-step                one search step, fused vs reference
-#  11. bench-lmms-eval                  the lmms-eval plugin's throughput, batch 1 and 8 (as time allows;
+#  11. bench-e2e-families              stock vs reduced (1/9) prefill of the newer families at their
+#                                       real sizes, random weights (Qwen3-VL-8B-shaped; as time allows)
+#  12. bench-lmms-eval                  the lmms-eval plugin's throughput, batch 1 and 8 (as time allows;
 #                                       skips where lmms-eval is not importable: carry it, README)
-#  12. bench-operator-compile-grid      the rest of the torch.compile grid (as time allows)
-#  13. tests-full-suites                tests/test_eos_reduce.py + test_importance.py compiled on CUDA
+#  13. bench-operator-compile-grid      the rest of the torch.compile grid (as time allows)
+#  14. tests-full-suites                tests/test_eos_reduce.py + test_importance.py compiled on CUDA
 #                                       (as time allows)
-#  14. report                           python -m bench.report on bench.json (met/missed/not measured)
+#  15. report                           python -m bench.report on bench.json (met/missed/not measured)
 # A step gets min(its own limit, what is left of the budget); with nothing left it is skipped.
 # With --cpu each step runs its CPU subset (EOS_CUDA_TESTS_ON_CPU=1 for the CUDA-only tests,
-# TRITON_INTERPRET=1, EOS_BENCH_MAX_ROUNDS=1, CUDA hidden); steps 5, 11, 12 and 13 are skipped there.
+# TRITON_INTERPRET=1, EOS_BENCH_MAX_ROUNDS=1, CUDA hidden); steps 5 and 11-14 are skipped there.
 #
 # OUT_DIR (created; must be empty) receives at most 8 files, each well under 16 MB:
 #   env.json      step 1's record (GPU, driver, CUDA, versions, commit, sanity checks)
@@ -50,8 +52,8 @@
 #   GPU_CHECK_BUDGET=s     seconds for the whole run, report included (default 470 on a GPU, 240 with
 #                          --cpu). The limits of steps 1-10 and 13 sum to 480 s, set from the first
 #                          H200 run (bench/results/h200: cold compile caches; the test steps need
-#                          most of it); a step gets what is left when that is less, and steps 11-13
-#                          run only in what the earlier steps left (60, 120 and 120 s at most).
+#                          most of it); a step gets what is left when that is less, and steps 11-14
+#                          run only in what the earlier steps left (90, 60, 120 and 120 s at most).
 #   GPU_CHECK_INJECT=name:fail[,name:hang]   replace a step by a deliberate failure / a hang
 #                          (a hang is cut by the step's timeout, at most GPU_CHECK_HANG_S=3 s)
 #   GPU_CHECK_COMMIT=sha   recorded in env.json when the checkout has no .git
@@ -237,6 +239,8 @@ if [ "$MODE" = gpu ]; then
         bench/test_bench_e2e.py -k "cuda and not vision and not (prefill and (unpatched or r64))"
     run_step bench-search-step bench 25 -- "${PYTEST[@]}" "${BENCH[@]}" \
         bench/test_bench_search_step.py -k "cuda"
+    run_step bench-e2e-families bench 90 -- "${PYTEST[@]}" "${BENCH[@]}" \
+        bench/test_bench_e2e_families.py -k "cuda"
     run_step bench-lmms-eval bench 60 -- "${PYTEST[@]}" "${BENCH[@]}" \
         bench/test_bench_lmms_eval.py -k "cuda"
     run_step bench-operator-compile-grid bench 120 -- "${PYTEST[@]}" "${BENCH[@]}" "${BENCH_SHORT[@]}" \
@@ -259,6 +263,8 @@ else
         bench/test_bench_e2e.py -k "cpu and decode and paper-r64"
     run_step bench-search-step bench 40 -- "${PYTEST[@]}" "${BENCH[@]}" \
         bench/test_bench_search_step.py -k "cpu"
+    run_step bench-e2e-families bench 30 "skip:GPU only (the CPU subset: pytest bench/test_bench_e2e_families.py -k cpu)" \
+        "${PYTEST[@]}" "${BENCH[@]}" bench/test_bench_e2e_families.py -k "cpu"
     run_step bench-lmms-eval bench 30 "skip:GPU only (the CPU figures: bench/results/cpu-2core-lmms-eval)" \
         "${PYTEST[@]}" "${BENCH[@]}" bench/test_bench_lmms_eval.py -k "cpu-B1"
     run_step bench-operator-compile-grid bench 30 "skip:GPU only (inductor's CPU compile is too slow for a dry run)" \
