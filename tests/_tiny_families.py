@@ -419,6 +419,189 @@ def onevision_inputs(model, image_size=None, frames: int = 0, before=3, after=6,
     return out
 
 
+# --------------------------------------------------------------------------- InternVL
+#: InternVL's <img> / </img> / <IMG_CONTEXT>, and Gemma 3's <start_of_image> / <end_of_image> / <image_soft_token>
+IMG_START_TOKEN_ID, IMG_END_TOKEN_ID = VISION_START_TOKEN_ID, VISION_END_TOKEN_ID
+INTERNVL_TILE = 56
+INTERNVL_PATCH = 7
+#: tokens per tile: (56 / 7)^2 patches, pixel-shuffled by 0.5 in each direction
+INTERNVL_TILE_TOKENS = (INTERNVL_TILE // INTERNVL_PATCH) ** 2 // 4
+
+
+def tiny_internvl_config(num_layers: int = 6, attn_implementation: str = "sdpa"):
+    """InternViT 56 px / patch 7 (16 tokens per tile after the pixel shuffle) + Qwen2 text."""
+    from transformers import InternVLConfig, InternVLVisionConfig, Qwen2Config
+
+    vision = InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  image_size=INTERNVL_TILE, patch_size=INTERNVL_PATCH)
+    config = InternVLConfig(vision_config=vision, text_config=Qwen2Config(**_text_kwargs(num_layers)),
+                            image_token_id=IMAGE_TOKEN_ID, image_seq_length=INTERNVL_TILE_TOKENS,
+                            downsample_ratio=0.5, vision_feature_layer=-1, vision_feature_select_strategy="default")
+    config.pad_token_id = PAD_TOKEN_ID
+    config._attn_implementation = attn_implementation
+    return config
+
+
+@torch.no_grad()
+def tiny_internvl(seed: int = 0, attn_implementation: str = "sdpa", num_layers: int = 6, std: float = 0.15):
+    """A tiny ``InternVLForConditionalGeneration`` (eval, fp32)."""
+    from transformers import InternVLForConditionalGeneration
+
+    config = tiny_internvl_config(num_layers=num_layers, attn_implementation=attn_implementation)
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(config)
+    _randomise(model, seed, std)
+    _generation_defaults(model, [IMAGE_TOKEN_ID, IMG_START_TOKEN_ID, IMG_END_TOKEN_ID])
+    return model.eval()
+
+
+def internvl_prompt(tiles, after: int = 5, seed: int = 0, between: int = 2) -> torch.Tensor:
+    """An InternVL (ChatML) prompt: ``<|im_start|> user \n``, one ``<img> <IMG_CONTEXT> * 16 t </img> \n``
+    block per image of ``t`` tiles (``between`` text tokens between two), ``after`` question tokens,
+    ``<|im_end|> \n <|im_start|> assistant \n``."""
+    gen = torch.Generator().manual_seed(1000 + seed)
+    parts = [torch.tensor([IM_START_TOKEN_ID, USER_TOKEN_ID, NEWLINE_TOKEN_ID])]
+    for i, t in enumerate(tiles):
+        if i:
+            parts.append(_text(between, gen))
+        parts += [torch.tensor([IMG_START_TOKEN_ID]), torch.full((t * INTERNVL_TILE_TOKENS,), IMAGE_TOKEN_ID),
+                  torch.tensor([IMG_END_TOKEN_ID, NEWLINE_TOKEN_ID])]
+    parts += [_text(after, gen), torch.tensor([IM_END_TOKEN_ID, NEWLINE_TOKEN_ID, IM_START_TOKEN_ID,
+                                                ASSISTANT_TOKEN_ID, NEWLINE_TOKEN_ID])]
+    return torch.cat(parts)
+
+
+def tile_pixels(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(2000 + seed)
+    return torch.randn(n, 3, size, size, generator=gen)
+
+
+def internvl_inputs(prompts, tiles, side: str = "left", seed: int = 0) -> dict:
+    """Inputs of a batch of InternVL prompts; ``tiles[b]``: the tiles of each image of sample ``b``
+    (``pixel_values`` [all tiles, 3, 56, 56], the samples' tiles in order)."""
+    if torch.is_tensor(prompts):
+        prompts = [prompts]
+    ids, mask = pad_batch(prompts, side)
+    out = {"input_ids": ids}
+    if not bool(mask.all()):
+        out["attention_mask"] = mask
+    n = sum(sum(t) for t in tiles)
+    if n:
+        out["pixel_values"] = tile_pixels(n, INTERNVL_TILE, seed)
+    return out
+
+
+def _split_tiles(batch, prompts, tiles, make):
+    """Each sample's own inputs (``make(prompt, tiles)``) with the batch's pixel rows of its tiles."""
+    alone, row = [], 0
+    for p, t in zip(prompts, tiles):
+        a = make(p, t)
+        if sum(t):
+            a["pixel_values"] = batch["pixel_values"][row:row + sum(t)]
+        row += sum(t)
+        alone.append(a)
+    return alone
+
+
+def internvl_ragged(seed: int = 0):
+    """A left-padded batch of three InternVL prompts with different visual counts (one image of 2 tiles:
+    32 tokens; two of 1 + 3 tiles: 64; none), and each alone with the same pixels: ``(batch, [alone, ...])``."""
+    tiles = [[2], [1, 3], []]
+    prompts = [internvl_prompt(t, seed=seed + i, after=4 + i) for i, t in enumerate(tiles)]
+    batch = internvl_inputs(prompts, tiles, side="left", seed=seed)
+    return batch, _split_tiles(batch, prompts, tiles, lambda p, t: internvl_inputs([p], [t], seed=seed))
+
+
+# --------------------------------------------------------------------------- Gemma 3
+GEMMA_IMAGE = 56
+GEMMA_PATCH = 7
+#: image tokens per image: (56 / 7)^2 SigLIP patches average-pooled 2 x 2
+GEMMA_IMAGE_TOKENS = 16
+#: the tiny text model's sliding window: shorter than an image block and than every prompt, so that the
+#: window cuts image blocks, prompts and the KV cache of every sliding layer
+GEMMA_WINDOW = 8
+BOI_TOKEN_ID, EOI_TOKEN_ID = VISION_START_TOKEN_ID, VISION_END_TOKEN_ID
+
+
+def tiny_gemma3_config(num_layers: int = 6, attn_implementation: str = "sdpa", sliding_window: int = GEMMA_WINDOW):
+    """SigLIP 56 px / patch 7, pooled to 16 tokens per image + the Gemma 3 text model (q/k norms, scaled
+    embeddings, layers 0-4 sliding-window, layer 5 global: the stock ``layer_types`` pattern)."""
+    from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
+
+    kw = _text_kwargs(num_layers)
+    text = Gemma3TextConfig(**kw, head_dim=16, query_pre_attn_scalar=16, sliding_window=sliding_window)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                image_size=GEMMA_IMAGE, patch_size=GEMMA_PATCH)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=GEMMA_IMAGE_TOKENS,
+                          boi_token_index=BOI_TOKEN_ID, eoi_token_index=EOI_TOKEN_ID, image_token_index=IMAGE_TOKEN_ID)
+    config.pad_token_id = PAD_TOKEN_ID
+    config._attn_implementation = attn_implementation
+    return config
+
+
+@torch.no_grad()
+def tiny_gemma3(seed: int = 0, attn_implementation: str = "sdpa", num_layers: int = 6, std: float = 0.15,
+                sliding_window: int = GEMMA_WINDOW):
+    """A tiny ``Gemma3ForConditionalGeneration`` (eval, fp32)."""
+    from transformers import Gemma3ForConditionalGeneration
+
+    config = tiny_gemma3_config(num_layers=num_layers, attn_implementation=attn_implementation,
+                                sliding_window=sliding_window)
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config)
+    _randomise(model, seed, std)
+    _generation_defaults(model, [IMAGE_TOKEN_ID, BOI_TOKEN_ID, EOI_TOKEN_ID])
+    return model.eval()
+
+
+def gemma_prompt(n_images: int, before: int = 2, after: int = 5, seed: int = 0, between: int = 2) -> torch.Tensor:
+    """A Gemma 3 chat prompt: ``<bos> <start_of_turn> user \n`` text, one ``\n <start_of_image>
+    <image_soft_token> * 16 <end_of_image> \n`` block per image (``between`` text tokens between two), the
+    question, ``<end_of_turn> \n <start_of_turn> model \n`` (``<start_of_turn>``/``<end_of_turn>`` are the
+    ChatML ids here, "model" is ``ASSISTANT_TOKEN_ID``)."""
+    gen = torch.Generator().manual_seed(1000 + seed)
+    parts = [torch.tensor([BOS_TOKEN_ID, IM_START_TOKEN_ID, USER_TOKEN_ID, NEWLINE_TOKEN_ID]), _text(before, gen)]
+    for i in range(n_images):
+        if i:
+            parts.append(_text(between, gen))
+        parts += [torch.tensor([NEWLINE_TOKEN_ID, BOI_TOKEN_ID]), torch.full((GEMMA_IMAGE_TOKENS,), IMAGE_TOKEN_ID),
+                  torch.tensor([EOI_TOKEN_ID, NEWLINE_TOKEN_ID])]
+    parts += [_text(after, gen), torch.tensor([IM_END_TOKEN_ID, NEWLINE_TOKEN_ID, IM_START_TOKEN_ID,
+                                                ASSISTANT_TOKEN_ID, NEWLINE_TOKEN_ID])]
+    return torch.cat(parts)
+
+
+def gemma_token_type_ids(input_ids: torch.Tensor) -> torch.Tensor:
+    """What Gemma3Processor returns as ``token_type_ids``: 1 at the image tokens, 0 elsewhere."""
+    return (input_ids == IMAGE_TOKEN_ID).long()
+
+
+def gemma_inputs(prompts, images, side: str = "left", seed: int = 0, token_types: bool = True) -> dict:
+    """Inputs of a batch of Gemma 3 prompts; ``images[b]``: sample ``b``'s number of images
+    (``pixel_values`` [all images, 3, 56, 56]); ``token_type_ids`` as the processor gives them."""
+    if torch.is_tensor(prompts):
+        prompts = [prompts]
+    ids, mask = pad_batch(prompts, side)
+    out = {"input_ids": ids}
+    if not bool(mask.all()):
+        out["attention_mask"] = mask
+    if sum(images):
+        out["pixel_values"] = tile_pixels(sum(images), GEMMA_IMAGE, seed)
+    if token_types:
+        out["token_type_ids"] = gemma_token_type_ids(ids)
+    return out
+
+
+def gemma_ragged(seed: int = 0):
+    """A left-padded batch of three Gemma 3 prompts with different visual counts (one image: 16 tokens, two
+    images: 32, none), and each alone with the same pixels: ``(batch, [alone, ...])``."""
+    images = [1, 2, 0]
+    prompts = [gemma_prompt(n, seed=seed + i, after=4 + i) for i, n in enumerate(images)]
+    batch = gemma_inputs(prompts, images, side="left", seed=seed)
+    return batch, _split_tiles(batch, prompts, [[1] * n for n in images],
+                               lambda p, t: gemma_inputs([p], [len(t)], seed=seed))
+
+
 # --------------------------------------------------------------------------- tokenizers, processors, model folders
 def _word_tokenizer(top: dict, chat_template: str | None = None, bos: bool = True):
     """A word-level fast tokenizer of vocab 256: ``<pad> <s> </s> <unk>``, the tiny words of

@@ -1,4 +1,5 @@
-"""The EOS patch on more model families: Qwen2-VL, Qwen2.5-VL, LLaVA-NeXT (tiny random models, CPU, fp32).
+"""The EOS patch on more model families: Qwen2-VL, Qwen2.5-VL, LLaVA-NeXT, LLaVA-OneVision, InternVL, Gemma 3
+(tiny random models, CPU, fp32).
 
 The same guarantees as LLaVA-1.5 (``test_patch_llava.py``), under each model's own
 prompt format (``tests/_tiny_families.py``): a keep-all Theta is the stock model bit
@@ -13,7 +14,12 @@ Qwen: images and videos are visual, ``<|vision_start|>``/``<|vision_end|>`` are 
 kept tokens keep their original 3-D (t, h, w) rotary positions and decoding uses
 the stock model's positions (rope deltas). LLaVA-NeXT: the image-newline tokens
 carry the image token id and are reducible visual tokens. LLaVA-OneVision runs the
-same tests (its adapter is LLaVA-NeXT's with video tokens visual too).
+same tests (its adapter is LLaVA-NeXT's with video tokens visual too). InternVL:
+``<img>`` / ``</img>`` are text, every tile's ``<IMG_CONTEXT>`` tokens visual. Gemma 3:
+bidirectional image blocks and sliding-window layers whose window (8 tokens here) is
+shorter than an image block and every prompt, so that the windows cut image blocks,
+prompts and every sliding layer's KV cache (``test_patch_gemma3.py`` checks the masks
+by hand); its logits are larger (scaled embeddings), hence its own tolerance.
 
 Batches whose samples hold different visual counts (ragged: different image
 sizes, a text-only prompt) are built by :func:`ragged_batch`.
@@ -31,6 +37,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from eos_kernels.integrations.llava_next import (  # noqa: E402
     patch_llava_next, patch_llava_onevision, unpatch_llava_next, unpatch_llava_onevision,
 )
+from eos_kernels.integrations.gemma3 import patch_gemma3, unpatch_gemma3  # noqa: E402
+from eos_kernels.integrations.internvl import patch_internvl, unpatch_internvl  # noqa: E402
 from eos_kernels.integrations.qwen2_vl import patch_qwen2_vl, unpatch_qwen2_vl  # noqa: E402
 from eos_kernels.patching import get_report, is_patched  # noqa: E402
 from eos_kernels.theta import Reducer, Theta  # noqa: E402
@@ -52,6 +60,9 @@ class Family:
     """One model family: its tiny model, prompts in its own format, patch / unpatch."""
 
     name: str
+    #: fp32 logits of two runs that should agree (a batch vs each sample alone, eager vs sdpa): at least the
+    #: stock model's own batch-vs-alone difference (tests/_tiny_families.py models, CPU)
+    tol = dict(atol=2e-5, rtol=1e-5)
 
     def build(self, seed=0, attn_implementation="sdpa"):
         raise NotImplementedError
@@ -166,7 +177,68 @@ class Onevision(Next):
         return tf.tiny_llava_onevision(seed=seed, attn_implementation=attn_implementation)
 
 
-FAMILIES = {"qwen2": Qwen("2"), "qwen2.5": Qwen("2.5"), "llava_next": Next(), "llava_onevision": Onevision()}
+class InternVL(Family):
+    name = "internvl"
+    patch = staticmethod(patch_internvl)
+    unpatch = staticmethod(unpatch_internvl)
+
+    def build(self, seed=0, attn_implementation="sdpa"):
+        return tf.tiny_internvl(seed=seed, attn_implementation=attn_implementation)
+
+    def one(self, model, seed=0, tiles=2):
+        return tf.internvl_inputs([tf.internvl_prompt([tiles], seed=seed)], [[tiles]], seed=seed)
+
+    def pair(self, model, side="left", seed=0):
+        # one tile each (16 image tokens): transformers 5.0's generate expands pixel_values per beam by rows,
+        # which gives a beam of a multi-tile image other tiles (the stock model's beam search then differs)
+        tiles = [[1], [1]]
+        prompts = [tf.internvl_prompt(tiles[0], seed=seed, after=4), tf.internvl_prompt(tiles[1], seed=seed + 1, after=9)]
+        batch = tf.internvl_inputs(prompts, tiles, side=side, seed=seed)
+        return batch, tf._split_tiles(batch, prompts, tiles, lambda p, t: tf.internvl_inputs([p], [t], seed=seed))
+
+    def ragged(self, model, seed=0):
+        return tf.internvl_ragged(seed)
+
+    def text_only(self, model):
+        return tf.internvl_inputs([tf.internvl_prompt([], seed=5)], [[]])
+
+    @staticmethod
+    def mrope(cos):
+        return cos
+
+
+class Gemma3(Family):
+    name = "gemma3"
+    patch = staticmethod(patch_gemma3)
+    unpatch = staticmethod(unpatch_gemma3)
+    #: the stock model's batch-vs-alone logits differ by up to 3.5e-5 (embeddings scaled by 8, logits ~10x
+    #: those of the other tiny families)
+    tol = dict(atol=1e-4, rtol=1e-5)
+
+    def build(self, seed=0, attn_implementation="sdpa"):
+        return tf.tiny_gemma3(seed=seed, attn_implementation=attn_implementation)
+
+    def one(self, model, seed=0):
+        return tf.gemma_inputs([tf.gemma_prompt(1, seed=seed, after=10)], [1], seed=seed)
+
+    def pair(self, model, side="left", seed=0):
+        prompts = [tf.gemma_prompt(1, seed=seed, after=4), tf.gemma_prompt(1, seed=seed + 1, after=9)]
+        batch = tf.gemma_inputs(prompts, [1, 1], side=side, seed=seed)
+        return batch, tf._split_tiles(batch, prompts, [[1], [1]], lambda p, t: tf.gemma_inputs([p], [1], seed=seed))
+
+    def ragged(self, model, seed=0):
+        return tf.gemma_ragged(seed)
+
+    def text_only(self, model):
+        return tf.gemma_inputs([tf.gemma_prompt(0, seed=5)], [0])
+
+    @staticmethod
+    def mrope(cos):
+        return cos
+
+
+FAMILIES = {"qwen2": Qwen("2"), "qwen2.5": Qwen("2.5"), "llava_next": Next(), "llava_onevision": Onevision(),
+            "internvl": InternVL(), "gemma3": Gemma3()}
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -243,8 +315,9 @@ def test_reducing_theta_reduces_and_reports(fam):
     lengths = [layer.keys.shape[-2] for layer in cache.layers]
     seq = L
     want = []
-    for i in range(len(lengths)):
-        want.append(seq)
+    for i, layer in enumerate(cache.layers):  # a sliding-window layer (Gemma 3) keeps its last W - 1 slots
+        window = getattr(layer, "sliding_window", None)
+        want.append(seq if window is None else min(seq, window - 1))
         for s in report.stages:
             if s.layer == i:
                 seq = s.seq_out
@@ -316,6 +389,8 @@ def test_rows_are_the_prompt_text_after_the_image(fam):
     after the image (the model's own format: Qwen's <|vision_end|>, question and generation prompt)
     and drops the others by hand, with the kept tokens' original (Qwen: 3-D) rotary phases."""
     family, model = fam
+    if isinstance(family, Gemma3):
+        pytest.skip("Gemma 3's sliding-window and bidirectional masks: its own hand reference in test_patch_gemma3.py")
     inputs = family.one(model, seed=4)
     ids = inputs["input_ids"]
     L = ids.shape[1]
@@ -385,7 +460,7 @@ def test_padded_batch_with_equal_counts_matches_each_sample_alone(fam, side):
     assert model.eos_report.batch_size == 2 and model.eos_report.reduced
     mask = batch["attention_mask"].bool()
     for b, inputs in enumerate(alone):
-        torch.testing.assert_close(out[b, mask[b]], _logits(model, inputs)[0], atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(out[b, mask[b]], _logits(model, inputs)[0], **family.tol)
     if side == "left":
         gen = _generate(model, batch, n=4)
         for b, inputs in enumerate(alone):
@@ -411,7 +486,7 @@ def test_ragged_batch_matches_each_sample_alone(fam):
         assert [(s.visual_in[b], s.visual_out[b]) for s in report.stages] == want
     mask = batch["attention_mask"].bool()
     for b, inputs in enumerate(alone):
-        torch.testing.assert_close(out[b, mask[b]], _logits(model, inputs)[0], atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(out[b, mask[b]], _logits(model, inputs)[0], **family.tol)
     gen = _generate(model, batch, n=4)
     assert torch.equal(gen, _generate(model, batch, n=4, use_cache=False))
     for b, inputs in enumerate(alone):
@@ -432,26 +507,31 @@ def test_eager_and_sdpa_agree_and_static_cache_equals_dynamic(fam):
                             _generate(m, batch, n=4)))
     finally:
         family.unpatch(eager)
-    torch.testing.assert_close(results[0][0][mask], results[1][0][mask], atol=5e-5, rtol=1e-5)
+    tol = {**family.tol, "atol": max(5e-5, family.tol["atol"])}
+    torch.testing.assert_close(results[0][0][mask], results[1][0][mask], **tol)
     assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
     assert torch.equal(results[0][2], results[1][2])
     assert torch.equal(_generate(model, batch, n=4, cache_implementation="static"), results[0][2])
 
 
-def _stock_or_skip(fn, what):
+def _stock_or_skip(fn, what, errors=(TypeError, AttributeError)):
     try:
         return fn()
-    except (TypeError, AttributeError) as exc:  # the stock model of this release cannot do it either
+    except errors as exc:  # the stock model of this release cannot do it either
         import transformers
 
-        pytest.skip(f"stock {what} fails on transformers {transformers.__version__}: {type(exc).__name__}")
+        pytest.skip(f"stock {what} fails on transformers {transformers.__version__}: {type(exc).__name__}: {exc}")
 
 
 def test_assisted_and_prompt_lookup_generation_equal_greedy(fam):
     family, model = fam
     inputs = family.one(model, seed=15)
-    family.patch(model, PAPER)
     kw = dict(n=6, eos_token_id=tf.EOS_TOKEN_ID)  # transformers 5.0's prompt lookup needs an eos id
+    # transformers 5.0 cannot crop a sliding-window cache past its window (Gemma 3): the stock model refuses
+    # assisted decoding there with a ValueError
+    _stock_or_skip(lambda: _generate(model, inputs, prompt_lookup_num_tokens=3, **kw), "prompt lookup",
+                   (TypeError, AttributeError, ValueError))
+    family.patch(model, PAPER)
     expected = _generate(model, inputs, **kw)
     assert model.eos_report.reduced
     assert torch.equal(_generate(model, inputs, prompt_lookup_num_tokens=3, **kw), expected)
@@ -503,9 +583,34 @@ def test_unpatch_restores_bit_for_bit(fam):
     assert _hook_snapshot(model) == hooks
 
 
+def test_deepcopy_gives_an_independent_patched_model(fam):
+    import copy
+
+    family, model = fam
+    inputs = family.one(model, seed=9)
+    family.patch(model, PAPER)
+    expected = _generate(model, inputs)
+    report = model.eos_report
+    clone = copy.deepcopy(model)
+    assert is_patched(clone) and clone.__dict__["_eos_patch_state"] is not model.__dict__["_eos_patch_state"]
+    assert torch.equal(_generate(clone, inputs), expected)
+    assert clone.eos_report is not report and clone.eos_report.reduced and model.eos_report is report
+    with torch.no_grad():  # the clone's hooks drive the clone
+        clone.get_output_embeddings().weight.mul_(2)
+    assert torch.equal(_generate(model, inputs), expected)
+    family.unpatch(clone)
+    assert is_patched(model) and not is_patched(clone)
+
+
 def test_wrong_family_and_bad_theta_are_refused(fam):
     family, model = fam
     other = {"llava_next": patch_llava_onevision}.get(family.name, patch_llava_next)
+    if not isinstance(family, (Qwen, Gemma3)):
+        with pytest.raises(ValueError, match=type(model).__name__):
+            patch_gemma3(model, PAPER)
+    if isinstance(family, Gemma3):
+        with pytest.raises(ValueError, match=type(model).__name__):
+            patch_internvl(model, PAPER)
     if isinstance(family, Next):
         with pytest.raises(ValueError, match=type(model).__name__):
             patch_qwen2_vl(model, PAPER)
@@ -517,7 +622,17 @@ def test_wrong_family_and_bad_theta_are_refused(fam):
     # counts are per image: an integer keep above what the prompt holds is clipped to it at the prefill
     inputs = family.one(model)
     n = int(_visual(inputs["input_ids"]).sum())
-    family.patch(model, Theta([Reducer(1, 10_000), Reducer(2, 3)]))
+    big = Theta([Reducer(1, 10_000), Reducer(2, 3)])
+    from eos_kernels.integrations.auto import adapter_for
+
+    fixed = adapter_for(model).visual_tokens_per_image(model)
+    if fixed is not None:  # one image's count (Gemma 3): validated at patch time, as for LLaVA-1.5
+        with pytest.raises(ValueError, match=rf"more than the {fixed} incoming visual tokens"):
+            family.patch(model, big)
+        assert not is_patched(model)
+        family.patch(model, big, num_visual_tokens=10_000)  # prompts with more tokens: say so
+    else:
+        family.patch(model, big)
     _logits(model, inputs)
     assert [(s.layer, s.visual_in, s.visual_out) for s in model.eos_report.stages] == [(2, (n,), (3,))]
 
