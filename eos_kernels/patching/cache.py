@@ -16,7 +16,7 @@ _CACHE_WRAPPED_ATTR = "_eos_wrapped"
 class _CacheMap:
     """Which original positions each reduced layer's cache slots hold (prefill part)."""
 
-    __slots__ = ("prefill_length", "first_layers", "kept", "valid", "real")
+    __slots__ = ("prefill_length", "first_layers", "kept", "valid", "real", "rebuilds")
 
     def __init__(self, prefill_length: int, real: torch.Tensor | None = None):
         self.prefill_length = prefill_length
@@ -24,6 +24,7 @@ class _CacheMap:
         self.kept: list[torch.Tensor] = []  # long [B, L'_s]: original positions of the stage's prefill slots
         self.valid: list[torch.Tensor | None] = []  # bool [B, L'_s], False at a ragged prefill's padding slots
         self.real = real  # bool [B, prefill_length], False at the prefill's padding (None: no padding)
+        self.rebuilds = False  # some decode-step masks are sized by a reduced layer (hooks._decode_mask)
 
     def move_rows(self, fn) -> None:
         """Apply ``fn`` (a batch-row selection / reordering) to every per-row tensor of the map."""

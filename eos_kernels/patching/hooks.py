@@ -116,7 +116,12 @@ def _mask_removed_labels(ctx: _Context) -> None:
 def _input_pre_hook(state: _PatchState, model):
     def hook(module, args, kwargs):
         state.pending_visual = None
-        state.pending_padding = _padding_2d(kwargs.get("attention_mask"))
+        # the 2-D padding mask of a decode step whose masks are rebuilt (_rebuilt_mask); kept only then: a
+        # tensor stored at every step would cost a compiled decode loop graphs
+        cache = find_cache(args, kwargs)
+        cmap = cache.__dict__.get(CACHE_MAP_ATTR) if cache is not None and hasattr(cache, "__dict__") else None
+        state.pending_padding = (_padding_2d(kwargs.get("attention_mask"))
+                                 if cmap is not None and cmap.rebuilds else None)
         state.pending_visual = state.adapter.visual_mask(model, args, kwargs)
         return None
 
@@ -137,12 +142,7 @@ def _text_pre_hook(state: _PatchState, model):
         state.ctx = ctx
         visual, state.pending_visual = state.pending_visual, None
         ctx.labels, state.pending_labels = state.pending_labels, None
-        # the 2-D padding mask in original positions (the decoder stack's own, else its caller's: Gemma 3's
-        # stack gets a dict of prepared masks): what a decode step's masks are rebuilt from (_rebuilt_mask)
-        ctx.padding = _padding_2d(kwargs.get("attention_mask"))
-        if ctx.padding is None:
-            ctx.padding = state.pending_padding
-        state.pending_padding = None
+        padding, state.pending_padding = state.pending_padding, None
         embeds = kwargs.get("inputs_embeds")
         ids = kwargs.get("input_ids", args[0] if args else None)
         ref = embeds if embeds is not None else ids
@@ -162,6 +162,10 @@ def _text_pre_hook(state: _PatchState, model):
                 ctx.cache = cache
                 ctx.cache_map = cmap
                 ctx.past = past
+                if cmap.rebuilds:  # the 2-D padding mask in original positions: the decoder stack's own, else
+                    # its caller's (Gemma 3's stack gets a mapping of prepared masks)
+                    ctx.padding = _padding_2d(kwargs.get("attention_mask"))
+                    ctx.padding = padding if ctx.padding is None else ctx.padding
             else:
                 ctx.mode = "continue"
             return None
@@ -765,6 +769,11 @@ def _reduce(state: _PatchState, model, ctx: _Context, layer_idx: int, layer: nn.
         cmap.first_layers.append(layer_idx + 1)
         cmap.kept.append(ctx.cur_idx.detach())
         cmap.valid.append(None if new_valid is None else new_valid.detach())
+        # a layer transformers sizes masks by (the first full-attention / sliding-window layer) behind a reducer:
+        # decode steps rebuild those masks (_decode_mask)
+        layers = getattr(cache, "layers", None)
+        sizing = {_sizing_layer(cache, i) for i in range(len(layers))} if isinstance(layers, (list, tuple)) else {0}
+        cmap.rebuilds = any(cmap.stage_of(i) is not None for i in sizing)
     return out
 
 
