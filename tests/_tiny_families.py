@@ -603,10 +603,11 @@ def gemma_ragged(seed: int = 0):
 
 
 # --------------------------------------------------------------------------- tokenizers, processors, model folders
-def _word_tokenizer(top: dict, chat_template: str | None = None, bos: bool = True):
+def _word_tokenizer(top: dict, chat_template: str | None = None, bos: bool = True, extra: dict | None = None):
     """A word-level fast tokenizer of vocab 256: ``<pad> <s> </s> <unk>``, the tiny words of
     ``_tiny_models.TINY_WORDS``, fillers ``t{i}``, and ``top`` (id -> token) at the top ids.
-    Text is split on whitespace; the special tokens of ``top`` are split out first."""
+    Text is split on whitespace; the special tokens of ``top`` are split out first. ``extra``: named
+    special tokens (``extra_special_tokens``: ``tokenizer.boi_token``, ``.boi_token_id``, ...)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -623,8 +624,13 @@ def _word_tokenizer(top: dict, chat_template: str | None = None, bos: bool = Tru
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS_TOKEN_ID)])
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
     specials = [w for w in top.values() if w.startswith("<")]
+    if extra:  # named special tokens replace the list of additional ones: every special token gets a name
+        named = {f"special_{i}_token": w for i, w in enumerate(w for w in specials if w not in extra.values())}
+        kw = {"extra_special_tokens": {**named, **extra}}
+    else:
+        kw = {"additional_special_tokens": specials}
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>" if bos else None, eos_token="</s>",
-                                   pad_token="<pad>", unk_token="<unk>", additional_special_tokens=specials)
+                                   pad_token="<pad>", unk_token="<unk>", **kw)
     if chat_template is not None:
         fast.chat_template = chat_template
     return fast
@@ -684,6 +690,87 @@ def qwen_tokenizer(chat_template: str | None = QWEN_CHAT_TEMPLATE):
 def onevision_tokenizer(chat_template: str | None = ONEVISION_CHAT_TEMPLATE):
     """OneVision's Qwen2 tokenizer: ChatML, ``<image>`` = 255, ``<video>`` = 254."""
     return _chatml_tokenizer("<image>", "<video>", chat_template)
+
+
+#: InternVL3's format (ChatML; the image item is ``<IMG_CONTEXT>\n``, which InternVLProcessor expands to
+#: ``<img> <IMG_CONTEXT> * n </img>``)
+INTERNVL_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}{{ '<IMG_CONTEXT>\n' }}"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+#: Gemma 3's format: ``<bos><start_of_turn>user\n<start_of_image>{question}<end_of_turn>\n<start_of_turn>model\n``
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}"
+    "{{ '<start_of_turn>' + role + '\n' }}{% if message['content'] is string %}{{ message['content'] | trim }}"
+    "{% else %}{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '<start_of_image>' }}"
+    "{% elif item['type'] == 'text' %}{{ item['text'] | trim }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+
+def internvl_tokenizer(chat_template: str | None = INTERNVL_CHAT_TEMPLATE):
+    """InternVL's Qwen2 tokenizer: ChatML, ``<img>`` 252, ``</img>`` 253, ``<IMG_CONTEXT>`` 255 (named as
+    InternVLProcessor reads them: ``start_image_token``, ``end_image_token``, ``context_image_token``)."""
+    top = {SYSTEM_TOKEN_ID: "system", ASSISTANT_TOKEN_ID: "assistant", USER_TOKEN_ID: "user",
+           NEWLINE_TOKEN_ID: "<nl>", IM_START_TOKEN_ID: "<|im_start|>", IM_END_TOKEN_ID: "<|im_end|>",
+           IMG_START_TOKEN_ID: "<img>", IMG_END_TOKEN_ID: "</img>", VIDEO_TOKEN_ID: "<video>",
+           IMAGE_TOKEN_ID: "<IMG_CONTEXT>"}
+    tok = _word_tokenizer(top, chat_template, bos=False, extra={
+        "start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+        "video_token": "<video>"})
+    tok.eos_token = "<|im_end|>"
+    return tok
+
+
+def gemma_tokenizer(chat_template: str | None = GEMMA_CHAT_TEMPLATE):
+    """Gemma 3's tokenizer: BOS ``<s>``, ``<start_of_turn>`` / ``<end_of_turn>`` (the ChatML ids), "model",
+    ``<start_of_image>`` 252, ``<end_of_image>`` 253, ``<image_soft_token>`` 255 (named as Gemma3Processor
+    reads them: ``boi_token``, ``eoi_token``, ``image_token``)."""
+    top = {SYSTEM_TOKEN_ID: "system", ASSISTANT_TOKEN_ID: "model", USER_TOKEN_ID: "user",
+           NEWLINE_TOKEN_ID: "<nl>", IM_START_TOKEN_ID: "<start_of_turn>", IM_END_TOKEN_ID: "<end_of_turn>",
+           BOI_TOKEN_ID: "<start_of_image>", EOI_TOKEN_ID: "<end_of_image>", VIDEO_TOKEN_ID: "<unused0>",
+           IMAGE_TOKEN_ID: "<image_soft_token>"}
+    tok = _word_tokenizer(top, chat_template, bos=True, extra={
+        "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"})
+    tok.eos_token = "<end_of_turn>"
+    return tok
+
+
+def tiny_internvl_image_processor():
+    """InternVL's (GotOcr2) PIL image processor: 56 px tiles, up to 6 by the aspect ratio, plus a thumbnail."""
+    return _pil_class("GotOcr2ImageProcessorPil", "GotOcr2ImageProcessor")(
+        size={"height": INTERNVL_TILE, "width": INTERNVL_TILE}, crop_to_patches=True, min_patches=1, max_patches=6)
+
+
+def tiny_gemma3_processor(chat_template: str | None = GEMMA_CHAT_TEMPLATE):
+    """A ``Gemma3Processor`` for :func:`tiny_gemma3`: its PIL image processor at 56 px, :func:`gemma_tokenizer`,
+    16 image tokens per image (no torchvision needed)."""
+    import transformers
+
+    ip = _pil_class("Gemma3ImageProcessorPil", "Gemma3ImageProcessor")(size={"height": GEMMA_IMAGE,
+                                                                              "width": GEMMA_IMAGE})
+    return transformers.Gemma3Processor(image_processor=ip, tokenizer=gemma_tokenizer(chat_template),
+                                        image_seq_length=GEMMA_IMAGE_TOKENS, chat_template=chat_template)
+
+
+def tiny_internvl_processor(chat_template: str | None = INTERNVL_CHAT_TEMPLATE):
+    """An ``InternVLProcessor`` for :func:`tiny_internvl`. Like Qwen's, it needs torchvision in transformers 5.x
+    (its video processor): without it this raises ``ImportError``."""
+    import transformers
+
+    try:
+        video = transformers.InternVLVideoProcessor()
+    except ImportError as exc:
+        raise ImportError(f"InternVLProcessor needs InternVLVideoProcessor, which needs torchvision "
+                          f"(transformers {transformers.__version__})") from exc
+    return transformers.InternVLProcessor(image_processor=tiny_internvl_image_processor(),
+                                          tokenizer=internvl_tokenizer(chat_template), video_processor=video,
+                                          image_seq_length=INTERNVL_TILE_TOKENS, chat_template=chat_template)
 
 
 def _pil_class(*names):
@@ -818,3 +905,20 @@ def save_tiny_llava_onevision(path, seed: int = 0, num_layers: int = 6,
     return _save(path, tiny_llava_onevision(seed=seed, num_layers=num_layers, attn_implementation=attn_implementation),
                  lambda: tiny_onevision_processor(chat_template=chat_template),
                  lambda: onevision_tokenizer(chat_template), lambda: tiny_anyres_image_processor("llava_onevision"))
+
+
+def save_tiny_internvl(path, seed: int = 0, num_layers: int = 6, chat_template: str | None = INTERNVL_CHAT_TEMPLATE,
+                       attn_implementation: str = "sdpa") -> str:
+    """:func:`tiny_internvl` and :func:`tiny_internvl_processor` saved into ``path``; without torchvision (the
+    processor's video half needs it), as :func:`save_tiny_qwen`: the model, :func:`internvl_tokenizer` with its
+    chat template and the image processor."""
+    return _save(path, tiny_internvl(seed=seed, num_layers=num_layers, attn_implementation=attn_implementation),
+                 lambda: tiny_internvl_processor(chat_template=chat_template),
+                 lambda: internvl_tokenizer(chat_template), tiny_internvl_image_processor)
+
+
+def save_tiny_gemma3(path, seed: int = 0, num_layers: int = 6, chat_template: str | None = GEMMA_CHAT_TEMPLATE,
+                     attn_implementation: str = "sdpa") -> str:
+    """:func:`tiny_gemma3` and :func:`tiny_gemma3_processor` saved into ``path``."""
+    return _save(path, tiny_gemma3(seed=seed, num_layers=num_layers, attn_implementation=attn_implementation),
+                 lambda: tiny_gemma3_processor(chat_template=chat_template))
