@@ -499,6 +499,7 @@ def test_eager_and_sdpa_agree_and_static_cache_equals_dynamic(fam):
     eager = family.build(attn_implementation="eager")
     batch, _ = family.pair(model, "left", seed=14)
     mask = batch["attention_mask"].bool()
+    stock_static = _stock_failure(lambda: _generate(model, batch, n=4, cache_implementation="static"))
     results = []
     try:
         for m in (model, eager):
@@ -511,7 +512,21 @@ def test_eager_and_sdpa_agree_and_static_cache_equals_dynamic(fam):
     torch.testing.assert_close(results[0][0][mask], results[1][0][mask], **tol)
     assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
     assert torch.equal(results[0][2], results[1][2])
+    if stock_static is not None:
+        pytest.skip(f"the stock static cache fails here: {stock_static}")
     assert torch.equal(_generate(model, batch, n=4, cache_implementation="static"), results[0][2])
+
+
+def _stock_failure(fn, errors=(IndexError, RuntimeError, ValueError)) -> str | None:
+    """None if the stock model does ``fn()``, else what it raised on this transformers release (transformers
+    5.15's Gemma 3 cannot build the image-block mask for a static cache: an IndexError in its mask function)."""
+    import transformers
+
+    try:
+        fn()
+    except errors as exc:
+        return f"transformers {transformers.__version__}: {type(exc).__name__}: {exc}"
+    return None
 
 
 def _stock_or_skip(fn, what, errors=(TypeError, AttributeError)):
@@ -528,9 +543,9 @@ def test_assisted_and_prompt_lookup_generation_equal_greedy(fam):
     inputs = family.one(model, seed=15)
     kw = dict(n=6, eos_token_id=tf.EOS_TOKEN_ID)  # transformers 5.0's prompt lookup needs an eos id
     # transformers 5.0 cannot crop a sliding-window cache past its window (Gemma 3): the stock model refuses
-    # assisted decoding there with a ValueError
+    # assisted decoding there with a ValueError; 5.15's fails inside its sdpa call (a mask one key short)
     _stock_or_skip(lambda: _generate(model, inputs, prompt_lookup_num_tokens=3, **kw), "prompt lookup",
-                   (TypeError, AttributeError, ValueError))
+                   (TypeError, AttributeError, ValueError, RuntimeError))
     family.patch(model, PAPER)
     expected = _generate(model, inputs, **kw)
     assert model.eos_report.reduced

@@ -217,10 +217,16 @@ def test_decoding_masks_slots_the_sliding_cache_keeps_beyond_the_window(model):
     assert int(last[-1] - last[0]) > W - 1, last  # they span more than the window
     expected = out.sequences
     assert torch.equal(_generate(model, inputs, use_cache=False), expected)
-    assert torch.equal(_generate(model, inputs, cache_implementation="static"), expected)
     batch = tf.gemma_inputs(prompts, [1, 1], side="left", seed=22)
     beams = [_generate(model, batch, n=4, num_beams=3, use_cache=uc) for uc in (True, False)]
     assert torch.equal(beams[0], beams[1])
+    unpatch_gemma3(model)
+    try:  # transformers 5.15's stock model cannot build the image-block mask of a static cache
+        _generate(model, inputs, n=2, cache_implementation="static")
+    except IndexError as exc:
+        pytest.skip(f"the stock static cache fails on transformers {transformers.__version__}: {exc}")
+    patch_gemma3(model, THETA)
+    assert torch.equal(_generate(model, inputs, cache_implementation="static"), expected)
 
 
 def test_without_token_type_ids_the_blocks_are_causal_as_in_the_stock_model(model):

@@ -68,6 +68,16 @@ def _crop_prefill(m: _CacheMap, new_length: int) -> None:
     m.prefill_length = new_length
 
 
+def _crop_takes_a_count(cache) -> bool:
+    """Whether ``cache.crop`` takes the number of tokens to remove (transformers 5.15 and later), not a length."""
+    import inspect
+
+    try:
+        return "tokens_to_remove" in inspect.signature(type(cache).crop).parameters
+    except (TypeError, ValueError, AttributeError):  # pragma: no cover - a crop without a signature
+        return False
+
+
 def _wrap_cache_methods(cache) -> None:
     """Keep ``cache._eos_map`` aligned when the cache's batch rows move (per instance)."""
     if cache.__dict__.get(_CACHE_WRAPPED_ATTR):
@@ -103,7 +113,10 @@ def _wrap_cache_methods(cache) -> None:
             length = _cache_seq_length(self)  # layer 0 runs before any reducer: original positions
             remove = length - tokens if tokens > 0 else -tokens
             if remove <= 0:
-                return None  # nothing to remove (and crop(0) empties every layer on transformers < 5.23)
+                # nothing to remove. crop(0) empties every layer where crop takes a length (transformers 5.0);
+                # where it takes a count of tokens to remove (5.15 on) it removes none, and it brings the sliding-
+                # window layers of an assisted generation back to their window: let those releases have it
+                return _bound("crop")(self, 0) if _crop_takes_a_count(self) else None
             if remove > length - m.prefill_length:
                 _crop_prefill(m, length - remove)
             return _bound("crop")(self, -remove)
