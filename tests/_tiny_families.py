@@ -1,5 +1,5 @@
-"""Tiny randomly initialised Qwen2-VL, Qwen2.5-VL, LLaVA-NeXT and LLaVA-OneVision models for CPU tests
-(no downloads).
+"""Tiny randomly initialised Qwen2-VL, Qwen2.5-VL, LLaVA-NeXT, LLaVA-OneVision, InternVL and Gemma 3 models for
+CPU tests (no downloads).
 
 Built from transformers configs on transformers 5.0 to 5.24, fp32, eval mode,
 weights drawn with a fixed seed and a larger standard deviation than the
@@ -31,7 +31,20 @@ LLaVA-OneVision (``tiny_llava_onevision()``)
     SigLIP 56 px / patch 14 + Qwen2 text, the same tiling; videos of ``f`` frames
     give ``4 f + 1`` video tokens (2x2 pooling, one trailing newline).
 
-Model folders (``save_tiny_qwen``, ``save_tiny_llava_next``, ``save_tiny_llava_onevision``)
+InternVL (``tiny_internvl()``)
+    InternViT 56 px / patch 7 with the 0.5 pixel shuffle: 16 tokens per tile; Qwen2 text. Prompts (ChatML):
+    ``<|im_start|> user \\n <img> <IMG_CONTEXT> * 16 t </img> \\n question <|im_end|> ...`` per image of
+    ``t`` tiles (``pixel_values`` [all tiles, 3, 56, 56]).
+
+Gemma 3 (``tiny_gemma3()``)
+    SigLIP 56 px / patch 7 pooled to 16 tokens per image; the Gemma 3 text model (head_dim 16, q/k norms,
+    scaled embeddings) with a sliding window of 8 tokens on layers 0-4 and layer 5 global. Prompts:
+    ``<bos> <start_of_turn> user \\n`` text ``\\n <start_of_image> <image_soft_token> * 16 <end_of_image> \\n``
+    ... ``<end_of_turn> \\n <start_of_turn> model \\n`` (the ChatML ids stand for Gemma's turn tokens), with
+    ``token_type_ids`` (1 at the image tokens) as the processor gives them.
+
+Model folders (``save_tiny_qwen``, ``save_tiny_llava_next``, ``save_tiny_llava_onevision``, ``save_tiny_internvl``,
+``save_tiny_gemma3``)
     ``save_pretrained`` folders with a word-level tokenizer over the tiny words of
     ``_tiny_models.py`` and the family's chat template. The processors of Qwen
     and OneVision need torchvision in transformers 5.x (their video half);

@@ -784,13 +784,38 @@ def test_eos_kernels_patch_chooses_the_adapter_from_the_class(fam):
     assert torch.equal(_logits(model, inputs), stock)
 
 
+@torch.no_grad()
+def test_the_base_model_class_is_patched_alike(fam):
+    """``eos_kernels.patch`` on the family's ``...Model`` (no LM head): the generation model's reduced forward,
+    bit for bit; keep-all and unpatch are the stock base model."""
+    import eos_kernels
+
+    family, model = fam
+    base = model.model
+    inputs = family.one(model, seed=17)
+    stock = base(**inputs).last_hidden_state
+    family.patch(model, PAPER)
+    expected = _logits(model, inputs)
+    family.unpatch(model)
+    eos_kernels.patch(base, KEEP_ALL)
+    assert torch.equal(base(**inputs).last_hidden_state, stock)
+    eos_kernels.patch(base, PAPER)
+    try:
+        assert torch.equal(model.lm_head(base(**inputs).last_hidden_state), expected)
+        assert base.eos_report.reduced
+    finally:
+        eos_kernels.unpatch(base)
+    assert torch.equal(base(**inputs).last_hidden_state, stock)
+
+
 def test_eos_kernels_patch_refuses_unsupported_models():
     import eos_kernels
     from transformers import LlamaConfig, LlamaForCausalLM
 
     llama = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
-    with pytest.raises(ValueError, match=r"no adapter for .*LlamaForCausalLM.*Qwen2_5_VLForConditionalGeneration"):
+    with pytest.raises(ValueError, match=r"no adapter for .*LlamaForCausalLM.*Qwen2_5_VLForConditionalGeneration"
+                                         r".*InternVLForConditionalGeneration.*Gemma3ForConditionalGeneration"):
         eos_kernels.patch(llama, PAPER)
     with pytest.raises(TypeError, match="torch.nn.Module"):
         eos_kernels.patch("llava", PAPER)
