@@ -441,13 +441,17 @@ INTERNVL_PATCH = 7
 INTERNVL_TILE_TOKENS = (INTERNVL_TILE // INTERNVL_PATCH) ** 2 // 4
 
 
-def tiny_internvl_config(num_layers: int = 6, attn_implementation: str = "sdpa"):
-    """InternViT 56 px / patch 7 (16 tokens per tile after the pixel shuffle) + Qwen2 text."""
-    from transformers import InternVLConfig, InternVLVisionConfig, Qwen2Config
+def tiny_internvl_config(num_layers: int = 6, attn_implementation: str = "sdpa", text: str = "qwen2"):
+    """InternViT 56 px / patch 7 (16 tokens per tile after the pixel shuffle) + Qwen2 text (InternVL3), or
+    ``text="qwen3"`` (InternVL3.5: q/k norms, head_dim 16)."""
+    from transformers import InternVLConfig, InternVLVisionConfig, Qwen2Config, Qwen3Config
 
     vision = InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                   image_size=INTERNVL_TILE, patch_size=INTERNVL_PATCH)
-    config = InternVLConfig(vision_config=vision, text_config=Qwen2Config(**_text_kwargs(num_layers)),
+    if text not in ("qwen2", "qwen3"):
+        raise ValueError(f"text must be 'qwen2' or 'qwen3', got {text!r}")
+    text_config = (Qwen2Config if text == "qwen2" else Qwen3Config)(**_text_kwargs(num_layers))
+    config = InternVLConfig(vision_config=vision, text_config=text_config,
                             image_token_id=IMAGE_TOKEN_ID, image_seq_length=INTERNVL_TILE_TOKENS,
                             downsample_ratio=0.5, vision_feature_layer=-1, vision_feature_select_strategy="default")
     config.pad_token_id = PAD_TOKEN_ID
@@ -456,11 +460,12 @@ def tiny_internvl_config(num_layers: int = 6, attn_implementation: str = "sdpa")
 
 
 @torch.no_grad()
-def tiny_internvl(seed: int = 0, attn_implementation: str = "sdpa", num_layers: int = 6, std: float = 0.15):
+def tiny_internvl(seed: int = 0, attn_implementation: str = "sdpa", num_layers: int = 6, std: float = 0.15,
+                  text: str = "qwen2"):
     """A tiny ``InternVLForConditionalGeneration`` (eval, fp32)."""
     from transformers import InternVLForConditionalGeneration
 
-    config = tiny_internvl_config(num_layers=num_layers, attn_implementation=attn_implementation)
+    config = tiny_internvl_config(num_layers=num_layers, attn_implementation=attn_implementation, text=text)
     torch.manual_seed(seed)
     model = InternVLForConditionalGeneration(config)
     _randomise(model, seed, std)

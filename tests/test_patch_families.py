@@ -696,6 +696,28 @@ def test_llava_next_newline_tokens_are_reducible_visual_tokens():
         unpatch_llava_next(model)
 
 
+def test_internvl35_on_a_qwen3_text_model():
+    """InternVL3.5's text model is Qwen3 (q/k norms before the transpose): keep-all is the stock model, the reduced
+    model generates the same with and without the cache, and a padded batch is each sample alone."""
+    family = FAMILIES["internvl"]
+    model = tf.tiny_internvl(seed=2, text="qwen3")
+    assert type(model.model.language_model).__name__ == "Qwen3Model"
+    inputs = family.one(model, seed=18)
+    stock = _logits(model, inputs)
+    try:
+        patch_internvl(model, KEEP_ALL)
+        assert torch.equal(_logits(model, inputs), stock)
+        patch_internvl(model, PAPER)
+        assert torch.equal(_generate(model, inputs, n=5), _generate(model, inputs, n=5, use_cache=False))
+        assert model.eos_report.reduced
+        batch, alone = family.pair(model, "left", seed=19)
+        out, mask = _logits(model, batch), batch["attention_mask"].bool()
+        for b, a in enumerate(alone):
+            torch.testing.assert_close(out[b, mask[b]], _logits(model, a)[0], **family.tol)
+    finally:
+        unpatch_internvl(model)
+
+
 @torch.no_grad()
 def test_llava_onevision_video_tokens_are_visual():
     model = FAMILIES["llava_onevision"].build(seed=1)
