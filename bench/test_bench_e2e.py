@@ -263,10 +263,14 @@ def family_models():
         torch.cuda.empty_cache()
 
 
+#: batch sizes of the other families' rows (B = 1 only: one row per family and configuration, also on the GPU)
+FAMILY_BATCHES = (1,)
+
+
 def _family_cases(with_config=True):
     cases = []
     for device, param in (("cuda", gpu_param), ("cpu", cpu_param)):
-        for B in SHAPES[device]["batches"]:
+        for B in FAMILY_BATCHES:
             for family in FAMILIES:
                 for config in (FAMILY_CONFIGS if with_config else ("unpatched",)):
                     cid = f"{device}-B{B}-{family}-{config}" if with_config else f"{device}-B{B}-{family}"
