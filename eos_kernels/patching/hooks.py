@@ -40,7 +40,7 @@ class _Context:
         self.cur_idx: torch.Tensor | None = None  # long [B, L_cur] original positions (prefill)
         self.valid: torch.Tensor | None = None    # bool [B, L_cur]: False at padding slots (ragged), or None
         self.past = 0                             # decode: tokens in the cache before this step (layer 0)
-        self.stage_kwargs: list | None = None     # sliced kwargs of the current stage: (mask, cos, layout, kwargs)
+        self.stage_kwargs: dict | None = None     # sliced kwargs of the current stage, per kind of layer
         self.capturing: int | None = None
         self.captured: dict[str, torch.Tensor] = {}
         self.cache = None
@@ -373,8 +373,17 @@ def _layer_pre_hook(state: _PatchState, model, layer_idx: int):
         if not torch.is_tensor(hidden) or hidden.shape[1] != ctx.cur_idx.shape[1]:
             raise _drift(f"decoder layer {layer_idx} did not receive the shortened hidden states as its first "
                          "argument or `hidden_states`")
+        # the arguments fitted to the kept tokens once per stage and kind of layer (attention type, cache layout:
+        # Gemma 3's sliding-window and global layers get their own mask, rotary table and cache layer); keyed on
+        # constants, as the decode steps are (torch.compile guards on what a key reads)
+        layout = _cache_layout(cache, layer_idx) if cache is not None else ("dynamic",)
+        key = (_layer_kind(module), layout)
+        if ctx.stage_kwargs is None:
+            ctx.stage_kwargs = {}
+        if key not in ctx.stage_kwargs:
+            ctx.stage_kwargs[key] = _slice_prefill_kwargs(state, model, ctx, layer_idx, args, kwargs, layout)
         new = dict(kwargs)
-        new.update(_stage_kwargs(state, model, ctx, layer_idx, args, kwargs, cache))
+        new.update(ctx.stage_kwargs[key])
         for name in _CACHE_POSITION_KEYS:
             if kwargs.get(name) is not None:
                 new[name] = torch.arange(ctx.cur_idx.shape[1], device=ctx.cur_idx.device)
@@ -395,25 +404,6 @@ def _check_unknown_args(ctx: _Context, layer_idx: int, args: tuple, kwargs: dict
     if unknown:
         raise _drift(f"decoder layer {layer_idx} received {', '.join(unknown)} with a sequence dimension that "
                      "the patch does not know how to fit to the layer's shortened sequence")
-
-
-def _stage_kwargs(state: _PatchState, model, ctx: _Context, layer_idx: int, args: tuple, kwargs: dict,
-                  cache) -> dict:
-    """:func:`_slice_prefill_kwargs`, once per stage for each distinct attention mask, rotary pair and cache
-    layout the layers receive (Gemma 3: sliding-window and global layers get their own mask, rotary table and
-    cache layer)."""
-    mask = kwargs.get(_MASK_KEYS[0])
-    pe_key = find_position_embeddings(kwargs, ctx.length)
-    cos = kwargs[pe_key][0] if pe_key is not None else None
-    layout = _cache_layout(cache, layer_idx) if cache is not None else ("dynamic",)
-    if ctx.stage_kwargs is None:
-        ctx.stage_kwargs = []
-    for seen_mask, seen_cos, seen_layout, out in ctx.stage_kwargs:
-        if seen_mask is mask and seen_cos is cos and seen_layout == layout:
-            return out
-    out = _slice_prefill_kwargs(state, model, ctx, layer_idx, args, kwargs, layout)
-    ctx.stage_kwargs.append((mask, cos, layout, out))
-    return out
 
 
 def _slice_prefill_kwargs(state: _PatchState, model, ctx: _Context, layer_idx: int, args: tuple,
@@ -449,9 +439,9 @@ def _slice_prefill_kwargs(state: _PatchState, model, ctx: _Context, layer_idx: i
             f"EOS: decoder layer {layer_idx} has a sliding-window attention, which flash attention measures in "
             "cache slots; behind a reducer the window must be measured in original positions: use sdpa or eager")
     # the keys this layer attends to at the prefill: its kept tokens (slots 0 .. L' - 1), then the empty slots
-    # of a static buffer
+    # of a static buffer. (The slot counts read idx.shape only where the base formulas did: torch.compile
+    # specialises on every shape a Python int is taken from.)
     kept_len = idx.shape[1]
-    _, empty = _key_window(layout, 0, kept_len)
     for name in _MASK_KEYS:
         known.add(name)
         if name not in kwargs:
@@ -461,6 +451,7 @@ def _slice_prefill_kwargs(state: _PatchState, model, ctx: _Context, layer_idx: i
         if mask is None and ctx.valid is not None:
             # ragged reduction: padding slots must be masked even though the batch had no padding (and with no
             # mask the window, if any, cuts nothing: transformers leaves it out only below the window size)
+            _, empty = _key_window(layout, 0, kept_len)
             cols, invalid = _mask_cols(idx, ctx.length, ctx.length, kept_len + empty, ctx.valid)
             out[name] = _causal_mask(state, model, idx, cols, invalid, kwargs[pe_key][0].dtype)
         elif mask is not None:
@@ -474,7 +465,12 @@ def _slice_prefill_kwargs(state: _PatchState, model, ctx: _Context, layer_idx: i
                     raise _drift(f"decoder layer {layer_idx}'s attention mask has {kv_total} key columns at a "
                                  f"prefill of {ctx.length} tokens, where its {_layout_name(layout)} cache layer "
                                  f"gives the attention {expected} keys")
-                slots = kept_len + empty
+                if layout[0] == "static":
+                    slots = kv_total  # the whole buffer (its empty slots map after the prompt: masked)
+                elif layout[0] == "dynamic":
+                    slots = kv_total - (ctx.length - kept_len)
+                else:
+                    slots = kept_len + _key_window(layout, 0, kept_len)[1]
             else:  # flash attention's 2-D padding mask
                 slots = kv_total - (ctx.length - kept_len)
                 if getattr(ctx.cache, "is_compileable", False):
