@@ -1,4 +1,4 @@
-"""EOS inside a stock Hugging Face InternVL (InternVL3 / InternVL3.5, ``transformers.InternVLForConditionalGeneration``).
+"""EOS inside a stock Hugging Face InternVL (InternVL3 / InternVL3.5: ``InternVLForConditionalGeneration``).
 
 Usage::
 

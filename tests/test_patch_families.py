@@ -192,7 +192,8 @@ class InternVL(Family):
         # one tile each (16 image tokens): transformers 5.0's generate expands pixel_values per beam by rows,
         # which gives a beam of a multi-tile image other tiles (the stock model's beam search then differs)
         tiles = [[1], [1]]
-        prompts = [tf.internvl_prompt(tiles[0], seed=seed, after=4), tf.internvl_prompt(tiles[1], seed=seed + 1, after=9)]
+        prompts = [tf.internvl_prompt(tiles[0], seed=seed, after=4),
+                   tf.internvl_prompt(tiles[1], seed=seed + 1, after=9)]
         batch = tf.internvl_inputs(prompts, tiles, side=side, seed=seed)
         return batch, tf._split_tiles(batch, prompts, tiles, lambda p, t: tf.internvl_inputs([p], [t], seed=seed))
 

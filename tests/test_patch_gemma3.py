@@ -286,7 +286,8 @@ def test_sliding_masks_sized_for_another_cache_are_a_drift_error(model, monkeypa
 
     def get_mask_sizes(self, query, *args, **kwargs):  # (cache_position) on 5.0, (query_length) on 5.25
         q = query.shape[0] if torch.is_tensor(query) else int(query)
-        return min(self.cumulative_length, self.sliding_window) + q, max(self.cumulative_length - self.sliding_window, 0)
+        held, window = self.cumulative_length, self.sliding_window
+        return min(held, window) + q, max(held - window, 0)
 
     monkeypatch.setattr(Layer, "update", update)
     monkeypatch.setattr(Layer, "get_mask_sizes", get_mask_sizes)
