@@ -211,12 +211,13 @@ def test_decoding_masks_slots_the_sliding_cache_keeps_beyond_the_window(model):
     prompts = [ending_with_the_image(3, 22), ending_with_the_image(6, 23)]
     inputs = tf.gemma_inputs(prompts[:1], [1], seed=22)
     patch_gemma3(model, THETA)
-    out = model.generate(**inputs, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    n = W + 3  # the window moves past every slot of the reduced prefill
+    out = model.generate(**inputs, max_new_tokens=n, do_sample=False, return_dict_in_generate=True)
     cmap = out.past_key_values.__dict__["_eos_map"]
     last = cmap.kept[-1][0, -(W - 1):]  # the reduced prefill slots the last stage's sliding layers keep
     assert int(last[-1] - last[0]) > W - 1, last  # they span more than the window
     expected = out.sequences
-    assert torch.equal(_generate(model, inputs, use_cache=False), expected)
+    assert torch.equal(_generate(model, inputs, n=n, use_cache=False), expected)
     batch = tf.gemma_inputs(prompts, [1, 1], side="left", seed=22)
     beams = [_generate(model, batch, n=4, num_beams=3, use_cache=uc) for uc in (True, False)]
     assert torch.equal(beams[0], beams[1])
@@ -226,7 +227,7 @@ def test_decoding_masks_slots_the_sliding_cache_keeps_beyond_the_window(model):
     except IndexError as exc:
         pytest.skip(f"the stock static cache fails on transformers {transformers.__version__}: {exc}")
     patch_gemma3(model, THETA)
-    assert torch.equal(_generate(model, inputs, cache_implementation="static"), expected)
+    assert torch.equal(_generate(model, inputs, n=n, cache_implementation="static"), expected)
 
 
 def test_without_token_type_ids_the_blocks_are_causal_as_in_the_stock_model(model):
