@@ -324,11 +324,21 @@ def importance_section(runs) -> list:
 
 
 # --------------------------------------------------------------------------- end to end
-def e2e_tables(run):
-    """{(device, B): {"prefill": {config_id: Entry}, "decode": {...}, "vision": Entry|None}}."""
+#: the model families of the end-to-end rows besides LLaVA (``extra_info["family"]``), as the report names them
+E2E_FAMILIES = {"llava": "LLaVA", "internvl": "InternVL", "gemma3": "Gemma 3"}
+
+
+def e2e_families(run) -> list:
+    """The families of ``run``'s end-to-end entries, LLaVA (entries without a family) first."""
+    found = {e.get("family", "llava") for e in run.entries if e.get("subject") == "e2e"}
+    return sorted(found, key=lambda f: (f != "llava", f))
+
+
+def e2e_tables(run, family="llava"):
+    """{(device, B): {"prefill": {config_id: Entry}, "decode": {...}, "vision": Entry|None}} of one family."""
     out = defaultdict(lambda: {"prefill": {}, "decode": {}, "vision": None})
     for e in run.entries:
-        if e.get("subject") != "e2e":
+        if e.get("subject") != "e2e" or e.get("family", "llava") != family:
             continue
         slot = out[(e.get("device"), e.get("B"))]
         if e.get("phase") == "vision":
@@ -361,8 +371,8 @@ def e2e_speedups(slot, config_id):
 
 def e2e_section(runs) -> list:
     lines = []
-    for run in runs:
-        tables = e2e_tables(run)
+    for run, family in [(run, f) for run in runs for f in e2e_families(run)]:
+        tables = e2e_tables(run, family)
         if not tables:
             continue
         if not lines:
@@ -374,14 +384,17 @@ def e2e_section(runs) -> list:
                       "*measured / predicted* = decoder-only speed-up / FLOPs-predicted speed-up. "
                       "*paper / prune* = median(paper Θ) / median(pure prune with the same schedule). "
                       "Token columns are the configuration's token report (`final`, `mean_leaving`, "
-                      "`mean_processed` visual tokens, and which count met the budget r).", ""]
+                      "`mean_processed` visual tokens, and which count met the budget r). Rows of other "
+                      "families (InternVL, Gemma 3: the same decoder sizes and 576 visual tokens) are named in "
+                      "their heading.", ""]
         for (device, B), slot in sorted(tables.items(), key=lambda kv: (str(kv[0][0]), kv[0][1] or 0)):
             any_entry = next(iter(slot["prefill"].values()), None) or next(iter(slot["decode"].values()), None)
             model = (any_entry.get("model") if any_entry else None) or {}
             name = any_entry.get("device_name") if any_entry else "?"
             shape = (f"d={model.get('hidden')}, {model.get('layers')} layers, {model.get('heads')} heads, "
                      f"ffn {model.get('ffn')}, {any_entry.get('dtype') if any_entry else '?'}") if model else ""
-            lines += [f"### {device} ({name}) · B={B} · {shape} · {run.label}", ""]
+            other = f" · {E2E_FAMILIES.get(family, family)}" if family != "llava" else ""
+            lines += [f"### {device} ({name}) · B={B} · {shape} · {run.label}{other}", ""]
             if slot["vision"] is not None:
                 lines += [f"Vision tower + projector alone: {fmt_time(slot['vision'].median)} (median).", ""]
             header = ["config", "r", "count", "final", "mean leaving", "mean processed", "prefill",

@@ -39,6 +39,17 @@ mean leaving / processed per layer, the prefill FLOPs ratio for this model's
 d and ffn and its predicted speed-up), the visual tokens each reducer actually
 kept in the run (``model.eos_report``), the KV cache size after the prefill
 and the peak extra CUDA memory of one prefill.
+
+Other families (``test_e2e_family_prefill`` / ``test_e2e_family_vision``,
+``extra_info["family"]``): InternVL (Qwen2 text; InternViT at 336 px / patch
+14, four tiles of 144 tokens after the pixel shuffle: ``<img>`` 576
+``<IMG_CONTEXT>`` ``</img>``) and Gemma 3 (its text model with five of six
+layers in a sliding window of 512 tokens, shorter than the prompt; SigLIP at
+336 px / patch 14, 576 tokens: ``<start_of_image>`` 576 ``<image_soft_token>``
+``<end_of_image>``, with ``token_type_ids``: bidirectional image block), each
+with the LLaVA rows' decoder sizes (grouped-query attention on CUDA: 8 key-value
+heads) and the same 64 text tokens; stock vs ``Theta.paper(64)`` (a 1/9 budget
+of the 576 visual tokens), prefill and the vision tower alone.
 """
 from __future__ import annotations
 
@@ -170,6 +181,163 @@ def models():
     gc.collect()
     if HAS_CUDA:
         torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------- other families
+FAMILIES = ("internvl", "gemma3")
+FAMILY_CONFIGS = ("unpatched", "paper-r64")
+#: the image of each family: InternVL 4 tiles x 144 tokens, Gemma 3 one image of 576 (24 x 24 SigLIP patches)
+FAMILY_IMAGE = dict(image_size=336, patch_size=14)
+INTERNVL_TILES = 4
+GEMMA_SLIDING_WINDOW = 512
+
+
+def build_family(family: str, device: str):
+    """A family's model with the LLaVA rows' decoder sizes on ``device`` (random weights, sdpa, eval)."""
+    import transformers
+
+    shape = SHAPES[device]
+    vision = {**shape["vision"], **FAMILY_IMAGE}
+    vision.pop("projection_dim", None)
+    kv = 8 if device == "cuda" else shape["kv_heads"]
+    text = dict(hidden_size=shape["hidden"], intermediate_size=shape["ffn"], num_hidden_layers=shape["layers"],
+                num_attention_heads=shape["heads"], num_key_value_heads=kv, vocab_size=shape["vocab"],
+                max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    image = shape["image_token"]
+    if family == "internvl":
+        config = transformers.InternVLConfig(
+            vision_config=transformers.InternVLVisionConfig(**vision), text_config=transformers.Qwen2Config(**text),
+            image_token_id=image, image_seq_length=N_VISUAL // INTERNVL_TILES, downsample_ratio=0.5,
+            vision_feature_layer=-1, vision_feature_select_strategy="default")
+        cls = transformers.InternVLForConditionalGeneration
+    elif family == "gemma3":
+        head_dim = shape["hidden"] // shape["heads"]
+        config = transformers.Gemma3Config(
+            vision_config=transformers.SiglipVisionConfig(**vision),
+            text_config=transformers.Gemma3TextConfig(**text, head_dim=head_dim, query_pre_attn_scalar=head_dim,
+                                                      sliding_window=GEMMA_SLIDING_WINDOW),
+            mm_tokens_per_image=N_VISUAL, boi_token_index=image - 1, eoi_token_index=image - 2,
+            image_token_index=image)
+        cls = transformers.Gemma3ForConditionalGeneration
+    else:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = cls._from_config(config, dtype=shape["dtype"], attn_implementation="sdpa")
+    return model.to(device).eval()
+
+
+def make_family_inputs(family: str, device: str, B: int) -> dict:
+    """``[bos] + 7 text + <open> + 576 image tokens + <close> + 54 text`` (64 text tokens) and the pixels."""
+    shape = SHAPES[device]
+    image = shape["image_token"]
+    gen = torch.Generator().manual_seed(B)
+    before = torch.randint(3, image - 3, (B, TEXT_BEFORE), generator=gen)
+    after = torch.randint(3, image - 3, (B, TEXT_AFTER - 2), generator=gen)
+    ids = torch.cat([torch.ones(B, 1, dtype=torch.long), before, torch.full((B, 1), image - 1),
+                     torch.full((B, N_VISUAL), image), torch.full((B, 1), image - 2), after], dim=1)
+    size = FAMILY_IMAGE["image_size"]
+    n_images = B * (INTERNVL_TILES if family == "internvl" else 1)
+    out = {"input_ids": ids.to(device),
+           "pixel_values": torch.randn(n_images, 3, size, size, generator=gen).to(device=device, dtype=shape["dtype"])}
+    if family == "gemma3":  # as Gemma3Processor gives them: the image block attends to itself bidirectionally
+        out["token_type_ids"] = (ids == image).long().to(device)
+    return out
+
+
+@pytest.fixture(scope="module")
+def family_models():
+    cache = {}
+
+    def get(family, device):
+        if (family, device) not in cache:
+            cache.clear()  # one at a time (GPU memory)
+            gc.collect()
+            cache[(family, device)] = build_family(family, device)
+        return cache[(family, device)]
+
+    yield get
+    cache.clear()
+    gc.collect()
+    if HAS_CUDA:
+        torch.cuda.empty_cache()
+
+
+#: batch sizes of the other families' rows (B = 1 only: one row per family and configuration, also on the GPU)
+FAMILY_BATCHES = (1,)
+
+
+def _family_cases(with_config=True):
+    cases = []
+    for device, param in (("cuda", gpu_param), ("cpu", cpu_param)):
+        for B in FAMILY_BATCHES:
+            for family in FAMILIES:
+                for config in (FAMILY_CONFIGS if with_config else ("unpatched",)):
+                    cid = f"{device}-B{B}-{family}-{config}" if with_config else f"{device}-B{B}-{family}"
+                    cases.append(param(device, B, family, config, id=cid))
+    return cases
+
+
+@pytest.mark.parametrize("device, B, family, config", _family_cases())
+def test_e2e_family_prefill(benchmark, family_models, device, B, family, config):
+    import eos_kernels
+
+    model = family_models(family, device)
+    inputs = make_family_inputs(family, device, B)
+    theta, count, budget = config_theta(config)
+
+    @torch.inference_mode()
+    def prefill():
+        out = model(**inputs, use_cache=True, logits_to_keep=1)
+        sync(device)
+        return out
+
+    if theta is not None:
+        eos_kernels.patch(model, theta)
+    try:
+        prefill()  # warm-up
+        peak, out = peak_extra_memory(prefill, device)
+        kv_bytes = _kv_cache_bytes(getattr(out, "cache", None) or out.past_key_values)
+        observed = _observed(model) if theta is not None else None
+        del out
+        benchmark.group = f"e2e prefill {device} B{B} {family}"
+        rounds, warmup = pedantic_rounds(*SHAPES[device]["prefill_rounds"])
+        benchmark.pedantic(prefill, rounds=rounds, warmup_rounds=warmup, iterations=1)
+    finally:
+        if theta is not None:
+            eos_kernels.unpatch(model)
+    info = _common_info("prefill", device, B, config, theta, count, budget)
+    info["model"] = {**info["model"], "family": family, "class": type(model).__name__,
+                     "kv_heads": model.config.text_config.num_key_value_heads,
+                     "vision": {**SHAPES[device]["vision"], **FAMILY_IMAGE}}
+    if family == "gemma3":
+        info["model"]["sliding_window"] = GEMMA_SLIDING_WINDOW
+    benchmark.extra_info.update({**info, "family": family, "observed_stages": observed, "kv_cache_bytes": kv_bytes,
+                                 "peak_extra_mem_bytes": peak})
+
+
+@pytest.mark.parametrize("device, B, family, config", _family_cases(with_config=False))
+def test_e2e_family_vision(benchmark, family_models, device, B, family, config):
+    model = family_models(family, device)
+    pixels = make_family_inputs(family, device, B)["pixel_values"]
+    kw = dict(vision_feature_layer=-1, vision_feature_select_strategy="default") if family == "internvl" else {}
+
+    @torch.inference_mode()
+    def vision():
+        feats = model.model.get_image_features(pixel_values=pixels, **kw)
+        sync(device)
+        return feats
+
+    vision()
+    benchmark.group = f"e2e vision {device} B{B} {family}"
+    rounds, warmup = pedantic_rounds(*SHAPES[device]["vision_rounds"])
+    benchmark.pedantic(vision, rounds=rounds, warmup_rounds=warmup, iterations=1)
+    benchmark.extra_info.update({
+        "subject": "e2e", "phase": "vision", "config": "vision", "config_id": "vision", "family": family,
+        "device": device, "device_name": device_label(device), "B": B,
+        "dtype": str(SHAPES[device]["dtype"]).replace("torch.", ""), "vision": {**SHAPES[device]["vision"],
+                                                                               **FAMILY_IMAGE},
+    })
 
 
 # --------------------------------------------------------------------------- cases

@@ -3,7 +3,7 @@
 The adapter is chosen from the model's class (subclasses included)::
 
     import eos_kernels
-    eos_kernels.patch(model, eos_kernels.Theta.paper(64))   # LLaVA-1.5, LLaVA-NeXT, OneVision, Qwen2(.5)-VL, Qwen3-VL
+    eos_kernels.patch(model, eos_kernels.Theta.paper(64))   # LLaVA-1.5/NeXT/OneVision, Qwen2(.5)/3-VL, InternVL, Gemma 3
     eos_kernels.unpatch(model)
 
 The family-specific entry points (``patch_llava`` ...) stay; they do the same
@@ -27,6 +27,8 @@ SUPPORTED_MODELS = (
     ("LLaVA-OneVision", "eos_kernels.integrations.llava_next", "_ONEVISION"),
     ("Qwen2-VL / Qwen2.5-VL", "eos_kernels.integrations.qwen2_vl", "_ADAPTER"),
     ("Qwen3-VL / Qwen3-VL-MoE", "eos_kernels.integrations.qwen3_vl", "_ADAPTER"),
+    ("InternVL", "eos_kernels.integrations.internvl", "_ADAPTER"),
+    ("Gemma 3", "eos_kernels.integrations.gemma3", "_ADAPTER"),
 )
 
 

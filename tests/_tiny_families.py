@@ -1,5 +1,5 @@
-"""Tiny randomly initialised Qwen2-VL, Qwen2.5-VL, LLaVA-NeXT and LLaVA-OneVision models for CPU tests
-(no downloads).
+"""Tiny randomly initialised Qwen2-VL, Qwen2.5-VL, LLaVA-NeXT, LLaVA-OneVision, InternVL and Gemma 3 models for
+CPU tests (no downloads).
 
 Built from transformers configs on transformers 5.0 to 5.24, fp32, eval mode,
 weights drawn with a fixed seed and a larger standard deviation than the
@@ -31,7 +31,20 @@ LLaVA-OneVision (``tiny_llava_onevision()``)
     SigLIP 56 px / patch 14 + Qwen2 text, the same tiling; videos of ``f`` frames
     give ``4 f + 1`` video tokens (2x2 pooling, one trailing newline).
 
-Model folders (``save_tiny_qwen``, ``save_tiny_llava_next``, ``save_tiny_llava_onevision``)
+InternVL (``tiny_internvl()``)
+    InternViT 56 px / patch 7 with the 0.5 pixel shuffle: 16 tokens per tile; Qwen2 text. Prompts (ChatML):
+    ``<|im_start|> user \\n <img> <IMG_CONTEXT> * 16 t </img> \\n question <|im_end|> ...`` per image of
+    ``t`` tiles (``pixel_values`` [all tiles, 3, 56, 56]).
+
+Gemma 3 (``tiny_gemma3()``)
+    SigLIP 56 px / patch 7 pooled to 16 tokens per image; the Gemma 3 text model (head_dim 16, q/k norms,
+    scaled embeddings) with a sliding window of 8 tokens on layers 0-4 and layer 5 global. Prompts:
+    ``<bos> <start_of_turn> user \\n`` text ``\\n <start_of_image> <image_soft_token> * 16 <end_of_image> \\n``
+    ... ``<end_of_turn> \\n <start_of_turn> model \\n`` (the ChatML ids stand for Gemma's turn tokens), with
+    ``token_type_ids`` (1 at the image tokens) as the processor gives them.
+
+Model folders (``save_tiny_qwen``, ``save_tiny_llava_next``, ``save_tiny_llava_onevision``, ``save_tiny_internvl``,
+``save_tiny_gemma3``)
     ``save_pretrained`` folders with a word-level tokenizer over the tiny words of
     ``_tiny_models.py`` and the family's chat template. The processors of Qwen
     and OneVision need torchvision in transformers 5.x (their video half);
@@ -419,11 +432,200 @@ def onevision_inputs(model, image_size=None, frames: int = 0, before=3, after=6,
     return out
 
 
+# --------------------------------------------------------------------------- InternVL
+#: InternVL's <img> / </img> / <IMG_CONTEXT>, and Gemma 3's <start_of_image> / <end_of_image> / <image_soft_token>
+IMG_START_TOKEN_ID, IMG_END_TOKEN_ID = VISION_START_TOKEN_ID, VISION_END_TOKEN_ID
+INTERNVL_TILE = 56
+INTERNVL_PATCH = 7
+#: tokens per tile: (56 / 7)^2 patches, pixel-shuffled by 0.5 in each direction
+INTERNVL_TILE_TOKENS = (INTERNVL_TILE // INTERNVL_PATCH) ** 2 // 4
+
+
+def tiny_internvl_config(num_layers: int = 6, attn_implementation: str = "sdpa", text: str = "qwen2"):
+    """InternViT 56 px / patch 7 (16 tokens per tile after the pixel shuffle) + Qwen2 text (InternVL3), or
+    ``text="qwen3"`` (InternVL3.5: q/k norms, head_dim 16)."""
+    from transformers import InternVLConfig, InternVLVisionConfig, Qwen2Config, Qwen3Config
+
+    vision = InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  image_size=INTERNVL_TILE, patch_size=INTERNVL_PATCH)
+    if text not in ("qwen2", "qwen3"):
+        raise ValueError(f"text must be 'qwen2' or 'qwen3', got {text!r}")
+    text_config = (Qwen2Config if text == "qwen2" else Qwen3Config)(**_text_kwargs(num_layers))
+    config = InternVLConfig(vision_config=vision, text_config=text_config,
+                            image_token_id=IMAGE_TOKEN_ID, image_seq_length=INTERNVL_TILE_TOKENS,
+                            downsample_ratio=0.5, vision_feature_layer=-1, vision_feature_select_strategy="default")
+    config.pad_token_id = PAD_TOKEN_ID
+    config._attn_implementation = attn_implementation
+    return config
+
+
+@torch.no_grad()
+def tiny_internvl(seed: int = 0, attn_implementation: str = "sdpa", num_layers: int = 6, std: float = 0.15,
+                  text: str = "qwen2"):
+    """A tiny ``InternVLForConditionalGeneration`` (eval, fp32)."""
+    from transformers import InternVLForConditionalGeneration
+
+    config = tiny_internvl_config(num_layers=num_layers, attn_implementation=attn_implementation, text=text)
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(config)
+    _randomise(model, seed, std)
+    _generation_defaults(model, [IMAGE_TOKEN_ID, IMG_START_TOKEN_ID, IMG_END_TOKEN_ID])
+    return model.eval()
+
+
+def internvl_prompt(tiles, after: int = 5, seed: int = 0, between: int = 2) -> torch.Tensor:
+    """An InternVL (ChatML) prompt: ``<|im_start|> user \n``, one ``<img> <IMG_CONTEXT> * 16 t </img> \n``
+    block per image of ``t`` tiles (``between`` text tokens between two), ``after`` question tokens,
+    ``<|im_end|> \n <|im_start|> assistant \n``."""
+    gen = torch.Generator().manual_seed(1000 + seed)
+    parts = [torch.tensor([IM_START_TOKEN_ID, USER_TOKEN_ID, NEWLINE_TOKEN_ID])]
+    for i, t in enumerate(tiles):
+        if i:
+            parts.append(_text(between, gen))
+        parts += [torch.tensor([IMG_START_TOKEN_ID]), torch.full((t * INTERNVL_TILE_TOKENS,), IMAGE_TOKEN_ID),
+                  torch.tensor([IMG_END_TOKEN_ID, NEWLINE_TOKEN_ID])]
+    parts += [_text(after, gen), torch.tensor([IM_END_TOKEN_ID, NEWLINE_TOKEN_ID, IM_START_TOKEN_ID,
+                                                ASSISTANT_TOKEN_ID, NEWLINE_TOKEN_ID])]
+    return torch.cat(parts)
+
+
+def tile_pixels(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(2000 + seed)
+    return torch.randn(n, 3, size, size, generator=gen)
+
+
+def internvl_inputs(prompts, tiles, side: str = "left", seed: int = 0) -> dict:
+    """Inputs of a batch of InternVL prompts; ``tiles[b]``: the tiles of each image of sample ``b``
+    (``pixel_values`` [all tiles, 3, 56, 56], the samples' tiles in order)."""
+    if torch.is_tensor(prompts):
+        prompts = [prompts]
+    ids, mask = pad_batch(prompts, side)
+    out = {"input_ids": ids}
+    if not bool(mask.all()):
+        out["attention_mask"] = mask
+    n = sum(sum(t) for t in tiles)
+    if n:
+        out["pixel_values"] = tile_pixels(n, INTERNVL_TILE, seed)
+    return out
+
+
+def _split_tiles(batch, prompts, tiles, make):
+    """Each sample's own inputs (``make(prompt, tiles)``) with the batch's pixel rows of its tiles."""
+    alone, row = [], 0
+    for p, t in zip(prompts, tiles):
+        a = make(p, t)
+        if sum(t):
+            a["pixel_values"] = batch["pixel_values"][row:row + sum(t)]
+        row += sum(t)
+        alone.append(a)
+    return alone
+
+
+def internvl_ragged(seed: int = 0):
+    """A left-padded batch of three InternVL prompts with different visual counts (one image of 2 tiles:
+    32 tokens; two of 1 + 3 tiles: 64; none), and each alone with the same pixels: ``(batch, [alone, ...])``."""
+    tiles = [[2], [1, 3], []]
+    prompts = [internvl_prompt(t, seed=seed + i, after=4 + i) for i, t in enumerate(tiles)]
+    batch = internvl_inputs(prompts, tiles, side="left", seed=seed)
+    return batch, _split_tiles(batch, prompts, tiles, lambda p, t: internvl_inputs([p], [t], seed=seed))
+
+
+# --------------------------------------------------------------------------- Gemma 3
+GEMMA_IMAGE = 56
+GEMMA_PATCH = 7
+#: image tokens per image: (56 / 7)^2 SigLIP patches average-pooled 2 x 2
+GEMMA_IMAGE_TOKENS = 16
+#: the tiny text model's sliding window: shorter than an image block and than every prompt, so that the
+#: window cuts image blocks, prompts and the KV cache of every sliding layer
+GEMMA_WINDOW = 8
+BOI_TOKEN_ID, EOI_TOKEN_ID = VISION_START_TOKEN_ID, VISION_END_TOKEN_ID
+
+
+def tiny_gemma3_config(num_layers: int = 6, attn_implementation: str = "sdpa", sliding_window: int = GEMMA_WINDOW):
+    """SigLIP 56 px / patch 7, pooled to 16 tokens per image + the Gemma 3 text model (q/k norms, scaled
+    embeddings, layers 0-4 sliding-window, layer 5 global: the stock ``layer_types`` pattern)."""
+    from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
+
+    kw = _text_kwargs(num_layers)
+    text = Gemma3TextConfig(**kw, head_dim=16, query_pre_attn_scalar=16, sliding_window=sliding_window)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                image_size=GEMMA_IMAGE, patch_size=GEMMA_PATCH)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=GEMMA_IMAGE_TOKENS,
+                          boi_token_index=BOI_TOKEN_ID, eoi_token_index=EOI_TOKEN_ID, image_token_index=IMAGE_TOKEN_ID)
+    config.pad_token_id = PAD_TOKEN_ID
+    config._attn_implementation = attn_implementation
+    return config
+
+
+@torch.no_grad()
+def tiny_gemma3(seed: int = 0, attn_implementation: str = "sdpa", num_layers: int = 6, std: float = 0.15,
+                sliding_window: int = GEMMA_WINDOW):
+    """A tiny ``Gemma3ForConditionalGeneration`` (eval, fp32)."""
+    from transformers import Gemma3ForConditionalGeneration
+
+    config = tiny_gemma3_config(num_layers=num_layers, attn_implementation=attn_implementation,
+                                sliding_window=sliding_window)
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config)
+    _randomise(model, seed, std)
+    _generation_defaults(model, [IMAGE_TOKEN_ID, BOI_TOKEN_ID, EOI_TOKEN_ID])
+    return model.eval()
+
+
+def gemma_prompt(n_images: int, before: int = 2, after: int = 5, seed: int = 0, between: int = 2) -> torch.Tensor:
+    """A Gemma 3 chat prompt: ``<bos> <start_of_turn> user \n`` text, one ``\n <start_of_image>
+    <image_soft_token> * 16 <end_of_image> \n`` block per image (``between`` text tokens between two), the
+    question, ``<end_of_turn> \n <start_of_turn> model \n`` (``<start_of_turn>``/``<end_of_turn>`` are the
+    ChatML ids here, "model" is ``ASSISTANT_TOKEN_ID``)."""
+    gen = torch.Generator().manual_seed(1000 + seed)
+    parts = [torch.tensor([BOS_TOKEN_ID, IM_START_TOKEN_ID, USER_TOKEN_ID, NEWLINE_TOKEN_ID]), _text(before, gen)]
+    for i in range(n_images):
+        if i:
+            parts.append(_text(between, gen))
+        parts += [torch.tensor([NEWLINE_TOKEN_ID, BOI_TOKEN_ID]), torch.full((GEMMA_IMAGE_TOKENS,), IMAGE_TOKEN_ID),
+                  torch.tensor([EOI_TOKEN_ID, NEWLINE_TOKEN_ID])]
+    parts += [_text(after, gen), torch.tensor([IM_END_TOKEN_ID, NEWLINE_TOKEN_ID, IM_START_TOKEN_ID,
+                                                ASSISTANT_TOKEN_ID, NEWLINE_TOKEN_ID])]
+    return torch.cat(parts)
+
+
+def gemma_token_type_ids(input_ids: torch.Tensor) -> torch.Tensor:
+    """What Gemma3Processor returns as ``token_type_ids``: 1 at the image tokens, 0 elsewhere."""
+    return (input_ids == IMAGE_TOKEN_ID).long()
+
+
+def gemma_inputs(prompts, images, side: str = "left", seed: int = 0, token_types: bool = True) -> dict:
+    """Inputs of a batch of Gemma 3 prompts; ``images[b]``: sample ``b``'s number of images
+    (``pixel_values`` [all images, 3, 56, 56]); ``token_type_ids`` as the processor gives them."""
+    if torch.is_tensor(prompts):
+        prompts = [prompts]
+    ids, mask = pad_batch(prompts, side)
+    out = {"input_ids": ids}
+    if not bool(mask.all()):
+        out["attention_mask"] = mask
+    if sum(images):
+        out["pixel_values"] = tile_pixels(sum(images), GEMMA_IMAGE, seed)
+    if token_types:
+        out["token_type_ids"] = gemma_token_type_ids(ids)
+    return out
+
+
+def gemma_ragged(seed: int = 0):
+    """A left-padded batch of three Gemma 3 prompts with different visual counts (one image: 16 tokens, two
+    images: 32, none), and each alone with the same pixels: ``(batch, [alone, ...])``."""
+    images = [1, 2, 0]
+    prompts = [gemma_prompt(n, seed=seed + i, after=4 + i) for i, n in enumerate(images)]
+    batch = gemma_inputs(prompts, images, side="left", seed=seed)
+    return batch, _split_tiles(batch, prompts, [[1] * n for n in images],
+                               lambda p, t: gemma_inputs([p], [len(t)], seed=seed))
+
+
 # --------------------------------------------------------------------------- tokenizers, processors, model folders
-def _word_tokenizer(top: dict, chat_template: str | None = None, bos: bool = True):
+def _word_tokenizer(top: dict, chat_template: str | None = None, bos: bool = True, extra: dict | None = None):
     """A word-level fast tokenizer of vocab 256: ``<pad> <s> </s> <unk>``, the tiny words of
     ``_tiny_models.TINY_WORDS``, fillers ``t{i}``, and ``top`` (id -> token) at the top ids.
-    Text is split on whitespace; the special tokens of ``top`` are split out first."""
+    Text is split on whitespace; the special tokens of ``top`` are split out first. ``extra``: named
+    special tokens (``extra_special_tokens``: ``tokenizer.boi_token``, ``.boi_token_id``, ...)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -440,8 +642,13 @@ def _word_tokenizer(top: dict, chat_template: str | None = None, bos: bool = Tru
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS_TOKEN_ID)])
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
     specials = [w for w in top.values() if w.startswith("<")]
+    if extra:  # named special tokens replace the list of additional ones: every special token gets a name
+        named = {f"special_{i}_token": w for i, w in enumerate(w for w in specials if w not in extra.values())}
+        kw = {"extra_special_tokens": {**named, **extra}}
+    else:
+        kw = {"additional_special_tokens": specials}
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>" if bos else None, eos_token="</s>",
-                                   pad_token="<pad>", unk_token="<unk>", additional_special_tokens=specials)
+                                   pad_token="<pad>", unk_token="<unk>", **kw)
     if chat_template is not None:
         fast.chat_template = chat_template
     return fast
@@ -501,6 +708,88 @@ def qwen_tokenizer(chat_template: str | None = QWEN_CHAT_TEMPLATE):
 def onevision_tokenizer(chat_template: str | None = ONEVISION_CHAT_TEMPLATE):
     """OneVision's Qwen2 tokenizer: ChatML, ``<image>`` = 255, ``<video>`` = 254."""
     return _chatml_tokenizer("<image>", "<video>", chat_template)
+
+
+#: InternVL3's format (ChatML; the image item is ``<IMG_CONTEXT>\n``, which InternVLProcessor expands to
+#: ``<img> <IMG_CONTEXT> * n </img>``)
+INTERNVL_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}{{ '<IMG_CONTEXT>\n' }}"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+#: Gemma 3's format: ``<bos><start_of_turn>user\n<start_of_image>{question}<end_of_turn>\n<start_of_turn>model\n``
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}{% set role = 'model' %}"
+    "{% else %}{% set role = message['role'] %}{% endif %}"
+    "{{ '<start_of_turn>' + role + '\n' }}{% if message['content'] is string %}{{ message['content'] | trim }}"
+    "{% else %}{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '<start_of_image>' }}"
+    "{% elif item['type'] == 'text' %}{{ item['text'] | trim }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+
+def internvl_tokenizer(chat_template: str | None = INTERNVL_CHAT_TEMPLATE):
+    """InternVL's Qwen2 tokenizer: ChatML, ``<img>`` 252, ``</img>`` 253, ``<IMG_CONTEXT>`` 255 (named as
+    InternVLProcessor reads them: ``start_image_token``, ``end_image_token``, ``context_image_token``)."""
+    top = {SYSTEM_TOKEN_ID: "system", ASSISTANT_TOKEN_ID: "assistant", USER_TOKEN_ID: "user",
+           NEWLINE_TOKEN_ID: "<nl>", IM_START_TOKEN_ID: "<|im_start|>", IM_END_TOKEN_ID: "<|im_end|>",
+           IMG_START_TOKEN_ID: "<img>", IMG_END_TOKEN_ID: "</img>", VIDEO_TOKEN_ID: "<video>",
+           IMAGE_TOKEN_ID: "<IMG_CONTEXT>"}
+    tok = _word_tokenizer(top, chat_template, bos=False, extra={
+        "start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+        "video_token": "<video>"})
+    tok.eos_token = "<|im_end|>"
+    return tok
+
+
+def gemma_tokenizer(chat_template: str | None = GEMMA_CHAT_TEMPLATE):
+    """Gemma 3's tokenizer: BOS ``<s>``, ``<start_of_turn>`` / ``<end_of_turn>`` (the ChatML ids), "model",
+    ``<start_of_image>`` 252, ``<end_of_image>`` 253, ``<image_soft_token>`` 255 (named as Gemma3Processor
+    reads them: ``boi_token``, ``eoi_token``, ``image_token``)."""
+    top = {SYSTEM_TOKEN_ID: "system", ASSISTANT_TOKEN_ID: "model", USER_TOKEN_ID: "user",
+           NEWLINE_TOKEN_ID: "<nl>", IM_START_TOKEN_ID: "<start_of_turn>", IM_END_TOKEN_ID: "<end_of_turn>",
+           BOI_TOKEN_ID: "<start_of_image>", EOI_TOKEN_ID: "<end_of_image>", VIDEO_TOKEN_ID: "<unused0>",
+           IMAGE_TOKEN_ID: "<image_soft_token>"}
+    tok = _word_tokenizer(top, chat_template, bos=True, extra={
+        "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"})
+    tok.eos_token = "<end_of_turn>"
+    return tok
+
+
+def tiny_internvl_image_processor():
+    """InternVL's (GotOcr2) PIL image processor: 56 px tiles, up to 6 by the aspect ratio, plus a thumbnail."""
+    return _pil_class("GotOcr2ImageProcessorPil", "GotOcr2ImageProcessor")(
+        size={"height": INTERNVL_TILE, "width": INTERNVL_TILE}, crop_to_patches=True, min_patches=1, max_patches=6)
+
+
+def tiny_gemma3_processor(chat_template: str | None = GEMMA_CHAT_TEMPLATE):
+    """A ``Gemma3Processor`` for :func:`tiny_gemma3`: its PIL image processor at 56 px, :func:`gemma_tokenizer`,
+    16 image tokens per image (no torchvision needed)."""
+    import transformers
+
+    ip = _pil_class("Gemma3ImageProcessorPil", "Gemma3ImageProcessor")(size={"height": GEMMA_IMAGE,
+                                                                              "width": GEMMA_IMAGE})
+    return transformers.Gemma3Processor(image_processor=ip, tokenizer=gemma_tokenizer(chat_template),
+                                        image_seq_length=GEMMA_IMAGE_TOKENS, chat_template=chat_template)
+
+
+def tiny_internvl_processor(chat_template: str | None = INTERNVL_CHAT_TEMPLATE):
+    """An ``InternVLProcessor`` for :func:`tiny_internvl`. Like Qwen's, it needs torchvision in transformers 5.x
+    (its video processor): without it this raises ``ImportError``."""
+    import transformers
+
+    try:
+        video = transformers.InternVLVideoProcessor()
+    except ImportError as exc:
+        raise ImportError(f"InternVLProcessor needs InternVLVideoProcessor, which needs torchvision "
+                          f"(transformers {transformers.__version__})") from exc
+    return transformers.InternVLProcessor(image_processor=tiny_internvl_image_processor(),
+                                          tokenizer=internvl_tokenizer(chat_template), video_processor=video,
+                                          image_seq_length=INTERNVL_TILE_TOKENS, chat_template=chat_template)
 
 
 def _pil_class(*names):
@@ -635,3 +924,20 @@ def save_tiny_llava_onevision(path, seed: int = 0, num_layers: int = 6,
     return _save(path, tiny_llava_onevision(seed=seed, num_layers=num_layers, attn_implementation=attn_implementation),
                  lambda: tiny_onevision_processor(chat_template=chat_template),
                  lambda: onevision_tokenizer(chat_template), lambda: tiny_anyres_image_processor("llava_onevision"))
+
+
+def save_tiny_internvl(path, seed: int = 0, num_layers: int = 6, chat_template: str | None = INTERNVL_CHAT_TEMPLATE,
+                       attn_implementation: str = "sdpa") -> str:
+    """:func:`tiny_internvl` and :func:`tiny_internvl_processor` saved into ``path``; without torchvision (the
+    processor's video half needs it), as :func:`save_tiny_qwen`: the model, :func:`internvl_tokenizer` with its
+    chat template and the image processor."""
+    return _save(path, tiny_internvl(seed=seed, num_layers=num_layers, attn_implementation=attn_implementation),
+                 lambda: tiny_internvl_processor(chat_template=chat_template),
+                 lambda: internvl_tokenizer(chat_template), tiny_internvl_image_processor)
+
+
+def save_tiny_gemma3(path, seed: int = 0, num_layers: int = 6, chat_template: str | None = GEMMA_CHAT_TEMPLATE,
+                     attn_implementation: str = "sdpa") -> str:
+    """:func:`tiny_gemma3` and :func:`tiny_gemma3_processor` saved into ``path``."""
+    return _save(path, tiny_gemma3(seed=seed, num_layers=num_layers, attn_implementation=attn_implementation),
+                 lambda: tiny_gemma3_processor(chat_template=chat_template))

@@ -1,9 +1,11 @@
-"""CUDA-only: the patched tiny Qwen2.5-VL, LLaVA-NeXT, LLaVA-OneVision and Qwen3-VL on the GPU, with the compiled kernels.
+"""CUDA-only: the patched tiny Qwen2.5-VL, LLaVA-NeXT, LLaVA-OneVision, InternVL, Gemma 3 and Qwen3-VL on the
+GPU, with the compiled kernels.
 
 The models are those of ``tests/_tiny_families.py`` (6 text layers, grouped-query
 sdpa attention; the visual count depends on each image: Qwen's dynamic-resolution
 grids, the any-resolution tiles of NeXT / OneVision with their image-newline
-tokens) moved to CUDA and patched with ``eos_kernels.patch`` (the adapter chosen
+tokens, InternVL's tiles, Gemma 3's images of 16 tokens with its sliding-window layers and bidirectional
+image blocks) moved to CUDA and patched with ``eos_kernels.patch`` (the adapter chosen
 from the class). Inside the patched model the importance and the operator run
 through the Triton kernels (``impl="triton"`` is forced on the module that calls
 them, so the kernels are what is tested, also in the interpreter subset). The
@@ -59,11 +61,13 @@ FP32_TOL = dict(rtol=1e-4, atol=1e-4)
 BF16_TOL = dict(rtol=3e-2, atol=3e-2)
 #: input seeds (tests/test_patch_families.py's builders) whose top-k boundaries are far from a tie: the
 #: relative gap between the last kept and the first dropped importance score is >= 1e-2 at every
-#: reducer, sample and family (CPU, fp32), far above fp32 rounding and above bf16's 0.4 %
-SEED_RAGGED, SEED_GENERATE, SEED_REFERENCE = 29, 1, 26
+#: reducer, sample and family (CPU, fp32; Gemma 3 and InternVL on transformers 5.0, 5.15 and 5.25), far above
+#: fp32 rounding and above bf16's 0.4 %: (ragged batch, generation, device vs CPU reference)
+SEEDS = {"qwen2.5": (29, 1, 26), "llava_next": (29, 1, 26), "llava_onevision": (29, 1, 26),
+         "internvl": (21, 32, 11), "gemma3": (30, 9, 11), "qwen3": (29, 1, 26)}
 #: Qwen3-VL on the GPU only: the interpreter subset (``scripts/gpu_check.sh --cpu``, a 90 s step) has no room
 #: for its ~30 s, and its CPU path is tested in test_patch_families.py / test_patch_qwen3_vl.py
-FAMILIES = ["qwen2.5", "llava_next", "llava_onevision"] + (["qwen3"] if HAS_CUDA else [])
+FAMILIES = ["qwen2.5", "llava_next", "llava_onevision", "internvl", "gemma3"] + (["qwen3"] if HAS_CUDA else [])
 
 
 # --------------------------------------------------------------------------- models and inputs
@@ -75,6 +79,10 @@ def build(family):
         return tf.tiny_qwen(family[len("qwen"):], seed=0, attn_implementation="sdpa")
     if family == "llava_next":
         return tf.tiny_llava_next(seed=0, attn_implementation="sdpa")
+    if family == "internvl":
+        return tf.tiny_internvl(seed=0, attn_implementation="sdpa")
+    if family == "gemma3":
+        return tf.tiny_gemma3(seed=0, attn_implementation="sdpa")
     return tf.tiny_llava_onevision(seed=0, attn_implementation="sdpa")
 
 
@@ -83,7 +91,13 @@ def ragged(family, cpu_model, seed=0):
     each sample's own inputs (the same pixels), on the CPU (``tests/test_patch_families.py``'s batches)."""
     if family == "qwen3":
         return tq.qwen3_ragged(cpu_model, seed)
-    return tf.qwen_ragged(cpu_model, seed) if family.startswith("qwen") else tf.next_ragged(cpu_model, seed)
+    if family.startswith("qwen"):
+        return tf.qwen_ragged(cpu_model, seed)
+    if family == "internvl":
+        return tf.internvl_ragged(seed)
+    if family == "gemma3":
+        return tf.gemma_ragged(seed)
+    return tf.next_ragged(cpu_model, seed)
 
 
 def to_device(inputs, dtype=torch.float32):
@@ -172,7 +186,7 @@ def test_ragged_batch_matches_each_sample_alone(models, use_impl, family):
     positions themselves must be identical."""
     cpu = models(family, cpu=True)
     model = models(family)
-    batch, alone = ragged(family, cpu, seed=SEED_RAGGED)
+    batch, alone = ragged(family, cpu, seed=SEEDS[family][0])
     counts = [visual_count(a) for a in alone]
     assert len(set(counts)) == 3 and counts[-1] == 0, counts
     eos_kernels.patch(model, THETA)
@@ -266,7 +280,7 @@ def test_generate_cache_equals_no_cache(models, use_impl, family, dtype):
     interpreter subset runs bf16 for Qwen2.5-VL only (the others add ~5 s each)."""
     cpu = models(family, cpu=True)
     model = models(family, dtype)
-    batch, alone = ragged(family, cpu, seed=SEED_GENERATE)
+    batch, alone = ragged(family, cpu, seed=SEEDS[family][1])
     batch = to_device(batch, dtype)
     atol = BF16_TOL["atol"]
     if dtype == torch.bfloat16:
@@ -303,7 +317,7 @@ def test_kernels_on_device_match_the_reference_on_cpu(models, use_impl, family):
     batch. fp32 (TF32 off) on both; different hardware and summation orders: FP32_TOL as above."""
     cpu = models(family, cpu=True)
     model = models(family)
-    batch, _ = ragged(family, cpu, seed=SEED_REFERENCE)
+    batch, _ = ragged(family, cpu, seed=SEEDS[family][2])
 
     use_impl("torch")
     eos_kernels.patch(cpu, THETA)

@@ -1,10 +1,12 @@
-"""``eos-search --demo --model DIR`` on every family (issue 12, item 6): the demo driver's comparison
+"""``eos-search --demo --model DIR`` on every family (issue 12, item 6; issue 19): the demo driver's comparison
 (search, baselines at two budgets, held-out table) on tiny random checkpoints saved with ``save_pretrained``.
 
 Qwen2.5-VL on the synthetic task (its 64 px images give every sample the same count, but the family's
 counts are not fixed, so every reducing Θ is deployed as fractions); LLaVA-NeXT and LLaVA-OneVision on
-``--data`` / ``--eval-data`` whose images have different sizes, so counts differ per image. The numbers are those of
-random models: what is checked is that the driver runs, reports what it deployed, and deploys it right.
+``--data`` / ``--eval-data`` whose images have different sizes, so counts differ per image; InternVL likewise
+(its tiles follow the aspect ratio); Gemma 3 on the synthetic task at its fixed 16 tokens per image (counts,
+as for LLaVA-1.5). The numbers are those of random models: what is checked is that the driver runs, reports
+what it deployed, and deploys it right.
 """
 import json
 import os
@@ -20,7 +22,8 @@ from eos_kernels.demo.run import FAMILIES, main  # noqa: E402
 from eos_kernels.theta import Theta  # noqa: E402
 
 from _tiny_families import (  # noqa: E402
-    IMAGE_TOKEN_ID, save_tiny_llava_next, save_tiny_llava_onevision, save_tiny_qwen,
+    GEMMA_IMAGE_TOKENS, IMAGE_TOKEN_ID, save_tiny_gemma3, save_tiny_internvl, save_tiny_llava_next,
+    save_tiny_llava_onevision, save_tiny_qwen,
 )
 from _tiny_models import write_llava_dataset  # noqa: E402
 from _tiny_qwen3_vl import save_tiny_qwen3  # noqa: E402
@@ -43,7 +46,7 @@ def _ragged_data(root, n, seed):
     return path
 
 
-def _check_results(out, model_class, n_expected=None):
+def _check_results(out, model_class, n_expected=None, vary=True):
     from eos_kernels.search.data import load_dataset, load_processor
 
     res = json.load(open(os.path.join(out, "demo_results.json")))
@@ -51,7 +54,7 @@ def _check_results(out, model_class, n_expected=None):
     held = load_dataset(res["data"]["eval"], load_processor(res["model"]), num_visual_tokens=None,
                         image_token_id=IMAGE_TOKEN_ID)
     first = held.examples[0].num_visual_tokens
-    assert res["model_class"] == model_class and res["visual_tokens_vary"] is True
+    assert res["model_class"] == model_class and res["visual_tokens_vary"] is vary
     n = res["num_visual_tokens"]
     if n_expected is not None:
         assert n == n_expected
@@ -64,15 +67,16 @@ def _check_results(out, model_class, n_expected=None):
     for r in rows:
         assert 0.0 <= r["accuracy"] <= 1.0 and r["prefill_ms"] > 0
         theta = Theta.from_dict(r["theta_config"])
-        # deployed as fractions of the schedule at N0, so the reported schedule is the one at N0
-        assert all(red.is_fraction for red in theta), r["config"]
+        # deployed as fractions of the schedule at N0 (a fixed count: as counts), so the reported schedule is
+        # the one at N0
+        assert all(red.is_fraction == vary for red in theta), r["config"]
         assert [list(s) for s in theta.schedule(n)] == r["tokens"]["schedule"]
         if len(theta):  # each image keeps its share of its own tokens
             assert r["measured_final"] == theta.schedule(first)[-1][2], (r["config"], first, n)
         if r["family"] != "full" and r["budget"] is not None and not r["config"].startswith("eos-searched-as"):
             assert r["tokens"]["final"] <= r["budget"], r["config"]
     # the searched Θ is a fraction Θ too (counts vary), and the table's @budget row is it rescaled
-    assert all(isinstance(red["keep"], float) for red in res["searched_theta"]["reducers"])
+    assert all(isinstance(red["keep"], float) == vary for red in res["searched_theta"]["reducers"])
     return res
 
 
@@ -100,10 +104,22 @@ def test_demo_driver_on_qwen3_vl_moe_own_ragged_data(tmp_path, capsys):
     assert len(res["held_out_visual_counts"]) >= 3, res["held_out_visual_counts"]
 
 
-@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
+def test_demo_driver_on_gemma3_synthetic_task(tmp_path):
+    model = save_tiny_gemma3(str(tmp_path / "gemma3"))
+    out = str(tmp_path / "out")
+    rc = main(["--demo", "--model", model, "--output", out, "--search-images", "4", "--eval-images", "4",
+               "--budget", "3", "--second-budget", "6"] + SHORT)
+    assert rc == 0
+    res = _check_results(out, "Gemma3ForConditionalGeneration", n_expected=GEMMA_IMAGE_TOKENS, vary=False)
+    assert res["data"]["synthetic"] is True and res["held_out_visual_counts"] == [GEMMA_IMAGE_TOKENS]
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision", "internvl"])
 def test_demo_driver_on_anyres_llava_own_ragged_data(tmp_path, capsys, family):
     if family == "llava_next":
         model, cls = save_tiny_llava_next(str(tmp_path / "m")), "LlavaNextForConditionalGeneration"
+    elif family == "internvl":  # tiles by the aspect ratio
+        model, cls = save_tiny_internvl(str(tmp_path / "m")), "InternVLForConditionalGeneration"
     else:
         model, cls = save_tiny_llava_onevision(str(tmp_path / "m")), "LlavaOnevisionForConditionalGeneration"
     search = _ragged_data(tmp_path / "search", 6, seed=0)

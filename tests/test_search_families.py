@@ -1,14 +1,15 @@
-"""eos-search on every family (issue 12, item 6): tiny random Qwen2.5-VL, Qwen2-VL, LLaVA-NeXT and LLaVA-OneVision
-saved with ``save_pretrained``.
+"""eos-search on every family (issue 12, item 6; issue 19): tiny random Qwen2.5-VL, Qwen2-VL, LLaVA-NeXT,
+LLaVA-OneVision, InternVL and Gemma 3 saved with ``save_pretrained``.
 
 The models and processors come from ``tests/_tiny_families.py`` (6 layers);
 the data set is the tiny LLaVA-format JSON of ``_tiny_models.write_llava_dataset``
 with its PNGs resized to different sizes, so that the images give different
-visual counts (any-resolution tiling / dynamic resolution) and every training
-batch is ragged. Prompts are rendered with the checkpoint's chat template (the
-processor's for LLaVA-NeXT; the tokenizer's for Qwen and OneVision when their
-processor cannot be built, i.e. without torchvision, OneVision's counts then
-coming from its image processor and the model's config).
+visual counts (any-resolution tiling / dynamic resolution / InternVL's tiles) and
+every training batch is ragged (Gemma 3: 16 tokens for every image, a fixed count).
+Prompts are rendered with the checkpoint's chat template (the processor's for
+LLaVA-NeXT and Gemma 3; the tokenizer's for Qwen, OneVision and InternVL when their
+processor cannot be built, i.e. without torchvision, OneVision's counts then coming
+from its image processor and the model's config, InternVL's from its tiles).
 """
 import json
 import math
@@ -31,9 +32,10 @@ from eos_kernels.search_space import SearchSpace  # noqa: E402
 from eos_kernels.theta import Theta  # noqa: E402
 
 from _tiny_families import (  # noqa: E402
-    IMAGE_TOKEN_ID, VISION_END_TOKEN_ID, VISION_START_TOKEN_ID, next_visual_count, onevision_tokenizer,
-    save_tiny_llava_next, save_tiny_llava_onevision, save_tiny_qwen, tiny_anyres_image_processor,
-    tiny_llava_onevision_config,
+    BOI_TOKEN_ID, EOI_TOKEN_ID, GEMMA_IMAGE_TOKENS, IMAGE_TOKEN_ID, IMG_END_TOKEN_ID, IMG_START_TOKEN_ID,
+    INTERNVL_TILE_TOKENS, VISION_END_TOKEN_ID, VISION_START_TOKEN_ID, next_visual_count, onevision_tokenizer,
+    save_tiny_gemma3, save_tiny_internvl, save_tiny_llava_next, save_tiny_llava_onevision, save_tiny_qwen,
+    tiny_anyres_image_processor, tiny_internvl_image_processor, tiny_llava_onevision_config,
 )
 from _tiny_models import write_llava_dataset  # noqa: E402
 from _tiny_qwen3_vl import save_tiny_qwen3  # noqa: E402
@@ -42,7 +44,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 #: (width, height) of the data set's images, in turn: different counts for every family
 SIZES = [(56, 56), (50, 100), (100, 40), (112, 112), (40, 60), (64, 32)]
-FAMILIES = ("qwen2.5", "qwen2", "llava_next", "llava_onevision", "qwen3")
+FAMILIES = ("qwen2.5", "qwen2", "llava_next", "llava_onevision", "qwen3", "internvl", "gemma3")
 
 
 def _write_data(root, n=6, seed=0):
@@ -65,6 +67,10 @@ def env(request, tmp_path_factory):
         model_dir = save_tiny_qwen(str(root / "model"), version=request.param[len("qwen"):])
     elif request.param == "llava_onevision":
         model_dir = save_tiny_llava_onevision(str(root / "model"))
+    elif request.param == "internvl":
+        model_dir = save_tiny_internvl(str(root / "model"))
+    elif request.param == "gemma3":
+        model_dir = save_tiny_gemma3(str(root / "model"))
     else:
         model_dir = save_tiny_llava_next(str(root / "model"))
     data = _write_data(root / "data")
@@ -85,25 +91,44 @@ def _dataset(env, processor):
 
 def test_model_class_processor_and_prompts_follow_the_checkpoint(env, loaded):
     import transformers
+    from PIL import Image
 
     model, processor = loaded
     want = {"qwen2.5": "Qwen2_5_VLForConditionalGeneration", "qwen2": "Qwen2VLForConditionalGeneration",
             "llava_next": "LlavaNextForConditionalGeneration",
             "llava_onevision": "LlavaOnevisionForConditionalGeneration",
-            "qwen3": "Qwen3VLForConditionalGeneration"}[env.family]
+            "qwen3": "Qwen3VLForConditionalGeneration", "internvl": "InternVLForConditionalGeneration",
+            "gemma3": "Gemma3ForConditionalGeneration"}[env.family]
     assert type(model) is getattr(transformers, want)
     ds = _dataset(env, processor)
     counts = ds.visual_counts
-    assert ds.num_visual_tokens is None and len(set(counts)) >= 3, counts
+    if env.family == "gemma3":  # a fixed count per image
+        assert set(counts) == {GEMMA_IMAGE_TOKENS}, counts
+    else:
+        assert ds.num_visual_tokens is None and len(set(counts)) >= 3, counts
     tok = processor.tokenizer
     for ex in ds.examples:
         assert ex.input_ids.count(IMAGE_TOKEN_ID) == ex.num_visual_tokens
         words = tok.convert_ids_to_tokens(ex.input_ids)
         answers = [t["value"] for t in json.load(open(env.data))[ex.index]["conversations"][1::2]]
         labelled = [w for w, y in zip(words, ex.labels) if y != -100]
-        if env.family != "llava_next":
+        at = ex.input_ids.index(IMAGE_TOKEN_ID)
+        if env.family == "gemma3":  # <bos><start_of_turn>user <start_of_image> soft * 16 <end_of_image> ...
+            assert words[:3] == ["<s>", "<start_of_turn>", "user"]
+            assert ex.input_ids[at - 1] == BOI_TOKEN_ID and ex.input_ids[at + ex.num_visual_tokens] == EOI_TOKEN_ID
+            assert words[ex.prompt_length - 2:ex.prompt_length] == ["<start_of_turn>", "model"]
+            assert labelled == [w for a in answers for w in a.split() + ["<end_of_turn>"]]
+        elif env.family == "internvl":  # ChatML, <img> <IMG_CONTEXT> * 16 t </img>: InternVLProcessor's layout
+            assert words[:2] == ["<|im_start|>", "user"]
+            assert ex.input_ids[at - 1] == IMG_START_TOKEN_ID
+            assert ex.input_ids[at + ex.num_visual_tokens] == IMG_END_TOKEN_ID
+            with Image.open(ex.image) as im:  # each of the image's tiles gives 16 tokens
+                tiles = int(tiny_internvl_image_processor()([im.convert("RGB")], return_tensors="pt")["num_patches"][0])
+            assert ex.num_visual_tokens == tiles * INTERNVL_TILE_TOKENS
+            assert words[ex.prompt_length - 1] == "assistant"
+            assert labelled == [w for a in answers for w in a.split() + ["<|im_end|>"]]
+        elif env.family != "llava_next":
             # the ChatML format of Qwen / OneVision (the tokenizer's template), not LLaVA-1.5's
-            at = ex.input_ids.index(IMAGE_TOKEN_ID)
             if env.family.startswith("qwen"):
                 assert ex.input_ids[at - 1] == VISION_START_TOKEN_ID
                 assert ex.input_ids[at + ex.num_visual_tokens] == VISION_END_TOKEN_ID
@@ -115,9 +140,7 @@ def test_model_class_processor_and_prompts_follow_the_checkpoint(env, loaded):
         else:
             assert words[ex.prompt_length - 1] == "ASSISTANT:"
             assert labelled == [w for a in answers for w in a.split() + ["</s>"]]
-    from PIL import Image
-
-    if env.family != "llava_next":
+    if env.family not in ("llava_next", "gemma3"):  # Gemma3Processor needs no torchvision
         try:
             import torchvision  # noqa: F401
         except ImportError:  # Qwen's / OneVision's processor needs torchvision in transformers 5.x: the fallback
@@ -156,8 +179,9 @@ def test_ragged_alignment_and_plan_bookkeeping_equal_each_sample_alone(env, load
     adapter = adapter_for(model)
     capture = None
     picks, seen = [], set()
+    fixed = env.family == "gemma3"  # 16 tokens per image: a right-padded batch of equal counts
     for ex in ds.examples:  # three samples with three different counts
-        if ex.num_visual_tokens not in seen and len(picks) < 3:
+        if (fixed or ex.num_visual_tokens not in seen) and len(picks) < 3:
             picks.append(ex.index)
             seen.add(ex.num_visual_tokens)
     assert len(picks) == 3, ds.visual_counts
@@ -168,7 +192,7 @@ def test_ragged_alignment_and_plan_bookkeeping_equal_each_sample_alone(env, load
             together = objective.data_terms(model, ds.collate(picks), capture, adapter=adapter)
             soft_together = dict(plan.soft_kept)
             stages = together["report"].stages
-            assert stages and stages[-1].valid_slots is not None  # the batch is ragged after a reducer
+            assert stages and (fixed or stages[-1].valid_slots is not None)  # ragged after a reducer
             assert set(plan.schedules) == {ds.examples[i].num_visual_tokens for i in picks}
             alone = []
             for i in picks:
@@ -204,7 +228,8 @@ def test_short_search_from_the_command_line_writes_theta(env, tmp_path):
     assert sorted(f.name for f in out.glob("*.png")) == \
         (["loss.png", "profile.png", "trajectories.png"] if plotted else [])
     theta = Theta.from_json(str(out / "theta.json"))
-    assert all(r.is_fraction for r in theta.reducers)  # counts differ per image: Θ keeps fractions
+    fixed = env.family == "gemma3"  # one count for every image (16): Θ keeps counts, as for LLaVA-1.5
+    assert all(r.is_fraction != fixed for r in theta.reducers)  # counts differ per image: Θ keeps fractions
     assert theta.reducers, "the warm start has active reducers"
     log = [json.loads(line) for line in open(out / "log.jsonl") if line.strip()]
     assert [r["step"] for r in log] == [1, 2]
@@ -215,7 +240,7 @@ def test_short_search_from_the_command_line_writes_theta(env, tmp_path):
     assert state["step"] == 2
     # N_0 is the data's mean count; the fractions apply equation 11 at every count
     counts = _dataset(env, load_processor(env.model)).visual_counts
-    assert state["space_kwargs"]["num_visual_tokens"] == round(sum(counts) / len(counts))
+    assert state["space_kwargs"]["num_visual_tokens"] == (16 if fixed else round(sum(counts) / len(counts)))
     space = SearchSpace(**state["space_kwargs"])
     space.load_state_dict(state["space"])
     for n in sorted(set(counts)):

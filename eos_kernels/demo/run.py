@@ -4,7 +4,7 @@ By default on the shipped demo model (:mod:`eos_kernels.demo.build`, 8
 decoder layers, 64 visual tokens, one per grid cell) and the synthetic task
 (:mod:`eos_kernels.demo.task`). ``--model DIR`` runs the same comparison on
 any supported checkpoint (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision,
-Qwen2-VL, Qwen2.5-VL: the class from its config), ``--data SEARCH.json
+Qwen2-VL, Qwen2.5-VL, InternVL, Gemma 3: the class from its config), ``--data SEARCH.json
 --eval-data HELDOUT.json`` on your own LLaVA-format data instead of the
 synthetic task (prompts rendered with the checkpoint's chat template, as
 ``eos-search`` does). The driver:

@@ -3,7 +3,7 @@
 This package is the model-agnostic half of :func:`eos_kernels.patch`; a model
 family plugs in through a small :class:`~.adapter.VisionLanguageAdapter` (one
 file each in ``eos_kernels.integrations``: LLaVA-1.5, LLaVA-NeXT/OneVision,
-Qwen2(.5)-VL, Qwen3-VL; a family may add removable hooks of its own,
+Qwen2(.5)-VL, Qwen3-VL, InternVL, Gemma 3; a family may add removable hooks of its own,
 ``DecoderAdapter.install_hooks``). Its modules: ``compat`` (versions, lookups by type or role, the
 drift error), ``plan`` (what to reduce), ``adapter``, ``report``, ``cache`` (the
 slot map of a reduced KV cache and the masks fitted to it), ``hooks`` (the
@@ -73,6 +73,21 @@ lives on the cache object itself (``cache._eos_map``), and the cache's
 manipulation keep the map aligned with the cache rows. ``generate`` with the
 cache therefore gives the same tokens as ``generate(use_cache=False)``, where
 every step is a fresh reduced prefill.
+
+Per-layer masks and sliding windows: a decoder stack that hands its layers
+different masks and rotary tables (Gemma 3: a sliding-window and a global mask,
+local and global RoPE bases) has each sliced once per stage for every distinct
+(mask, rotary pair, cache layout). A sliding-window KV cache layer
+(``DynamicSlidingWindowLayer``: its last ``W - 1`` slots;
+``StaticSlidingWindowLayer``: a rolling buffer) keeps a reduced layer's last
+slots, which reach further back than ``W - 1`` positions: decode-step masks map
+each slot to its original position and the window, measured in original
+positions as RoPE is, masks the slots before it. transformers sizes each mask
+by the first cache layer of its kind (full or sliding); where that layer is
+behind a reducer (Gemma 3's layer 5), decode-step masks are rebuilt from what
+they mean (causal, padding, window) rather than gathered. A ragged batch's
+padding slots come first in each row, so that a sliding-window cache keeps
+each sample's latest tokens.
 
 Mechanics, all per instance and removable: forward (pre-)hooks on the input
 module (it sees ``input_ids``, hence the visual positions), the decoder stack

@@ -3,8 +3,11 @@ cache methods wrapped (per instance) to keep that map aligned, and attention mas
 from __future__ import annotations
 
 import types
+from typing import Mapping
 
 import torch
+
+from .compat import _drift
 
 CACHE_MAP_ATTR = "_eos_map"
 _CACHE_WRAPPED_ATTR = "_eos_wrapped"
@@ -13,18 +16,21 @@ _CACHE_WRAPPED_ATTR = "_eos_wrapped"
 class _CacheMap:
     """Which original positions each reduced layer's cache slots hold (prefill part)."""
 
-    __slots__ = ("prefill_length", "first_layers", "kept", "valid")
+    __slots__ = ("prefill_length", "first_layers", "kept", "valid", "real", "rebuilds")
 
-    def __init__(self, prefill_length: int):
+    def __init__(self, prefill_length: int, real: torch.Tensor | None = None):
         self.prefill_length = prefill_length
         self.first_layers: list[int] = []   # first layer of each stage (reducer layer + 1)
         self.kept: list[torch.Tensor] = []  # long [B, L'_s]: original positions of the stage's prefill slots
         self.valid: list[torch.Tensor | None] = []  # bool [B, L'_s], False at a ragged prefill's padding slots
+        self.real = real  # bool [B, prefill_length], False at the prefill's padding (None: no padding)
+        self.rebuilds = False  # some decode-step masks are sized by a reduced layer (hooks._decode_mask)
 
     def move_rows(self, fn) -> None:
         """Apply ``fn`` (a batch-row selection / reordering) to every per-row tensor of the map."""
         self.kept = [fn(k) for k in self.kept]
         self.valid = [None if v is None else fn(v) for v in self.valid]
+        self.real = None if self.real is None else fn(self.real)
 
     def stage_of(self, layer_idx: int) -> int | None:
         stage = None
@@ -58,7 +64,18 @@ def _crop_prefill(m: _CacheMap, new_length: int) -> None:
             "reduced prefill removed (only tokens after the last visual token can be cropped)"
         )
     m.kept = [kept[:, :kept.shape[1] - drop] for kept in m.kept]
+    m.real = None if m.real is None else m.real[:, :new_length]
     m.prefill_length = new_length
+
+
+def _crop_takes_a_count(cache) -> bool:
+    """Whether ``cache.crop`` takes the number of tokens to remove (transformers 5.15 and later), not a length."""
+    import inspect
+
+    try:
+        return "tokens_to_remove" in inspect.signature(type(cache).crop).parameters
+    except (TypeError, ValueError, AttributeError):  # pragma: no cover - a crop without a signature
+        return False
 
 
 def _wrap_cache_methods(cache) -> None:
@@ -96,7 +113,10 @@ def _wrap_cache_methods(cache) -> None:
             length = _cache_seq_length(self)  # layer 0 runs before any reducer: original positions
             remove = length - tokens if tokens > 0 else -tokens
             if remove <= 0:
-                return None  # nothing to remove (and crop(0) empties every layer on transformers < 5.23)
+                # nothing to remove. crop(0) empties every layer where crop takes a length (transformers 5.0);
+                # where it takes a count of tokens to remove (5.15 on) it removes none, and it brings the sliding-
+                # window layers of an assisted generation back to their window: let those releases have it
+                return _bound("crop")(self, 0) if _crop_takes_a_count(self) else None
             if remove > length - m.prefill_length:
                 _crop_prefill(m, length - remove)
             return _bound("crop")(self, -remove)
@@ -131,37 +151,125 @@ def _is_flash(impl: str) -> bool:
 
 
 def _mask_cols(kept: torch.Tensor, prefill_len: int, kv_total: int, slots: int,
-               valid: torch.Tensor | None = None):
-    """Original kv column for each of a layer's ``slots`` cache slots, and which are invalid.
+               valid: torch.Tensor | None = None, start: int = 0, offset: int = 0):
+    """Mask column of each key slot ``start .. slots - 1`` of a reduced layer, and which are invalid.
 
     Slot s < L' holds ``kept[:, s]``; later slots hold the tokens appended after
-    the prefill, at original position ``prefill_len + (s - L')``. With a static
-    cache the layer has more slots than the mask has columns left for it: those
-    slots are empty and come back marked invalid (always masked), as do the
-    padding slots of a ragged prefill (``valid`` False).
+    the prefill, at original position ``prefill_len + (s - L')`` (a static
+    buffer's unwritten slots map to positions after the last token, which every
+    causal mask hides). Column j of the mask stands for original position
+    ``offset + j`` (a sliding-window mask starts at its window). Invalid (always
+    masked): a position the mask has no column for (before the window, or past
+    its ``kv_total`` columns, e.g. empty slots of a static cache) and the padding
+    slots of a ragged prefill (``valid`` False).
     """
     B, Lk = kept.shape
     device = kept.device
-    n_extra = max(slots - Lk, 0)
-    extra = torch.arange(prefill_len, prefill_len + n_extra, device=device)
-    cols = torch.cat([kept[:, :slots], extra.unsqueeze(0).expand(B, -1)], dim=1)
+    first = max(start, Lk)
+    n_extra = max(slots - first, 0)
+    extra = torch.arange(prefill_len + first - Lk, prefill_len + first - Lk + n_extra, device=device)
+    cols = torch.cat([kept[:, min(start, Lk):min(slots, Lk)], extra.unsqueeze(0).expand(B, -1)], dim=1)
     invalid = None
-    if prefill_len + n_extra > kv_total:  # kept positions are always < prefill_len <= kv_total
-        invalid = cols >= kv_total
-        cols = cols.clamp(max=kv_total - 1)
+    if offset:  # a window: positions before it have no column
+        cols = cols - offset
+        invalid = cols < 0
+    if offset or prefill_len + first - Lk + n_extra > kv_total + offset:
+        # kept positions are always < prefill_len <= kv_total + offset
+        invalid = cols >= kv_total if invalid is None else invalid | (cols >= kv_total)
+        cols = cols.clamp(min=0, max=kv_total - 1)
     if valid is not None:
         pad = torch.zeros(B, cols.shape[1], dtype=torch.bool, device=device)
-        pad[:, :min(Lk, slots)] = ~valid[:, :slots].to(device)
+        head = max(min(Lk, slots) - min(start, Lk), 0)
+        pad[:, :head] = ~valid[:, min(start, Lk):min(Lk, slots)].to(device)
         invalid = pad if invalid is None else invalid | pad
     return cols, invalid
 
 
+def _cache_layer(cache, layer_idx: int):
+    """The cache's own layer object for ``layer_idx``, or None (no cache, or a layer it creates lazily)."""
+    layers = getattr(cache, "layers", None) if cache is not None else None
+    if isinstance(layers, (list, tuple)) and 0 <= layer_idx < len(layers):
+        return layers[layer_idx]
+    return None
+
+
+def _cache_layout(cache, layer_idx: int) -> tuple:
+    """How a layer's KV cache holds its slots: ``("dynamic",)`` (all of them), ``("static", max_len)``
+    (all, in a buffer of ``max_len``), ``("sliding", W)`` (a dynamic sliding window: the last W - 1) or
+    ``("static-sliding", C)`` (a rolling buffer of C); found by the cache layer's class."""
+    from transformers.cache_utils import DynamicSlidingWindowLayer, StaticSlidingWindowLayer
+
+    layer = _cache_layer(cache, layer_idx)
+    if layer is None:
+        replicate = getattr(cache, "layer_class_to_replicate", None) if cache is not None else None
+        if replicate is not None and getattr(replicate, "is_sliding", False):
+            raise _drift(f"cache layer {layer_idx} is created lazily as a sliding-window "
+                         f"{replicate.__name__}, whose window the patch cannot read")
+        return ("dynamic",)
+    if getattr(layer, "is_sliding", False):
+        # the subclass test first: neither class derives from the other today, a release might change that
+        if isinstance(layer, StaticSlidingWindowLayer):
+            return ("static-sliding", int(layer.max_cache_len))
+        if isinstance(layer, DynamicSlidingWindowLayer):
+            return ("sliding", int(layer.sliding_window))
+        raise _drift(f"cache layer {layer_idx} is a sliding-window {type(layer).__name__}, a layer type whose "
+                     "slots the patch cannot map to positions")
+    if getattr(layer, "is_compileable", False):
+        return ("static", int(layer.max_cache_len))
+    return ("dynamic",)
+
+
+def _key_window(layout: tuple, held: int, new: int) -> tuple[int, int]:
+    """``(first, empty)``: a layer that held ``held`` slots and is given ``new`` more attends to its slots
+    ``first .. held + new - 1`` and then ``empty`` unwritten slots (a static buffer), as its cache returns
+    them (``DynamicSlidingWindowLayer`` / ``StaticSlidingWindowLayer.update``, transformers 5.0-5.25)."""
+    kind = layout[0]
+    if kind == "dynamic":
+        return 0, 0
+    size = layout[1]
+    if kind == "static":
+        return 0, max(size - held - new, 0)
+    if kind == "sliding":  # the last W - 1 slots are kept, the new ones appended
+        return max(held - (size - 1), 0), 0
+    # static-sliding: a full buffer rolls (the last C - 1, then the new), else it fills up to C
+    if held >= size:
+        return held - (size - 1), 0
+    if held + new > size:
+        return 0, 0
+    return 0, size - held - new
+
+
+def _layout_name(layout: tuple) -> str:
+    kind = layout[0]
+    return kind if kind == "dynamic" else f"{kind} ({layout[1]} slots)"
+
+
+def _key_count(layout: tuple, held: int, new: int) -> int:
+    """Keys a layer of ``layout`` holding ``held`` slots attends to when given ``new`` more."""
+    first, empty = _key_window(layout, held, new)
+    return held + new - first + empty
+
+
+def _sizing_layer(cache, layer_idx: int) -> int:
+    """The layer whose cache transformers sizes ``layer_idx``'s attention mask by: the first layer with the
+    same ``is_sliding`` (``create_causal_mask`` / ``create_sliding_window_causal_mask``), else 0."""
+    layers = getattr(cache, "layers", None) if cache is not None else None
+    if not isinstance(layers, (list, tuple)) or not layers:
+        return 0
+    own = _cache_layer(cache, layer_idx)
+    sliding = [bool(getattr(layer, "is_sliding", False)) for layer in layers]
+    want = bool(getattr(own, "is_sliding", False))
+    return sliding.index(want) if want in sliding else 0
+
+
 def _check_mask(mask) -> None:
+    if isinstance(mask, Mapping):  # the decoder stack picks each layer's mask from such a mapping (Gemma 3)
+        raise _drift(f"a decoder layer received a mapping of attention masks ({sorted(mask)}) instead of its own "
+                     "mask")
     if mask is not None and not (torch.is_tensor(mask) and mask.dim() in (2, 4)):
         raise NotImplementedError(
             "EOS patching supports 2-D or 4-D tensor attention masks (eager, sdpa, flash attention); "
-            f"got {type(mask).__name__} (flex attention's BlockMask and per-layer-type mask dicts are not "
-            "supported)"
+            f"got {type(mask).__name__} (flex attention's BlockMask is not supported)"
         )
 
 

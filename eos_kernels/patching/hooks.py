@@ -6,7 +6,7 @@ into the report and the cache map; decoding reads the cache map."""
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -16,8 +16,9 @@ from eos_kernels.operator import eos_reduce
 from eos_kernels.selection import select_anchors
 
 from .adapter import DecoderAdapter
-from .cache import (CACHE_MAP_ATTR, _CacheMap, _cache_seq_length, _check_mask, _gather_mask,
-                    _gather_seq, _is_flash, _mask_cols, _take, _wrap_cache_methods)
+from .cache import (CACHE_MAP_ATTR, _CacheMap, _cache_layout, _cache_seq_length, _check_mask, _gather_mask,
+                    _gather_seq, _is_flash, _key_count, _key_window, _layout_name, _mask_cols, _sizing_layer,
+                    _take, _wrap_cache_methods)
 from .compat import (_CACHE_POSITION_KEYS, _MASK_KEYS, _POSITION_ID_KEYS, _drift, _is_cache, _output_cache,
                      find_cache, find_position_embeddings)
 from .plan import ReductionPlan
@@ -39,7 +40,7 @@ class _Context:
         self.cur_idx: torch.Tensor | None = None  # long [B, L_cur] original positions (prefill)
         self.valid: torch.Tensor | None = None    # bool [B, L_cur]: False at padding slots (ragged), or None
         self.past = 0                             # decode: tokens in the cache before this step (layer 0)
-        self.stage_kwargs: dict | None = None     # sliced kwargs cached for the current stage
+        self.stage_kwargs: dict | None = None     # sliced kwargs of the current stage, per kind of layer
         self.capturing: int | None = None
         self.captured: dict[str, torch.Tensor] = {}
         self.cache = None
@@ -53,6 +54,7 @@ class _Context:
         self.labels: torch.Tensor | None = None   # this forward's own copy of `labels`, if any
         self.mask_given = False                   # the decoder stack received an attention mask (prefill)
         self.packing_checked = False              # the packed-rows guard ran on this prefill
+        self.padding: torch.Tensor | None = None  # the 2-D attention mask [B, >= L] of this forward, if one was given
 
 
 class _PatchState:
@@ -64,6 +66,7 @@ class _PatchState:
         self.text_sizes = adapter.text_sizes(model)
         self.handles: list = []
         self.pending_visual: torch.Tensor | None = None
+        self.pending_padding: torch.Tensor | None = None
         self.pending_labels: torch.Tensor | None = None
         self.prompt_length: int | torch.Tensor | None = None
         self.suspended = False
@@ -115,6 +118,12 @@ def _mask_removed_labels(ctx: _Context) -> None:
 def _input_pre_hook(state: _PatchState, model):
     def hook(module, args, kwargs):
         state.pending_visual = None
+        # the 2-D padding mask of a decode step whose masks are rebuilt (_rebuilt_mask); kept only then: a
+        # tensor stored at every step would cost a compiled decode loop graphs
+        cache = find_cache(args, kwargs)
+        cmap = cache.__dict__.get(CACHE_MAP_ATTR) if cache is not None and hasattr(cache, "__dict__") else None
+        state.pending_padding = (_padding_2d(kwargs.get("attention_mask"))
+                                 if cmap is not None and cmap.rebuilds else None)
         state.pending_visual = state.adapter.visual_mask(model, args, kwargs)
         return None
 
@@ -123,7 +132,7 @@ def _input_pre_hook(state: _PatchState, model):
 
 def _input_post_hook(state: _PatchState):
     def hook(module, args, kwargs, output):
-        state.pending_visual = None
+        state.pending_visual = state.pending_padding = None
         return None
 
     return hook
@@ -135,6 +144,7 @@ def _text_pre_hook(state: _PatchState, model):
         state.ctx = ctx
         visual, state.pending_visual = state.pending_visual, None
         ctx.labels, state.pending_labels = state.pending_labels, None
+        padding, state.pending_padding = state.pending_padding, None
         embeds = kwargs.get("inputs_embeds")
         ids = kwargs.get("input_ids", args[0] if args else None)
         ref = embeds if embeds is not None else ids
@@ -154,6 +164,10 @@ def _text_pre_hook(state: _PatchState, model):
                 ctx.cache = cache
                 ctx.cache_map = cmap
                 ctx.past = past
+                if cmap.rebuilds:  # the 2-D padding mask in original positions: the decoder stack's own, else
+                    # its caller's (Gemma 3's stack gets a mapping of prepared masks)
+                    ctx.padding = _padding_2d(kwargs.get("attention_mask"))
+                    ctx.padding = padding if ctx.padding is None else ctx.padding
             else:
                 ctx.mode = "continue"
             return None
@@ -240,8 +254,22 @@ def _with_features(adapter: DecoderAdapter, model, visual: torch.Tensor, embeds)
     return visual.masked_scatter(visual, ~plain)
 
 
+def _padding_2d(mask) -> torch.Tensor | None:
+    """``mask`` if it is a 2-D padding mask [B, L] (nonzero at real tokens), else None."""
+    return mask if torch.is_tensor(mask) and mask.dim() == 2 else None
+
+
 def _real_tokens(mask, B: int, L: int) -> torch.Tensor | None:
-    """bool [B, L], False at padding, from the prefill's attention mask (2-D, or a prepared 4-D one)."""
+    """bool [B, L], False at padding, from the prefill's attention mask (2-D, a prepared 4-D one, or a
+    mapping of prepared masks per layer type: Gemma 3's ``{"full_attention": ..., "sliding_attention": ...}``)."""
+    if isinstance(mask, Mapping):
+        values = list(mask.values())
+        if any(v is not None and not torch.is_tensor(v) for v in values):
+            raise _drift(f"the decoder stack received a mapping of attention masks holding "
+                         f"{sorted({type(v).__name__ for v in values})}; expected tensors or None per layer type")
+        # every layer type's mask tells padding apart on its diagonal (a token sees itself unless it is padding)
+        full = mask.get("full_attention")
+        mask = full if torch.is_tensor(full) else next((v for v in values if torch.is_tensor(v)), None)
     if not torch.is_tensor(mask):
         return None
     if mask.dim() == 2 and mask.shape[-1] >= L:
@@ -352,10 +380,17 @@ def _layer_pre_hook(state: _PatchState, model, layer_idx: int):
         if not torch.is_tensor(hidden) or hidden.shape[1] != ctx.cur_idx.shape[1]:
             raise _drift(f"decoder layer {layer_idx} did not receive the shortened hidden states as its first "
                          "argument or `hidden_states`")
+        # the arguments fitted to the kept tokens once per stage and kind of layer (attention type, cache layout:
+        # Gemma 3's sliding-window and global layers get their own mask, rotary table and cache layer); keyed on
+        # constants, as the decode steps are (torch.compile guards on what a key reads)
+        layout = _cache_layout(cache, layer_idx) if cache is not None else ("dynamic",)
+        key = (_layer_kind(module), layout)
         if ctx.stage_kwargs is None:
-            ctx.stage_kwargs = _slice_prefill_kwargs(state, model, ctx, layer_idx, args, kwargs)
+            ctx.stage_kwargs = {}
+        if key not in ctx.stage_kwargs:
+            ctx.stage_kwargs[key] = _slice_prefill_kwargs(state, model, ctx, layer_idx, args, kwargs, layout)
         new = dict(kwargs)
-        new.update(ctx.stage_kwargs)
+        new.update(ctx.stage_kwargs[key])
         for name in _CACHE_POSITION_KEYS:
             if kwargs.get(name) is not None:
                 new[name] = torch.arange(ctx.cur_idx.shape[1], device=ctx.cur_idx.device)
@@ -422,8 +457,9 @@ def _check_unknown_args(ctx: _Context, layer_idx: int, args: tuple, kwargs: dict
 
 
 def _slice_prefill_kwargs(state: _PatchState, model, ctx: _Context, layer_idx: int, args: tuple,
-                          kwargs: dict) -> dict:
-    """The arguments of a layer behind a reducer, fitted to the kept tokens (once per stage)."""
+                          kwargs: dict, layout: tuple = ("dynamic",)) -> dict:
+    """The arguments of a layer behind a reducer, fitted to the kept tokens; ``layout``: its cache layer's
+    (:func:`~.cache._cache_layout`)."""
     idx = ctx.cur_idx
     out = {}
     known = {"hidden_states"}
@@ -446,6 +482,16 @@ def _slice_prefill_kwargs(state: _PatchState, model, ctx: _Context, layer_idx: i
             out[name] = None
         else:
             out[name] = _gather_seq(pid, idx.to(pid.device), dim=pid.dim() - 1)
+    if _is_flash(state.adapter.attn_implementation(model)) and (
+            layout[0] in ("sliding", "static-sliding")
+            or getattr(state.adapter.attention(state.layers[layer_idx]), "sliding_window", None)):
+        raise NotImplementedError(
+            f"EOS: decoder layer {layer_idx} has a sliding-window attention, which flash attention measures in "
+            "cache slots; behind a reducer the window must be measured in original positions: use sdpa or eager")
+    # the keys this layer attends to at the prefill: its kept tokens (slots 0 .. L' - 1), then the empty slots
+    # of a static buffer. (The slot counts read idx.shape only where the base formulas did: torch.compile
+    # specialises on every shape a Python int is taken from.)
+    kept_len = idx.shape[1]
     for name in _MASK_KEYS:
         known.add(name)
         if name not in kwargs:
@@ -453,18 +499,32 @@ def _slice_prefill_kwargs(state: _PatchState, model, ctx: _Context, layer_idx: i
         mask = kwargs[name]
         _check_mask(mask)
         if mask is None and ctx.valid is not None:
-            # ragged reduction: padding slots must be masked even though the batch had no padding
-            slots = idx.shape[1]
-            cols, invalid = _mask_cols(idx, ctx.length, ctx.length, slots, ctx.valid)
+            # ragged reduction: padding slots must be masked even though the batch had no padding (and with no
+            # mask the window, if any, cuts nothing: transformers leaves it out only below the window size)
+            _, empty = _key_window(layout, 0, kept_len)
+            cols, invalid = _mask_cols(idx, ctx.length, ctx.length, kept_len + empty, ctx.valid)
             out[name] = _causal_mask(state, model, idx, cols, invalid, kwargs[pe_key][0].dtype)
         elif mask is not None:
             kv_total = mask.shape[-1]
             if kv_total < ctx.length or (mask.dim() == 4 and mask.shape[-2] != ctx.length):
                 raise _drift(f"decoder layer {layer_idx}'s attention mask of shape {tuple(mask.shape)} does not "
                              f"cover the prefill of {ctx.length} tokens")
-            slots = kv_total - (ctx.length - idx.shape[1])
-            if getattr(ctx.cache, "is_compileable", False):
-                slots = kv_total
+            if mask.dim() == 4:
+                expected = _key_count(layout, 0, ctx.length)
+                if kv_total != expected:
+                    raise _drift(f"decoder layer {layer_idx}'s attention mask has {kv_total} key columns at a "
+                                 f"prefill of {ctx.length} tokens, where its {_layout_name(layout)} cache layer "
+                                 f"gives the attention {expected} keys")
+                if layout[0] == "static":
+                    slots = kv_total  # the whole buffer (its empty slots map after the prompt: masked)
+                elif layout[0] == "dynamic":
+                    slots = kv_total - (ctx.length - kept_len)
+                else:
+                    slots = kept_len + _key_window(layout, 0, kept_len)[1]
+            else:  # flash attention's 2-D padding mask
+                slots = kv_total - (ctx.length - kept_len)
+                if getattr(ctx.cache, "is_compileable", False):
+                    slots = kv_total
             cols, invalid = _mask_cols(idx, ctx.length, kv_total, slots, ctx.valid)
             rows = idx if mask.dim() == 4 else None
             out[name] = _gather_mask(mask, rows, cols, invalid)
@@ -472,6 +532,15 @@ def _slice_prefill_kwargs(state: _PatchState, model, ctx: _Context, layer_idx: i
     known.update(k for k, v in kwargs.items() if v is not None and not torch.is_tensor(v) and _is_cache(v))
     _check_unknown_args(ctx, layer_idx, args, kwargs, known, {ctx.length})
     return out
+
+
+def _layer_kind(layer: nn.Module):
+    """The layer's attention type (Gemma 3, Qwen2: "sliding_attention" / "full_attention"), or None."""
+    kind = getattr(layer, "attention_type", None)
+    if kind is None:
+        attn = getattr(layer, "self_attn", None)
+        kind = getattr(attn, "layer_type", None) or getattr(attn, "sliding_window", None)
+    return kind
 
 
 def _decode_kwargs(state: _PatchState, model, ctx: _Context, layer_idx: int, module, args, kwargs):
@@ -483,39 +552,21 @@ def _decode_kwargs(state: _PatchState, model, ctx: _Context, layer_idx: int, mod
     changed = {}
     hidden = args[0] if args else kwargs.get("hidden_states")
     q = hidden.shape[1] if torch.is_tensor(hidden) else None
+    layout = _cache_layout(ctx.cache, layer_idx)
+    removed = cmap.prefill_length - kept.shape[1]
     for name in _MASK_KEYS:
         mask = kwargs.get(name)
         _check_mask(mask)
-        if mask is None:
-            if valid is None or q is None:
-                continue
-            # a ragged prefill left padding slots in this layer's cache: mask them (transformers passed
-            # None because the batch has no padding of its own)
-            key = (stage, name, getattr(module, "attention_type", None))
-            if key not in ctx.decode_cols:
-                kv_total = ctx.past + q
-                slots = kv_total - (cmap.prefill_length - kept.shape[1])
-                cols, invalid = _mask_cols(kept, cmap.prefill_length, kv_total, slots, valid)
-                rows = torch.arange(ctx.past, kv_total, device=kept.device).expand(kept.shape[0], q)
-                ctx.decode_cols[key] = _causal_mask(state, model, rows, cols, invalid, hidden.dtype)
-            changed[name] = ctx.decode_cols[key]
+        if mask is None and (valid is None or q is None):
             continue
-        kv_total = mask.shape[-1]
-        if kv_total < cmap.prefill_length:
-            raise _drift(f"decoder layer {layer_idx}'s attention mask has {kv_total} key columns during a decode "
-                         f"step, fewer than the {cmap.prefill_length} tokens of the reduced prefill")
-        # one gathered mask per stage and attention type for the whole forward; keyed on nothing that
+        # one mask per stage, attention type and cache layout for the whole forward; keyed on nothing that
         # changes between decode steps (torch.compile guards on such keys and would recompile every step)
-        key = (stage, name, getattr(module, "attention_type", None))
+        key = (stage, name, _layer_kind(module), layout, None if mask is None else tuple(mask.shape))
         if key not in ctx.decode_cols:
-            removed = cmap.prefill_length - kept.shape[1]
-            slots = kv_total if getattr(ctx.cache, "is_compileable", False) else kv_total - removed
-            cols, invalid = _mask_cols(kept, cmap.prefill_length, kv_total, slots, valid)
-            ctx.decode_cols[key] = _gather_mask(mask, None, cols, invalid)
+            ctx.decode_cols[key] = _decode_mask(state, model, ctx, layer_idx, mask, q, layout, stage, hidden.dtype)
         changed[name] = ctx.decode_cols[key]
     for name in _CACHE_POSITION_KEYS:
         if kwargs.get(name) is not None and q is not None:
-            removed = cmap.prefill_length - kept.shape[1]
             start = _cache_seq_length(ctx.cache) - q - removed if ctx.cache is not None else 0
             changed[name] = torch.arange(start, start + q, device=kept.device)
     if not changed:
@@ -523,6 +574,100 @@ def _decode_kwargs(state: _PatchState, model, ctx: _Context, layer_idx: int, mod
     new = dict(kwargs)
     new.update(changed)
     return args, new
+
+
+def _decode_mask(state: _PatchState, model, ctx: _Context, layer_idx: int, mask, q: int, layout: tuple,
+                 stage: int, dtype: torch.dtype):
+    """Layer ``layer_idx``'s attention mask of a decode step, fitted to its reduced cache.
+
+    The mask transformers made is gathered at the original positions the
+    layer's key slots hold when it was sized by a layer in front of every
+    reducer (a sliding-window mask starts at its window, so do the keys of a
+    sliding cache layer). A mask sized by a layer behind a reducer
+    (transformers sizes every full-attention mask by the first full-attention
+    layer's cache: layer 5 of Gemma 3) has columns, and on transformers 5.25
+    query rows, counted in that layer's shortened slots; it is rebuilt from
+    what it means (:func:`_rebuilt_mask`)."""
+    cmap = ctx.cache_map
+    kept, valid = cmap.kept[stage], cmap.valid[stage]
+    prefill = cmap.prefill_length
+    removed = prefill - kept.shape[1]
+    # ctx.past is read only where needed: torch.compile guards on every int it reads, and a static cache's
+    # mask must not depend on it (one graph for every decode step)
+    if mask is None:
+        total = ctx.past + q  # original positions after this step
+        # a ragged prefill left padding slots in this layer's cache: mask them (transformers passed None because
+        # the batch has no padding of its own; the window, if any, cuts nothing below its size)
+        held = ctx.past - removed
+        first, empty = _key_window(layout, held, q)
+        cols, invalid = _mask_cols(kept, prefill, total, held + q + empty, valid, start=first)
+        rows = torch.arange(ctx.past, total, device=kept.device).expand(kept.shape[0], q)
+        return _causal_mask(state, model, rows, cols, invalid, dtype)
+    kv_total = mask.shape[-1]
+    sizing = _sizing_layer(ctx.cache, layer_idx)
+    sizing_stage = cmap.stage_of(sizing)
+    if mask.dim() == 2 or (layout[0] == "static" and sizing_stage is None):
+        # flash attention's padding mask, or a static buffer's mask: one column per original position
+        if kv_total < prefill:
+            raise _drift(f"decoder layer {layer_idx}'s attention mask has {kv_total} key columns during a decode "
+                         f"step, fewer than the {prefill} tokens of the reduced prefill")
+        if layout[0] == "static" and kv_total != layout[1]:
+            raise _drift(f"decoder layer {layer_idx}'s attention mask has {kv_total} key columns, its static "
+                         f"cache layer {layout[1]} slots")
+        slots = kv_total if getattr(ctx.cache, "is_compileable", False) else kv_total - removed
+        cols, invalid = _mask_cols(kept, prefill, kv_total, slots, valid)
+        return _gather_mask(mask, None, cols, invalid)
+    total = ctx.past + q
+    held = ctx.past - removed
+    first, empty = _key_window(layout, held, q)
+    slots = held + q + empty
+    if sizing_stage is None:  # sized by an unreduced layer: column j is original position offset + j
+        expected = _key_count(layout, ctx.past, q)
+        if kv_total != expected:
+            raise _drift(f"decoder layer {layer_idx}'s attention mask has {kv_total} key columns during a decode "
+                         f"step after {ctx.past} tokens, where a {_layout_name(layout)} cache layer in front of the "
+                         f"reducers gives the attention {expected} keys")
+        offset = total - kv_total if layout[0] != "dynamic" and total > kv_total else 0
+        cols, invalid = _mask_cols(kept, prefill, kv_total, slots, valid, start=first, offset=offset)
+        return _gather_mask(mask, None, cols, invalid)
+    sizing_removed = prefill - cmap.kept[sizing_stage].shape[1]
+    expected = _key_count(_cache_layout(ctx.cache, sizing), ctx.past - sizing_removed, q)
+    if kv_total != expected:
+        raise _drift(f"decoder layer {layer_idx}'s attention mask has {kv_total} key columns during a decode step; "
+                     f"transformers sizes it by layer {sizing}'s cache, which holds {expected} keys for it")
+    cols, invalid = _mask_cols(kept, prefill, total, slots, valid, start=first)
+    rows = torch.arange(ctx.past, total, device=kept.device).expand(kept.shape[0], q)
+    window = layout[1] if layout[0] in ("sliding", "static-sliding") else None
+    return _rebuilt_mask(ctx, rows, cols, invalid, window, mask)
+
+
+def _rebuilt_mask(ctx: _Context, rows: torch.Tensor, cols: torch.Tensor, invalid, window, like: torch.Tensor):
+    """What a decode step's mask means, in original positions: query ``rows[i]`` sees the key at ``cols[j]``
+    when ``cols[j] <= rows[i]`` (and ``> rows[i] - window``), the slot is valid and the token is not padding
+    (the forward's 2-D attention mask, else the prefill's padding; tokens after the prefill are real). In the
+    form of ``like``, the mask transformers made (4-D, bool or additive)."""
+    allowed = cols[:, None, :] <= rows[:, :, None]
+    if window is not None:
+        allowed = allowed & (cols[:, None, :] > rows[:, :, None] - window)
+    cmap = ctx.cache_map
+    if ctx.padding is not None and ctx.padding.shape[-1] >= ctx.past + rows.shape[1]:
+        pad = ctx.padding.to(cols.device)
+        pad = pad if pad.shape[0] == cols.shape[0] else pad.expand(cols.shape[0], -1)
+        real = pad.gather(1, cols) != 0
+    elif cmap.real is not None:
+        head = cmap.real.to(cols.device).gather(1, cols.clamp(max=cmap.prefill_length - 1))
+        real = head | (cols >= cmap.prefill_length)
+    else:
+        real = None
+    if real is not None:
+        allowed = allowed & real[:, None, :]
+    if invalid is not None:
+        allowed = allowed & ~invalid[:, None, :]
+    allowed = allowed[:, None].to(like.device)
+    if like.dtype == torch.bool:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=like.dtype, device=like.device).masked_fill(
+        ~allowed, torch.finfo(like.dtype).min)
 
 
 def _capture_hook(state: _PatchState, layer_idx: int, which: str):
@@ -574,9 +719,9 @@ def _reduce(state: _PatchState, model, ctx: _Context, layer_idx: int, layer: nn.
 
     Samples reducing from the same count to the same count form one batched
     operator call (one group when every sample holds as many visual tokens).
-    When samples end at different lengths, the shorter ones are padded with
-    copies of their last slot, marked invalid (``ctx.valid``): masked as keys in
-    every later layer and its cache, and never scattered back."""
+    When samples end at different lengths, the shorter ones are padded in
+    front with copies of their last slot, marked invalid (``ctx.valid``):
+    masked as keys in every later layer and its cache, and never scattered back."""
     plan = state.plan
     incoming, kept = ctx.schedule[layer_idx]
     if "q" not in captured or "k" not in captured:
@@ -632,10 +777,17 @@ def _reduce(state: _PatchState, model, ctx: _Context, layer_idx: int, layer: nn.
     new_len = int(lengths.max())
     new_pos = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :new_len]
     new_valid = None
-    if int(lengths.min()) < new_len:  # ragged: pad each shorter sample with copies of its last slot
-        new_valid = torch.arange(new_len, device=device).unsqueeze(0) < lengths.unsqueeze(1)
-        new_pos = torch.where(new_valid, new_pos, new_pos.gather(1, (lengths - 1).unsqueeze(1)))
     slot_of = keep.to(torch.long).cumsum(dim=1) - 1
+    if int(lengths.min()) < new_len:
+        # ragged: a shorter sample's slots move right and its first slots repeat its last position, invalid
+        # (masked as keys everywhere; seeing every real key, their own rows are never fully masked). At the
+        # front, not the end: a sliding-window cache keeps a layer's last W - 1 slots, the latest tokens
+        shift = (new_len - lengths).unsqueeze(1)
+        src = torch.arange(new_len, device=device).unsqueeze(0) - shift
+        new_valid = src >= 0
+        last = new_pos.gather(1, (lengths - 1).unsqueeze(1))
+        new_pos = torch.where(new_valid, new_pos.gather(1, src.clamp(min=0)), last)
+        slot_of = slot_of + shift
     out = _take(hidden, new_pos)
     for g, anchor_pos, reduced in reduced_rows:
         if g is None:
@@ -656,13 +808,18 @@ def _reduce(state: _PatchState, model, ctx: _Context, layer_idx: int, layer: nn.
     cache = find_cache(args, kwargs)
     if cache is not None and hasattr(cache, "__dict__"):
         if len(ctx.stages) == 1:  # first reduction of this prefill: a fresh map
-            cache.__dict__[CACHE_MAP_ATTR] = _CacheMap(ctx.length)
+            cache.__dict__[CACHE_MAP_ATTR] = _CacheMap(ctx.length, ctx.real)
             _wrap_cache_methods(cache)
             ctx.found_cache = cache  # this prefill's own cache (possibly created inside the decoder stack)
         cmap = cache.__dict__[CACHE_MAP_ATTR]
         cmap.first_layers.append(layer_idx + 1)
         cmap.kept.append(ctx.cur_idx.detach())
         cmap.valid.append(None if new_valid is None else new_valid.detach())
+        # a layer transformers sizes masks by (the first full-attention / sliding-window layer) behind a reducer:
+        # decode steps rebuild those masks (_decode_mask)
+        layers = getattr(cache, "layers", None)
+        sizing = {_sizing_layer(cache, i) for i in range(len(layers))} if isinstance(layers, (list, tuple)) else {0}
+        cmap.rebuilds = any(cmap.stage_of(i) is not None for i in sizing)
     return out
 
 

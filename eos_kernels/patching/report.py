@@ -16,11 +16,12 @@ class StageRecord:
         visual_in, visual_out: visual tokens entering / leaving, per sample.
         seq_in, seq_out: sequence length (padding included) entering / leaving.
         kept_positions: long [B, seq_out], the original positions (indices into
-            the input sequence) of the tokens leaving the layer, ascending.
+            the input sequence) of the tokens leaving the layer, ascending over
+            the valid slots.
         valid_slots: bool [B, seq_out], False at the padding slots of samples
             left shorter than ``seq_out`` (ragged batches: each sample is
-            reduced at its own count; a padding slot repeats the sample's last
-            position and is masked everywhere), or None when there are none.
+            reduced at its own count; its padding slots come first, repeat its
+            last position and are masked everywhere), or None when there are none.
     """
 
     layer: int

@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="eos-search",
         description="Differentiable EOS search on a frozen Hugging Face vision-language model (LLaVA-1.5, "
-                    "LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL; paper §2.4-2.6), or, with "
+                    "LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, InternVL, Gemma 3; paper §2.4-2.6), "
+                    "or, with "
                     "--eval, accuracy and token accounting of Θ configurations on a held-out split.",
         epilog="Built-in demo on the CPU, no download: eos-search --demo (options: eos-search --demo --help; "
                "--demo --model DIR [--data S.json --eval-data H.json] compares on your model and data). "

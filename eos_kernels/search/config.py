@@ -54,7 +54,8 @@ class SearchConfig:
     Data and model:
         model: directory of a Hugging Face checkpoint (model + processor,
             ``from_pretrained``) of a supported family: LLaVA-1.5, LLaVA-NeXT,
-            LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL (the class from its config).
+            LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, InternVL, Gemma 3 (the class from its
+            config).
         data: LLaVA-format JSON: a list of ``{"image": path, "conversations":
             [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt",
             "value": "..."}, ...]}`` (the data format, whatever the model

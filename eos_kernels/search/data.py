@@ -44,8 +44,10 @@ alone rates them in ``generate``.
 The image placeholder of the rendered prompt (the token of the model's
 ``image_token_id``: ``<image>`` for LLaVA and LLaVA-NeXT, ``<|image_pad|>`` for
 Qwen2(.5)-VL, which its chat template writes between ``<|vision_start|>`` and
-``<|vision_end|>``) is expanded to the sample's visual tokens in the ids (what
-the families' processors do in the text). How many:
+``<|vision_end|>``, ``<IMG_CONTEXT>`` for InternVL; Gemma 3's template writes
+``<start_of_image>``) is expanded to the sample's visual tokens in the ids (what
+the families' processors do in the text; InternVL's and Gemma 3's wrap them:
+``<img> ... </img>``, ``\\n\\n<start_of_image> ... <end_of_image>\\n\\n``). How many:
 
 - a model with a fixed count (LLaVA-1.5: ``num_visual_tokens``) uses it for every image;
 - otherwise each image has its own count (LLaVA-NeXT's and LLaVA-OneVision's
@@ -56,7 +58,9 @@ the families' processors do in the text). How many:
   ``image_grid_thw`` and ``merge_size`` (Qwen) or, for OneVision, from its
   ``image_sizes`` and tile size with the checkpoint's config
   (:attr:`TokenizerAndImageProcessor.model_config`), by the count of
-  ``LlavaOnevisionProcessor`` itself.
+  ``LlavaOnevisionProcessor`` itself; for InternVL (whose processor needs
+  torchvision too) from the image processor's ``num_patches`` (tiles) and the
+  config's ``image_seq_length``. Gemma 3 has a fixed count (``mm_tokens_per_image``).
 
 Images: :meth:`Dataset.collate` runs the image processor on the batch's images
 (RGB) and keeps everything it returns: ``pixel_values`` and the family's extra
@@ -116,10 +120,18 @@ def _slice_images(pixel_values, image_inputs: dict, batch: int, sl: slice):
 
     Tensors with one row per sample are sliced; Qwen-style flat patches
     (``pixel_values`` [sum of patches, D] with ``image_grid_thw``) by each
-    image's ``t * h * w`` rows."""
+    image's ``t * h * w`` rows, InternVL's tiles by each image's ``num_patches``."""
     grid = image_inputs.get("image_grid_thw")
+    tiles = image_inputs.get("num_patches")  # InternVL: each image's tiles, one row each
+    crops = image_inputs.get("num_crops")    # Gemma 3's pan and scan: each image and its crops, one row each
+    rows = None
     if grid is not None and torch.is_tensor(grid):
         rows = grid.prod(dim=-1).tolist()
+    elif torch.is_tensor(tiles) and tiles.dim() == 1 and tiles.shape[0] == batch:
+        rows = tiles.tolist()
+    elif torch.is_tensor(crops) and crops.dim() == 1 and crops.shape[0] == batch and pixel_values.shape[0] != batch:
+        rows = (crops + 1).tolist()
+    if rows is not None:
         start = sum(rows[:sl.start])
         px = pixel_values[start:start + sum(rows[sl])]
     else:
@@ -493,38 +505,80 @@ def _onevision_count(config, image_processor, out) -> int:
     return int(n)
 
 
+def _text_placeholder(processor, tokenizer, image_token_id: int) -> str:
+    """The token a rendered prompt holds for an image, which the image's own tokens replace: the model's
+    image token, except where the processor expands another one (Gemma 3: ``<start_of_image>``, which its
+    chat template writes and its processor turns into ``\\n\\n<start_of_image> <image_soft_token> * 256
+    <end_of_image>\\n\\n``)."""
+    boi = getattr(processor, "boi_token", None)
+    if isinstance(boi, str) and hasattr(processor, "full_image_sequence"):
+        return boi
+    config = getattr(processor, "model_config", None)
+    if getattr(config, "model_type", None) == "gemma3" and isinstance(getattr(tokenizer, "boi_token", None), str):
+        return tokenizer.boi_token
+    return tokenizer.convert_ids_to_tokens(int(image_token_id))
+
+
 class _VisualCounter:
-    """How many visual tokens an image becomes (see the module docstring)."""
+    """The tokens an image becomes in the ids, ``(count, ids)`` (see the module docstring)."""
 
     def __init__(self, processor, tokenizer, image_token_id: int, placeholder: str, fixed: int | None):
         self.processor = processor
+        self.tokenizer = tokenizer
         self.image_token_id = image_token_id
         self.placeholder = placeholder
         self.fixed = fixed
-        # a full multimodal processor expands the placeholder itself: ask it
-        self.ask_processor = (fixed is None and processor is not tokenizer
+        # a full multimodal processor expands the placeholder itself: ask it (also for a fixed count, when the
+        # placeholder is not the image token: Gemma 3 wraps the image tokens)
+        image_text = tokenizer.convert_ids_to_tokens(int(image_token_id))
+        self.ask_processor = ((fixed is None or placeholder != image_text) and processor is not tokenizer
                               and not isinstance(processor, TokenizerAndImageProcessor)
                               and getattr(processor, "image_processor", None) is not None
                               and getattr(processor, "tokenizer", None) is not None)
 
-    def __call__(self, path, where: str) -> int:
-        """``path``: an image file, or an image already open (a PIL image)."""
-        if self.fixed is not None:
-            return self.fixed
+    def _ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def __call__(self, path, where: str) -> tuple[int, list[int]]:
+        """``(count, ids)`` of the image at ``path`` (a file, or an image already open: a PIL image)."""
+        if self.fixed is not None and not self.ask_processor and self.placeholder == \
+                self.tokenizer.convert_ids_to_tokens(int(self.image_token_id)):
+            return self.fixed, [self.image_token_id] * self.fixed
         image = _open_rgb(path) if isinstance(path, (str, os.PathLike)) else path.convert("RGB")
+        config = getattr(self.processor, "model_config", None)
         if self.ask_processor:
-            out = self.processor(text=[self.placeholder], images=[image], return_tensors="pt")
-            n = int((out["input_ids"] == self.image_token_id).sum())
+            out = self.processor(text=[self.placeholder], images=[image], return_tensors="pt",
+                                 add_special_tokens=False)
+            block = out["input_ids"][0].tolist()
+            bos = getattr(self.tokenizer, "bos_token_id", None)
+            if bos is not None and block and block[0] == bos and bos != self.image_token_id:
+                block = block[1:]  # a processor that adds special tokens anyway
+            n = block.count(self.image_token_id)
         else:
             ip = _image_processor(self.processor)
             out = ip([image], return_tensors="pt")
             grid = out.get("image_grid_thw")
             merge = getattr(ip, "merge_size", None)
-            config = getattr(self.processor, "model_config", None)
+            kind = getattr(config, "model_type", None)
             if grid is not None and merge:
                 n = int(grid[0].prod()) // int(merge) ** 2
-            elif getattr(config, "model_type", None) == "llava_onevision" and out.get("image_sizes") is not None:
+                block = [self.image_token_id] * n
+            elif kind == "llava_onevision" and out.get("image_sizes") is not None:
                 n = _onevision_count(config, ip, out)
+                block = [self.image_token_id] * n
+            elif kind == "internvl" and out.get("num_patches") is not None:
+                # as InternVLProcessor writes it: <img> <IMG_CONTEXT> * (tiles * image_seq_length) </img>
+                n = int(out["num_patches"][0]) * int(config.image_seq_length)
+                tok = self.tokenizer
+                start = getattr(tok, "start_image_token", None) or "<img>"
+                end = getattr(tok, "end_image_token", None) or "</img>"
+                block = self._ids(start) + [self.image_token_id] * n + self._ids(end)
+            elif kind == "gemma3" and self.fixed is not None:
+                # as Gemma3Processor writes it: \n\n<start_of_image> <image_soft_token> * n <end_of_image>\n\n
+                tok = self.tokenizer
+                n = self.fixed
+                block = (self._ids("\n\n" + self.placeholder) + [self.image_token_id] * n
+                         + self._ids(str(getattr(tok, "eoi_token", "<end_of_image>")) + "\n\n"))
             else:
                 raise ValueError(
                     f"{where}: cannot tell how many visual tokens the image becomes: the model has no fixed "
@@ -532,26 +586,37 @@ class _VisualCounter:
                     "image processor gives no image_grid_thw / merge_size (LLaVA-OneVision: no model_config to count "
                     "with); load the checkpoint's full processor")
         if n < 1:
-            raise ValueError(f"{where}: the image {path if isinstance(path, (str, os.PathLike)) else ''} gives no "
-                             "visual token")
-        return n
+            raise ValueError(f"{where}: the image {_name(path)} gives no visual token")
+        if self.fixed is not None and n != self.fixed:
+            raise ValueError(f"{where}: the processor writes {n} image tokens for {_name(path)}, the model takes "
+                             f"{self.fixed} per image")
+        return n, block
+
+
+def _name(path) -> str:
+    return str(path) if isinstance(path, (str, os.PathLike)) else "(an image in memory)"
 
 
 def _tokens(processor, image_token_id: int, pad_token_id: int | None):
-    """``(tokenizer, image placeholder string, pad id)`` of ``processor``; ValueError where the tokenizer
-    has no token of its own for ``image_token_id`` or nothing to pad with."""
+    """``(tokenizer, placeholder string, placeholder id, pad id)`` of ``processor``: the placeholder is
+    the token a rendered prompt holds for an image (:func:`_text_placeholder`). ValueError where the
+    tokenizer has no token of its own for ``image_token_id`` or the placeholder, or nothing to pad with."""
     tok = getattr(processor, "tokenizer", processor)
-    placeholder = tok.convert_ids_to_tokens(int(image_token_id))
-    if not isinstance(placeholder, str) or \
-            list(tok(placeholder, add_special_tokens=False)["input_ids"]) != [image_token_id]:
+    image_text = tok.convert_ids_to_tokens(int(image_token_id))
+    if not isinstance(image_text, str) or \
+            list(tok(image_text, add_special_tokens=False)["input_ids"]) != [image_token_id]:
         raise ValueError(f"the tokenizer has no token of its own for the model's image token id {image_token_id} "
-                         f"(it maps {placeholder!r} to "
-                         f"{list(tok(str(placeholder), add_special_tokens=False)['input_ids'])})")
+                         f"(it maps {image_text!r} to "
+                         f"{list(tok(str(image_text), add_special_tokens=False)['input_ids'])})")
+    placeholder = _text_placeholder(processor, tok, image_token_id)
+    placeholder_ids = list(tok(placeholder, add_special_tokens=False)["input_ids"])
+    if len(placeholder_ids) != 1:
+        raise ValueError(f"the tokenizer has no token of its own for the image placeholder {placeholder!r}")
     if pad_token_id is None:
         pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     if pad_token_id is None:
         raise ValueError("the tokenizer has neither a pad nor an eos token to pad with")
-    return tok, placeholder, pad_token_id
+    return tok, placeholder, placeholder_ids[0], pad_token_id
 
 
 def load_dataset(path: str, processor, *, num_visual_tokens: int | None, image_token_id: int,
@@ -591,7 +656,7 @@ def load_dataset(path: str, processor, *, num_visual_tokens: int | None, image_t
     folder = image_folder if image_folder is not None else os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise ValueError(f"image folder not found: {folder}")
-    tok, placeholder, pad_token_id = _tokens(processor, image_token_id, pad_token_id)
+    tok, placeholder, placeholder_id, pad_token_id = _tokens(processor, image_token_id, pad_token_id)
     renderer = _Renderer(processor, placeholder)
 
     parsed = [_check_record(i, rec) for i, rec in enumerate(records)]
@@ -619,18 +684,18 @@ def load_dataset(path: str, processor, *, num_visual_tokens: int | None, image_t
                     f"{where}: cannot locate the tokens of answer {t // 2} (the tokenisation of the prompt "
                     "is not a prefix of the tokenisation of prompt + answer); check the chat template")
             spans.append((len(before), len(upto)))
-        pos = [p for p, x in enumerate(full_ids) if x == image_token_id]
+        pos = [p for p, x in enumerate(full_ids) if x == placeholder_id]
         if len(pos) != 1:
             raise ValueError(f"{where}: malformed conversation: the rendered prompt holds {len(pos)} image "
-                             f"tokens, expected 1")
+                             f"placeholders ({placeholder}), expected 1")
         at = pos[0]
         if any(s <= at for s, _ in spans):
             raise ValueError(f"{where}: malformed conversation: {IMAGE_PLACEHOLDER} must come before the "
                              "first answer")
         full_image = os.path.join(folder, image)
-        n = counter(full_image, where)
-        ids = full_ids[:at] + [image_token_id] * n + full_ids[at + 1:]
-        shift = n - 1
+        n, block = counter(full_image, where)
+        ids = full_ids[:at] + block + full_ids[at + 1:]
+        shift = len(block) - 1
         spans = [(s + shift, e + shift) for s, e in spans]
         labels = [-100] * len(ids)
         for s, e in spans:
@@ -674,10 +739,11 @@ class PromptEncoder:
 
     def __init__(self, processor, *, image_token_id: int, num_visual_tokens: int | None = None,
                  pad_token_id: int | None = None):
-        tok, placeholder, pad = _tokens(processor, image_token_id, pad_token_id)
+        tok, placeholder, placeholder_id, pad = _tokens(processor, image_token_id, pad_token_id)
         self.processor = processor
         self.tokenizer = tok
         self.image_token_id = int(image_token_id)
+        self.placeholder_id = placeholder_id
         self.pad_token_id = pad
         self.num_visual_tokens = num_visual_tokens
         self._renderer = _Renderer(processor, placeholder)
@@ -685,7 +751,7 @@ class PromptEncoder:
 
     def counts(self, images: Sequence, where: str = "prompt") -> list[int]:
         """Visual tokens of each image (PIL images or paths)."""
-        return [self._counter(im, where) for im in images]
+        return [self._counter(im, where)[0] for im in images]
 
     def image_inputs(self, images: Sequence) -> dict:
         """:func:`image_inputs` of this processor."""
@@ -711,13 +777,16 @@ class PromptEncoder:
                              f"{len(images)} image(s)")
         return turns
 
-    def _expand(self, ids: list[int], counts: list[int], where: str) -> list[int]:
-        pos = [p for p, x in enumerate(ids) if x == self.image_token_id]
-        if len(pos) != len(counts):
-            raise ValueError(f"{where}: the rendered prompt holds {len(pos)} image tokens for {len(counts)} image(s)")
+    def _expand(self, ids: list[int], images: Sequence, where: str) -> list[int]:
+        # each placeholder replaced by its image's ids (the image tokens, and the block around them where the
+        # family writes one), as load_dataset does
+        pos = [p for p, x in enumerate(ids) if x == self.placeholder_id]
+        if len(pos) != len(images):
+            raise ValueError(f"{where}: the rendered prompt holds {len(pos)} image placeholders for "
+                             f"{len(images)} image(s)")
         out, start = [], 0
-        for p, n in zip(pos, counts):
-            out += ids[start:p] + [self.image_token_id] * n
+        for p, image in zip(pos, images):
+            out += ids[start:p] + self._counter(image, where)[1]
             start = p + 1
         return out + ids[start:]
 
@@ -726,7 +795,7 @@ class PromptEncoder:
         placeholder expanded to its visual tokens."""
         turns = self._check(turns, images, where, last="human")
         ids = self._renderer.ids(self._renderer.text(turns, True))
-        return self._expand(ids, self.counts(images, where), where)
+        return self._expand(ids, images, where)
 
     def answer(self, turns, images: Sequence = (), where: str = "prompt") -> tuple[list[int], list[int]]:
         """``(prompt ids, answer ids)`` of ``turns`` ending with a gpt turn: the prompt as :meth:`prompt`
@@ -738,7 +807,7 @@ class PromptEncoder:
         if upto[:len(before)] != before or len(upto) <= len(before):
             raise ValueError(f"{where}: cannot locate the tokens of the answer (the tokenisation of the prompt is "
                              "not a prefix of the tokenisation of prompt + answer); check the chat template")
-        return self._expand(before, self.counts(images, where), where), upto[len(before):]
+        return self._expand(before, images, where), upto[len(before):]
 
 
 class BatchSampler:

@@ -149,7 +149,7 @@ def _load_processor(path):
 def load_model(path: str, device: torch.device, dtype: torch.dtype, attn_implementation: str | None = None,
                *, processor: bool = True):
     """``(model, processor or None)`` from a local checkpoint directory, the class chosen by its config
-    (LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2(.5)-VL)."""
+    (LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2(.5)-VL, InternVL, Gemma 3)."""
     _, cls, _ = _load_model_config(path)
     kwargs = {"dtype": dtype}
     if attn_implementation is not None:
@@ -795,7 +795,7 @@ def run(config: SearchConfig | Mapping[str, Any] | None = None, *, model: nn.Mod
     Args:
         config: a :class:`SearchConfig`, a mapping of its fields, or None.
         model: optionally an already loaded model of a supported family (LLaVA, LLaVA-NeXT,
-            LLaVA-OneVision, Qwen2(.5)-VL: ``eos_kernels.integrations.auto.SUPPORTED_MODELS``)
+            LLaVA-OneVision, Qwen2(.5)-VL, InternVL, Gemma 3: ``eos_kernels.integrations.auto.SUPPORTED_MODELS``)
             (used instead of loading ``config.model``; it is patched during the
             run and unpatched, with its ``requires_grad`` flags and mode
             restored, afterwards).

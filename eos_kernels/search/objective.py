@@ -206,7 +206,8 @@ def forward_inputs(model: nn.Module, batch, *, input_ids=None, attention_mask=No
     ``input_ids``, ``attention_mask``, ``pixel_values`` and those of the image
     processor's other outputs (``image_sizes``, ``image_grid_thw``, ...) that the
     model's forward names; ``mm_token_type_ids`` (0 text, 1 image, 2 video) when
-    the forward takes it (Qwen2(.5)-VL on recent transformers). Inputs the forward
+    the forward takes it (Qwen2(.5)-VL on recent transformers), ``token_type_ids``
+    (1 image, Gemma 3) likewise. Inputs the forward
     does not name are dropped: a ``**kwargs`` forward would hand them to its layers."""
     ids = batch.input_ids if input_ids is None else input_ids
     if batch is None and image_inputs is None:
@@ -228,6 +229,9 @@ def forward_inputs(model: nn.Module, batch, *, input_ids=None, attention_mask=No
         if video_id is not None:
             types_ = types_.masked_fill(ids == video_id, 2)
         out["mm_token_type_ids"] = types_
+    if "token_type_ids" in names and "token_type_ids" not in out and getattr(model.config, "image_token_id", None) \
+            is not None:  # Gemma 3: 1 at the image tokens (its bidirectional image blocks), as its processor gives
+        out["token_type_ids"] = (ids == model.config.image_token_id).long()
     return out
 
 
