@@ -252,15 +252,18 @@ def qwen_inputs(model, prompts, grids, video_grids=None, side: str = "left", see
     return out
 
 
-def qwen_ragged(model, seed: int = 0):
+def qwen_ragged(model, seed: int = 0, prompt=None, inputs=None):
     """A left-padded batch of three Qwen prompts with different visual counts (one image of 8 tokens, two
-    of 4 + 6, none) and each prompt's own inputs with the same pixels: ``(batch, [alone, ...])``."""
+    of 4 + 6, none) and each prompt's own inputs with the same pixels: ``(batch, [alone, ...])``.
+    ``prompt`` / ``inputs``: the family's builders (default: :func:`qwen_prompt`, :func:`qwen_inputs`)."""
+    prompt = prompt or qwen_prompt
+    inputs = inputs or qwen_inputs
     grids = [[(1, 4, 8)], [(1, 4, 4), (1, 6, 4)], []]
-    prompts = [qwen_prompt(g, seed=seed + i, after=4 + i) for i, g in enumerate(grids)]
-    batch = qwen_inputs(model, prompts, grids, side="left", seed=seed)
+    prompts = [prompt(g, seed=seed + i, after=4 + i) for i, g in enumerate(grids)]
+    batch = inputs(model, prompts, grids, side="left", seed=seed)
     alone, row = [], 0
     for p, g in zip(prompts, grids):
-        a = qwen_inputs(model, [p], [g], seed=seed)
+        a = inputs(model, [p], [g], seed=seed)
         n = sum(t * h * w for t, h, w in g)
         if n:
             a["pixel_values"] = batch["pixel_values"][row:row + n]

@@ -211,3 +211,23 @@ def write_llava_dataset(root, n: int = 8, seed: int = 0, json_name: str = "data.
     with open(path, "w") as f:
         json.dump(records, f, indent=1)
     return path
+
+
+#: (width, height) of :func:`write_ragged_llava_dataset`'s images, in turn: a different visual count
+#: for every family whose count depends on the image's size
+RAGGED_SIZES = [(56, 56), (50, 100), (100, 40), (112, 112), (40, 60), (64, 32)]
+
+
+def write_ragged_llava_dataset(root, n: int = 6, seed: int = 0, offset: int = 0) -> str:
+    """:func:`write_llava_dataset` with record i's image resized to ``RAGGED_SIZES[(i + offset) % 6]``."""
+    import json
+    import os
+
+    from PIL import Image
+
+    path = write_llava_dataset(str(root), n=n, seed=seed)
+    for i, rec in enumerate(json.load(open(path))):
+        full = os.path.join(str(root), rec["image"])
+        with Image.open(full) as im:
+            im.convert("RGB").resize(RAGGED_SIZES[(i + offset) % len(RAGGED_SIZES)]).save(full)
+    return path

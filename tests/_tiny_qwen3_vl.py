@@ -108,20 +108,10 @@ def qwen3_inputs(model, prompts, grids, video_grids=None, side: str = "left", se
 
 
 def qwen3_ragged(model, seed: int = 0):
-    """A left-padded batch of three prompts with different visual counts (one image of 8 tokens, two of
-    4 + 6, none) and each prompt's own inputs with the same pixels: ``(batch, [alone, ...])``."""
-    grids = [[(1, 4, 8)], [(1, 4, 4), (1, 6, 4)], []]
-    prompts = [qwen3_prompt(g, seed=seed + i, after=4 + i) for i, g in enumerate(grids)]
-    batch = qwen3_inputs(model, prompts, grids, side="left", seed=seed)
-    alone, row = [], 0
-    for p, g in zip(prompts, grids):
-        a = qwen3_inputs(model, [p], [g], seed=seed)
-        n = sum(t * h * w for t, h, w in g)
-        if n:
-            a["pixel_values"] = batch["pixel_values"][row:row + n]
-        row += n
-        alone.append(a)
-    return batch, alone
+    """``_tiny_families.qwen_ragged`` with Qwen3-VL's prompts: a left-padded batch of three prompts with
+    different visual counts (one image of 8 tokens, two of 4 + 6, none) and each prompt's own inputs with
+    the same pixels: ``(batch, [alone, ...])``."""
+    return tf.qwen_ragged(model, seed, prompt=qwen3_prompt, inputs=qwen3_inputs)
 
 
 def save_tiny_qwen3(path, moe: bool = False, seed: int = 0, num_layers: int = 6,

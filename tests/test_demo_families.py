@@ -25,25 +25,17 @@ from _tiny_families import (  # noqa: E402
     GEMMA_IMAGE_TOKENS, IMAGE_TOKEN_ID, save_tiny_gemma3, save_tiny_internvl, save_tiny_llava_next,
     save_tiny_llava_onevision, save_tiny_qwen,
 )
-from _tiny_models import write_llava_dataset  # noqa: E402
+from _tiny_models import write_ragged_llava_dataset  # noqa: E402
 from _tiny_qwen3_vl import save_tiny_qwen3  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-SIZES = [(56, 56), (50, 100), (100, 40), (112, 112), (40, 60), (64, 32)]
 SHORT = ["--steps", "2", "--batch-size", "2", "--eval-batch-size", "4", "--local-moves-every", "1",
          "--max-new-tokens", "2", "--no-progress", "--impl", "torch"]
 
 
 def _ragged_data(root, n, seed):
-    from PIL import Image
-
-    path = write_llava_dataset(str(root), n=n, seed=seed)
-    for i, rec in enumerate(json.load(open(path))):
-        full = os.path.join(str(root), rec["image"])
-        with Image.open(full) as im:
-            im.convert("RGB").resize(SIZES[(i + seed) % len(SIZES)]).save(full)
-    return path
+    return write_ragged_llava_dataset(root, n=n, seed=seed, offset=seed)
 
 
 def _check_results(out, model_class, n_expected=None, vary=True):

@@ -26,26 +26,14 @@ from eos_kernels.search.driver import load_model  # noqa: E402
 from eos_kernels.theta import Theta  # noqa: E402
 
 from _tiny_families import save_tiny_llava_next, save_tiny_llava_onevision, save_tiny_qwen  # noqa: E402
-from _tiny_models import write_llava_dataset  # noqa: E402
+from _tiny_models import write_ragged_llava_dataset  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 #: (width, height) of the images, in turn: different visual counts where the family has no fixed count
-SIZES = [(56, 56), (50, 100), (100, 40), (112, 112), (40, 60), (64, 32)]
 FAMILIES = ("llava", "qwen2.5", "qwen2", "llava_next", "llava_onevision")
 #: a pruning Θ every family can run (fractions: each image keeps half of its own tokens after layer 1)
 PRUNE = "fastv-1-0.5"
-
-
-def _write_data(root, n=6):
-    from PIL import Image
-
-    path = write_llava_dataset(str(root), n=n, seed=0)
-    for i, rec in enumerate(json.load(open(path))):
-        full = os.path.join(str(root), rec["image"])
-        with Image.open(full) as im:
-            im.convert("RGB").resize(SIZES[i % len(SIZES)]).save(full)
-    return path
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -61,7 +49,7 @@ def fam(request, tmp_path_factory):
         model_dir = save_tiny_llava_onevision(str(root / "model"))
     else:
         model_dir = save_tiny_llava_next(str(root / "model"))
-    data = _write_data(root / "data")
+    data = write_ragged_llava_dataset(root / "data")
     model, processor = load_model(model_dir, torch.device("cpu"), torch.float32)
     return SimpleNamespace(name=request.param, model_dir=model_dir, data=data, model=model.eval(),
                            processor=processor, records=json.load(open(data)))
@@ -73,7 +61,7 @@ def demo(tmp_path_factory):
     from eos_kernels.demo.build import checkpoint_path
 
     root = tmp_path_factory.mktemp("demo")
-    data = _write_data(root / "data")
+    data = write_ragged_llava_dataset(root / "data")
     model, processor = load_model(checkpoint_path(), torch.device("cpu"), torch.float32)
     return SimpleNamespace(name="llava", model_dir=checkpoint_path(), data=data, model=model.eval(),
                            processor=processor, records=json.load(open(data)))

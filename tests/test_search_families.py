@@ -37,25 +37,12 @@ from _tiny_families import (  # noqa: E402
     save_tiny_gemma3, save_tiny_internvl, save_tiny_llava_next, save_tiny_llava_onevision, save_tiny_qwen,
     tiny_anyres_image_processor, tiny_internvl_image_processor, tiny_llava_onevision_config,
 )
-from _tiny_models import write_llava_dataset  # noqa: E402
+from _tiny_models import write_ragged_llava_dataset  # noqa: E402
 from _tiny_qwen3_vl import save_tiny_qwen3  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-#: (width, height) of the data set's images, in turn: different counts for every family
-SIZES = [(56, 56), (50, 100), (100, 40), (112, 112), (40, 60), (64, 32)]
 FAMILIES = ("qwen2.5", "qwen2", "llava_next", "llava_onevision", "qwen3", "internvl", "gemma3")
-
-
-def _write_data(root, n=6, seed=0):
-    from PIL import Image
-
-    path = write_llava_dataset(str(root), n=n, seed=seed)
-    for i, rec in enumerate(json.load(open(path))):
-        full = os.path.join(str(root), rec["image"])
-        with Image.open(full) as im:
-            im.convert("RGB").resize(SIZES[i % len(SIZES)]).save(full)
-    return path
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -73,7 +60,7 @@ def env(request, tmp_path_factory):
         model_dir = save_tiny_gemma3(str(root / "model"))
     else:
         model_dir = save_tiny_llava_next(str(root / "model"))
-    data = _write_data(root / "data")
+    data = write_ragged_llava_dataset(root / "data")
     return SimpleNamespace(family=request.param, root=root, model=model_dir, data=data)
 
 
@@ -251,7 +238,7 @@ def test_eval_runs_on_the_family(env, loaded, tmp_path):
     from eos_kernels.search import evaluate
 
     model, processor = loaded
-    held_out = _write_data(tmp_path / "heldout", n=2, seed=5)
+    held_out = write_ragged_llava_dataset(tmp_path / "heldout", n=2, seed=5)
     theta = Theta.fastv(1, 0.5)
     res = evaluate(SearchConfig(data=held_out, output=str(tmp_path), batch_size=2, max_new_tokens=2),
                    [theta, "none"], model=model, processor=processor, write=False)["results"]
@@ -269,7 +256,7 @@ def test_onevision_counts_without_its_processor_follow_the_model(tmp_path):
     from PIL import Image
     from transformers import CLIPVisionConfig, LlavaOnevisionForConditionalGeneration
 
-    data = _write_data(tmp_path)
+    data = write_ragged_llava_dataset(tmp_path)
     counts = {}
     for aspect in ("anyres_max_9", "anyres_max_1", "clip-default"):
         config = tiny_llava_onevision_config(num_layers=1)
