@@ -28,7 +28,8 @@
 #   9. bench-e2e-rest                   the other budgets and the decode step
 #  10. bench-search-step                one search step, fused vs reference
 #  11. bench-e2e-families              stock vs reduced (1/9) prefill of the newer families at their
-#                                       real sizes, random weights (Qwen3-VL-8B-shaped; as time allows)
+#                                       real sizes, random weights (InternVL and Gemma 3 with LLaVA-7B's
+#                                       decoder, Qwen3-VL-8B-shaped; as time allows)
 #  12. bench-lmms-eval                  the lmms-eval plugin's throughput, batch 1 and 8 (as time allows;
 #                                       skips where lmms-eval is not importable: carry it, README)
 #  13. bench-operator-compile-grid      the rest of the torch.compile grid (as time allows)
@@ -231,16 +232,16 @@ if [ "$MODE" = gpu ]; then
     run_step bench-importance bench 25 -- "${PYTEST[@]}" "${BENCH[@]}" "${BENCH_LONG[@]}" \
         bench/test_bench_importance.py -k "cuda"
     run_step bench-e2e-r64 bench 35 -- "${PYTEST[@]}" "${BENCH[@]}" \
-        bench/test_bench_e2e.py -k "cuda and (vision or (prefill and (unpatched or r64)))"
+        bench/test_bench_e2e.py -k "cuda and not family and (vision or (prefill and (unpatched or r64)))"
     # on the first H200 run 20 s measured about half of this grid (57 cases) and 1 case of each step after it
     run_step bench-operator-grid bench 30 -- "${PYTEST[@]}" "${BENCH[@]}" "${BENCH_SHORT[@]}" \
         bench/test_bench_operator.py -k "cuda and not compile and not $HEADLINE"
     run_step bench-e2e-rest bench 25 -- "${PYTEST[@]}" "${BENCH[@]}" \
-        bench/test_bench_e2e.py -k "cuda and not vision and not (prefill and (unpatched or r64))"
+        bench/test_bench_e2e.py -k "cuda and not family and not vision and not (prefill and (unpatched or r64))"
     run_step bench-search-step bench 25 -- "${PYTEST[@]}" "${BENCH[@]}" \
         bench/test_bench_search_step.py -k "cuda"
     run_step bench-e2e-families bench 90 -- "${PYTEST[@]}" "${BENCH[@]}" \
-        bench/test_bench_e2e_families.py -k "cuda"
+        bench/test_bench_e2e.py bench/test_bench_e2e_families.py -k "cuda and family"
     run_step bench-lmms-eval bench 60 -- "${PYTEST[@]}" "${BENCH[@]}" \
         bench/test_bench_lmms_eval.py -k "cuda"
     run_step bench-operator-compile-grid bench 120 -- "${PYTEST[@]}" "${BENCH[@]}" "${BENCH_SHORT[@]}" \
@@ -256,7 +257,7 @@ else
     run_step bench-importance bench 20 -- "${PYTEST[@]}" "${BENCH[@]}" \
         bench/test_bench_importance.py -k "cpu-torch-B1-T16"
     run_step bench-e2e-r64 bench 45 -- "${PYTEST[@]}" "${BENCH[@]}" \
-        bench/test_bench_e2e.py -k "cpu and (vision or (prefill and (unpatched or paper-r64)))"
+        bench/test_bench_e2e.py -k "cpu and not family and (vision or (prefill and (unpatched or paper-r64)))"
     run_step bench-operator-grid bench 20 -- "${PYTEST[@]}" "${BENCH[@]}" \
         bench/test_bench_operator.py -k "cpu-torch-B1-K16 and not fwdbwd"
     run_step bench-e2e-rest bench 30 -- "${PYTEST[@]}" "${BENCH[@]}" \

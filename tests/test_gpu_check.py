@@ -125,11 +125,15 @@ def test_gpu_plan_measures_each_cuda_benchmark_case_once():
     assert {re.search(r"\[cuda-(\w+)-", i).group(1) for i in headline} == {"triton", "torch"}
     assert len(steps["bench-operator-headline-compile"]) == 4
     e2e = steps["bench-e2e-r64"]
-    # LLaVA at B 1 and 8, and one row per other family (InternVL, Gemma 3) and configuration at B 1
+    # LLaVA at B 1 and 8; the other families (7-8 B-shaped models to build) in a step of their own, later
     assert sorted(re.search(r"\[(.*)\]", i).group(1) for i in e2e if "prefill" in i) == sorted(
-        [f"cuda-B{b}-{c}" for b in (1, 8) for c in ("unpatched", "paper-r64", "prune-r64")]
-        + [f"cuda-B1-{f}-{c}" for f in ("internvl", "gemma3") for c in ("unpatched", "paper-r64")])
-    assert sum("vision" in i for i in e2e) == 2 + 2
+        f"cuda-B{b}-{c}" for b in (1, 8) for c in ("unpatched", "paper-r64", "prune-r64"))
+    assert sum("vision" in i for i in e2e) == 2
+    families = steps["bench-e2e-families"]
+    assert sorted(re.search(r"\[(.*)\]", i).group(1) for i in families) == sorted(
+        [f"cuda-B1-{f}-{c}" for f in ("internvl", "gemma3") for c in ("unpatched", "paper-r64")]
+        + [f"cuda-B1-{f}" for f in ("internvl", "gemma3")]
+        + [f"cuda-qwen3_vl-{c}" for c in ("unpatched", "prune-1/9", "vision")])
 
 
 # --------------------------------------------------------------------------- the dry run
