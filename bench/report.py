@@ -325,7 +325,7 @@ def importance_section(runs) -> list:
 
 # --------------------------------------------------------------------------- end to end
 #: the model families of the end-to-end rows besides LLaVA (``extra_info["family"]``), as the report names them
-E2E_FAMILIES = {"llava": "LLaVA", "internvl": "InternVL", "gemma3": "Gemma 3"}
+E2E_FAMILIES = {"llava": "LLaVA", "internvl": "InternVL", "gemma3": "Gemma 3", "qwen3_vl": "Qwen3-VL"}
 
 
 def e2e_families(run) -> list:
@@ -422,43 +422,6 @@ def e2e_section(runs) -> list:
                 ])
             header, rows = drop_empty_columns(header, rows, ("peak MiB",))
             lines += table(header, rows) + [""]
-    return lines
-
-
-def e2e_family_section(runs) -> list:
-    """One patched-prefill row per other model family (``subject == "e2e-family"``): stock vs reduced,
-    measured (whole prefill and decoder-only) speed-up beside the FLOPs-predicted one."""
-    lines = []
-    for run in runs:
-        slots = defaultdict(dict)
-        for e in run.entries:
-            if e.get("subject") == "e2e-family":
-                slots[(e.get("device"), e.get("family"))][e.get("config_id")] = e
-        if not slots:
-            continue
-        if not lines:
-            lines += ["## End to end, other families (random weights, sdpa, B=1, 576 visual tokens)", "",
-                      "Prefill as above; *reduced* = the family's Θ at a 1/9 budget (prune after layer 2, "
-                      "576 -> 64). *decoder-only* subtracts the vision tower's median from both; "
-                      "*FLOPs-predicted* = 1 / `Theta.token_report`'s prefill FLOPs ratio (decoder layers only).", ""]
-        header = ["family", "device", "Θ", "stock prefill", "reduced prefill", "vision", "speed-up",
-                  "decoder-only speed-up", "FLOPs-predicted", "measured / predicted"]
-        rows = []
-        for (device, family), cfg in sorted(slots.items(), key=lambda kv: tuple(map(str, kv[0]))):
-            base, vision = cfg.get("unpatched"), cfg.get("vision")
-            for cid, e in sorted(cfg.items()):
-                if cid in ("unpatched", "vision"):
-                    continue
-                whole = ratio(base.median, e.median) if base else None
-                decoder = None
-                if base and vision and e.median > vision.median:
-                    decoder = ratio(base.median - vision.median, e.median - vision.median)
-                predicted = e.get("predicted_speedup")
-                rows.append([family, f"{device} ({e.get('device_name')})", cid,
-                             fmt_time(base.median) if base else "—", fmt_time(e.median),
-                             fmt_time(vision.median) if vision else "—", fmt_ratio(whole), fmt_ratio(decoder),
-                             fmt_ratio(predicted), fmt_ratio(ratio(decoder, predicted))])
-        lines += [f"### {run.label}", ""] + table(header, rows) + [""]
     return lines
 
 
@@ -862,7 +825,6 @@ def build_report(paths, out_dir) -> tuple:
     lines += operator_section(runs)
     lines += importance_section(runs)
     lines += e2e_section(runs)
-    lines += e2e_family_section(runs)
     lines += search_section(runs)
     lines += lmms_eval_section(runs)
     lines += ["## Plots", ""]

@@ -43,18 +43,23 @@ and the peak extra CUDA memory of one prefill.
 Other families (``test_e2e_family_prefill`` / ``test_e2e_family_vision``,
 ``extra_info["family"]``): InternVL (Qwen2 text; InternViT at 336 px / patch
 14, four tiles of 144 tokens after the pixel shuffle: ``<img>`` 576
-``<IMG_CONTEXT>`` ``</img>``) and Gemma 3 (its text model with five of six
+``<IMG_CONTEXT>`` ``</img>``), Gemma 3 (its text model with five of six
 layers in a sliding window of 512 tokens, shorter than the prompt; SigLIP at
 336 px / patch 14, 576 tokens: ``<start_of_image>`` 576 ``<image_soft_token>``
-``<end_of_image>``, with ``token_type_ids``: bidirectional image block), each
-with the LLaVA rows' decoder sizes (grouped-query attention on CUDA: 8 key-value
-heads) and the same 64 text tokens; stock vs ``Theta.paper(64)`` (a 1/9 budget
-of the 576 visual tokens), prefill and the vision tower alone.
+``<end_of_image>``, with ``token_type_ids``: bidirectional image block) and
+Qwen3-VL (interleaved MRoPE, DeepStack features added after decoder layers
+0-2; on CUDA Qwen3-VL-8B's vision tower, 27 blocks of width 1152, patch 16, one
+image of a 48 x 48 merged-patch grid: ``<|vision_start|>`` 576
+``<|image_pad|>`` ``<|vision_end|>``), each with the LLaVA rows' decoder sizes
+(grouped-query attention on CUDA: 8 key-value heads) and the same 64 text
+tokens; stock vs ``Theta.paper(64)`` (a 1/9 budget of the 576 visual tokens),
+prefill and the vision tower alone.
 """
 from __future__ import annotations
 
 import dataclasses
 import gc
+import inspect
 
 import pytest
 import torch
@@ -184,12 +189,21 @@ def models():
 
 
 # --------------------------------------------------------------------------- other families
-FAMILIES = ("internvl", "gemma3")
+FAMILIES = ("internvl", "gemma3", "qwen3_vl")
 FAMILY_CONFIGS = ("unpatched", "paper-r64")
 #: the image of each family: InternVL 4 tiles x 144 tokens, Gemma 3 one image of 576 (24 x 24 SigLIP patches)
 FAMILY_IMAGE = dict(image_size=336, patch_size=14)
 INTERNVL_TILES = 4
 GEMMA_SLIDING_WINDOW = 512
+#: Qwen3-VL's vision tower (CUDA: Qwen3-VL-8B's; CPU: 3 blocks) and its image: a 48 x 48 grid of merged 2 x 2
+#: patches = 576 visual tokens; DeepStack after decoder layers 0-2 (the 8B model feeds its first three)
+QWEN3_VISION = {
+    "cuda": dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16,
+                 num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24]),
+    "cpu": dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4,
+                num_position_embeddings=64, deepstack_visual_indexes=[0, 1, 2]),
+}
+QWEN3_GRID = (1, 48, 48)
 
 
 def build_family(family: str, device: str):
@@ -219,6 +233,19 @@ def build_family(family: str, device: str):
             mm_tokens_per_image=N_VISUAL, boi_token_index=image - 1, eoi_token_index=image - 2,
             image_token_index=image)
         cls = transformers.Gemma3ForConditionalGeneration
+    elif family == "qwen3_vl":
+        head_dim = shape["hidden"] // shape["heads"]
+        hw = round(head_dim / 2 * 20 / 64)
+        sections = [head_dim // 2 - 2 * hw, hw, hw]  # t, h, w frequencies: Qwen3-VL's [24, 20, 20] at head_dim 128
+        qv = QWEN3_VISION[device]
+        config = transformers.Qwen3VLConfig(
+            text_config=dict(text, head_dim=head_dim, rope_parameters={
+                "rope_type": "default", "rope_theta": 5e6, "mrope_section": sections, "mrope_interleaved": True}),
+            vision_config=dict(qv, in_channels=3, spatial_merge_size=2, temporal_patch_size=2,
+                               out_hidden_size=shape["hidden"]),
+            image_token_id=image, video_token_id=image - 3, vision_start_token_id=image - 1,
+            vision_end_token_id=image - 2)
+        cls = transformers.Qwen3VLForConditionalGeneration
     else:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     torch.manual_seed(0)
@@ -236,6 +263,15 @@ def make_family_inputs(family: str, device: str, B: int) -> dict:
     after = torch.randint(3, image - 3, (B, TEXT_AFTER - 2), generator=gen)
     ids = torch.cat([torch.ones(B, 1, dtype=torch.long), before, torch.full((B, 1), image - 1),
                      torch.full((B, N_VISUAL), image), torch.full((B, 1), image - 2), after], dim=1)
+    if family == "qwen3_vl":  # flattened patches, as Qwen2VLImageProcessor gives them, and each image's grid
+        t, h, w = QWEN3_GRID
+        patch = QWEN3_VISION[device]["patch_size"]
+        pixels = torch.randn(B * t * h * w, 3 * 2 * patch * patch, generator=gen)
+        out = {"input_ids": ids.to(device), "pixel_values": pixels.to(device=device, dtype=shape["dtype"]),
+               "image_grid_thw": torch.tensor([list(QWEN3_GRID)] * B, device=device)}
+        if "mm_token_type_ids" in inspect.signature(transformers_forward("qwen3_vl")).parameters:  # >= 5.24
+            out["mm_token_type_ids"] = (ids == image).to(device=device, dtype=torch.int32)
+        return out
     size = FAMILY_IMAGE["image_size"]
     n_images = B * (INTERNVL_TILES if family == "internvl" else 1)
     out = {"input_ids": ids.to(device),
@@ -243,6 +279,12 @@ def make_family_inputs(family: str, device: str, B: int) -> dict:
     if family == "gemma3":  # as Gemma3Processor gives them: the image block attends to itself bidirectionally
         out["token_type_ids"] = (ids == image).long().to(device)
     return out
+
+
+def transformers_forward(family: str):
+    import transformers
+
+    return {"qwen3_vl": transformers.Qwen3VLForConditionalGeneration}[family].forward
 
 
 @pytest.fixture(scope="module")
@@ -288,6 +330,8 @@ def test_e2e_family_prefill(benchmark, family_models, device, B, family, config)
 
     @torch.inference_mode()
     def prefill():
+        if family == "qwen3_vl":
+            model.model.rope_deltas = None  # computed by the first forward of a prompt, cached on the model
         out = model(**inputs, use_cache=True, logits_to_keep=1)
         sync(device)
         return out
@@ -319,8 +363,11 @@ def test_e2e_family_prefill(benchmark, family_models, device, B, family, config)
 @pytest.mark.parametrize("device, B, family, config", _family_cases(with_config=False))
 def test_e2e_family_vision(benchmark, family_models, device, B, family, config):
     model = family_models(family, device)
-    pixels = make_family_inputs(family, device, B)["pixel_values"]
+    inputs = make_family_inputs(family, device, B)
+    pixels = inputs["pixel_values"]
     kw = dict(vision_feature_layer=-1, vision_feature_select_strategy="default") if family == "internvl" else {}
+    if family == "qwen3_vl":
+        kw = dict(image_grid_thw=inputs["image_grid_thw"])
 
     @torch.inference_mode()
     def vision():

@@ -28,8 +28,8 @@
 #   9. bench-e2e-rest                   the other budgets and the decode step
 #  10. bench-search-step                one search step, fused vs reference
 #  11. bench-e2e-families              stock vs reduced (1/9) prefill of the newer families at their
-#                                       real sizes, random weights (InternVL and Gemma 3 with LLaVA-7B's
-#                                       decoder, Qwen3-VL-8B-shaped; as time allows)
+#                                       vision towers, random weights, LLaVA-7B's decoder sizes (InternVL,
+#                                       Gemma 3, Qwen3-VL; as time allows)
 #  12. bench-lmms-eval                  the lmms-eval plugin's throughput, batch 1 and 8 (as time allows;
 #                                       skips where lmms-eval is not importable: carry it, README)
 #  13. bench-operator-compile-grid      the rest of the torch.compile grid (as time allows)
@@ -241,7 +241,7 @@ if [ "$MODE" = gpu ]; then
     run_step bench-search-step bench 25 -- "${PYTEST[@]}" "${BENCH[@]}" \
         bench/test_bench_search_step.py -k "cuda"
     run_step bench-e2e-families bench 90 -- "${PYTEST[@]}" "${BENCH[@]}" \
-        bench/test_bench_e2e.py bench/test_bench_e2e_families.py -k "cuda and family"
+        bench/test_bench_e2e.py -k "cuda and family"
     run_step bench-lmms-eval bench 60 -- "${PYTEST[@]}" "${BENCH[@]}" \
         bench/test_bench_lmms_eval.py -k "cuda"
     run_step bench-operator-compile-grid bench 120 -- "${PYTEST[@]}" "${BENCH[@]}" "${BENCH_SHORT[@]}" \
@@ -264,8 +264,8 @@ else
         bench/test_bench_e2e.py -k "cpu and decode and paper-r64"
     run_step bench-search-step bench 40 -- "${PYTEST[@]}" "${BENCH[@]}" \
         bench/test_bench_search_step.py -k "cpu"
-    run_step bench-e2e-families bench 30 "skip:GPU only (the CPU subset: pytest bench/test_bench_e2e_families.py -k cpu)" \
-        "${PYTEST[@]}" "${BENCH[@]}" bench/test_bench_e2e_families.py -k "cpu"
+    run_step bench-e2e-families bench 30 "skip:GPU only (the CPU subset: pytest bench/test_bench_e2e.py -k 'cpu and family')" \
+        "${PYTEST[@]}" "${BENCH[@]}" bench/test_bench_e2e.py -k "cpu and family"
     run_step bench-lmms-eval bench 30 "skip:GPU only (the CPU figures: bench/results/cpu-2core-lmms-eval)" \
         "${PYTEST[@]}" "${BENCH[@]}" bench/test_bench_lmms_eval.py -k "cpu-B1"
     run_step bench-operator-compile-grid bench 30 "skip:GPU only (inductor's CPU compile is too slow for a dry run)" \
