@@ -252,14 +252,37 @@ def test_bad_input_is_refused_before_any_sample(tmp_path):
         assert message in str(err.value), (kwargs, str(err.value))
 
 
-def test_video_inputs_and_mismatched_placeholders_are_clear_errors(demo):
+def _video_request(path):
+    return [Instance("generate_until", ("q", {}, lambda doc: [str(path)], 0, "t", "test"), 0,
+                     {"task": "t", "doc_id": 0, "repeats": 1})]
+
+
+def test_video_requests_need_torchvision_and_a_video_family(fam, tmp_path):
+    """A video (lmms-eval hands it over as a file path) for a family whose model takes none is a ValueError; for
+    a video family without torchvision (CI) an ImportError naming it. tests/test_lmms_eval_video.py runs the
+    videos themselves where torchvision imports."""
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(b"\0" * 64)  # the checks come before any decoding
+    lm = _plugin(fam, docs=_docs(fam)[:1])
+    if fam.name in ("llava", "llava_next"):
+        with pytest.raises(ValueError, match=f"{type(fam.model).__name__} takes no video inputs"):
+            lm.generate_until(_video_request(clip))
+        return
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="only with torchvision: install the torchvision release"):
+            lm.generate_until(_video_request(clip))
+    else:
+        pytest.skip("torchvision imports here: tests/test_lmms_eval_video.py covers videos")
+
+
+def test_missing_visuals_and_mismatched_placeholders_are_clear_errors(demo, tmp_path):
     fam = demo
     docs = _docs(fam)[:2]
     lm = _plugin(fam, docs=docs)
-    video = [Instance("generate_until", ("q", {}, lambda doc: ["clip.mp4"], 0, "t", "test"), 0,
-                      {"task": "t", "doc_id": 0, "repeats": 1})]
-    with pytest.raises(ValueError, match="only image inputs are supported"):
-        lm.generate_until(video)
+    with pytest.raises(ValueError, match="is not a file"):
+        lm.generate_until(_video_request(tmp_path / "missing.mp4"))
     two = [Instance("generate_until", ("<image> <image> q", {}, _visual, 0, "t", "test"), 0,
                     {"task": "t", "doc_id": 0, "repeats": 1})]
     with pytest.raises(ValueError, match="holds 2 <image> for 1 image"):
