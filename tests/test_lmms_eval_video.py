@@ -22,6 +22,7 @@ families' video token counts differ); lmms-eval hands them to the plugin as path
 - a checkpoint folder with its full processor runs through ``EOS(pretrained=...)``;
 - clear errors: a family whose model takes no video, both ``num_frames`` and ``fps``, an unusable decoder.
 """
+import contextlib
 import os
 import sys
 from types import SimpleNamespace
@@ -162,6 +163,23 @@ def _stock(fam, doc, answer=None, **sampling):
                                              processor_kwargs=dict(sampling, return_tensors="pt"))
 
 
+@contextlib.contextmanager
+def _replacements(processor):
+    """The strings ``processor`` writes for each video inside the block (its ``replace_video_token``, wrapped on
+    this instance only)."""
+    wrote, inner = [], processor.replace_video_token
+
+    def record(*args, **kwargs):
+        wrote.append(inner(*args, **kwargs))
+        return wrote[-1]
+
+    processor.replace_video_token = record
+    try:
+        yield wrote
+    finally:
+        del processor.replace_video_token
+
+
 def _visual_count(fam, ids):
     cfg = fam.model.config
     return int(sum((torch.as_tensor(ids) == t).sum() for t in (cfg.image_token_id, cfg.video_token_id)))
@@ -185,7 +203,13 @@ def test_video_prompts_and_inputs_are_the_stock_processors(fam, media, sampling)
             for v in doc["visuals"]] + [{"type": "text", "text": doc["question"]}]}]
         chat_turns, chat_visuals = chat._chat_conversation(messages, "t", "test", i)
         assert chat_visuals == visuals and chat_turns == turns, (fam.name, i)
-        ids, video = lm._prompt(turns, visuals, "t")
+        with _replacements(fam.processor) as wrote:
+            ids, video = lm._prompt(turns, visuals, "t")
+        with _replacements(fam.processor) as stock_wrote:
+            _stock(fam, doc, **stock_sampling)
+        # the text the processor wrote for each video (Qwen3-VL: its "<t seconds>" timestamps, which the tiny
+        # word tokenizer cannot tell apart in the ids)
+        assert wrote == stock_wrote and len(wrote) == sum(isinstance(v, str) for v in doc["visuals"])
         assert ids == want["input_ids"][0].tolist(), (fam.name, i)
         inputs = lm._inputs([ids], [v for v in visuals if not isinstance(v, Video)], videos=[video])
         names = set(want) - {"attention_mask"}
@@ -221,6 +245,26 @@ def test_theta_none_answers_are_the_stock_models_on_the_processors_inputs(fam, m
         gen = gen[:gen.index(tok.eos_token_id)] if tok.eos_token_id in gen else gen
         want.append(tok.decode(gen, skip_special_tokens=True).split("\n\n")[0])
     assert got == want, fam.name
+
+
+@pytest.mark.skipif(not _torchcodec(), reason="the stock reference decodes with torchcodec (install it and FFmpeg)")
+def test_a_video_shorter_than_num_frames_keeps_all_its_frames(fam, media):
+    """The default 32 frames of a 13-frame video: all 13, in whole temporal patches (Qwen: 12), as the stock
+    processor samples that many; OneVision's videos of different lengths cannot share a batch (a clear error)."""
+    docs = _docs(media)
+    lm = EOS.from_model(fam.model, fam.processor, "none", batch_size=2)
+    lm.task_dict = {"t": {"test": docs}}
+    step = getattr(fam.processor.video_processor, "temporal_patch_size", None) or 1
+    kept = VIDEOS["b.mp4"][0] // step * step
+    _, meta = lm.video.load(Video(media.videos["b.mp4"]), "t")
+    assert len(meta.frames_indices) == kept
+    doc = {"visuals": [media.videos["b.mp4"]], "question": docs[0]["question"]}
+    lm.task_dict = {"t": {"test": [doc, {"visuals": [media.videos["c.mp4"]], "question": "q"}]}}
+    turns, visuals = lm._simple_conversation(doc["question"], _doc_visuals, "t", "test", 0)
+    assert lm._prompt(turns, visuals, "t")[0] == _stock(fam, doc, num_frames=kept, fps=None)["input_ids"][0].tolist()
+    if fam.name == "llava_onevision":  # 13 and 9 frames
+        with pytest.raises(ValueError, match="cannot be stacked"):
+            lm.generate_until(_requests(lm.task_dict["t"]["test"]))
 
 
 # --------------------------------------------------------------------------- batching and the budget
@@ -317,6 +361,10 @@ def test_video_errors_are_clear(media, tmp_path):
         EOS.from_model(model, processor, "none", video_backend="ffmpeg")
     with pytest.raises(ValueError, match="num_frames must be an integer >= 1"):
         EOS.from_model(model, processor, "none", num_frames=0)
+    internvl = EOS.from_model(tf.tiny_internvl(), tf.tiny_internvl_processor(), "none")
+    internvl.task_dict = {"t": {"test": docs}}
+    with pytest.raises(ValueError, match="InternVLForConditionalGeneration takes no video inputs"):
+        internvl.generate_until(_requests(docs[:1]))
     qwen, qproc = _build("qwen2.5")
     lm = EOS.from_model(qwen, qproc, "none", video_backend="decord")
     lm.task_dict = {"t": {"test": docs}}
@@ -332,3 +380,91 @@ def test_video_errors_are_clear(media, tmp_path):
     lm.task_dict = {"t": {"test": [{"visuals": [media.videos["a.mp4"]], "question": "<video> <video> q"}]}}
     with pytest.raises(ValueError, match="holds 2 <video> for 1 video"):
         lm.generate_until(_requests(lm.task_dict["t"]["test"]))
+
+
+# --------------------------------------------------------------------------- lmms-eval's command line
+_TASK_YAML = """task: eos_video_test
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_visual: !function eos_video_test.doc_to_visual
+doc_to_text: !function eos_video_test.doc_to_text
+doc_to_target: answer
+generation_kwargs:
+  max_new_tokens: 3
+  temperature: 0
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+_TASK_PY = '''def doc_to_visual(doc):
+    return [doc["video"]]
+
+
+def doc_to_text(doc, lmms_eval_specific_kwargs=None):
+    return doc["question"]
+'''
+
+
+def test_lmms_eval_cli_runs_a_video_task(tmp_path, media):
+    """lmms-eval end to end on a local video task (its docs hold video paths, as lmms-eval's video tasks do):
+    the chat class gets lmms-eval's own ``{"type": "video", "url": path}`` messages; batch 2 = batch 1, and the
+    budget in the results counts the video tokens."""
+    import glob
+    import json
+    import shutil
+    import subprocess
+
+    import yaml
+
+    from eos_kernels.integrations.lmms_eval.budget import budget_from_results
+
+    exe = shutil.which("lmms-eval", path=os.path.dirname(sys.executable))
+    if exe is None:
+        pytest.skip("lmms-eval's command line is not installed")
+    folder = tf.save_tiny_qwen(str(tmp_path / "qwen"), version="2.5")
+    docs = [{"video": media.videos[name], "question": q, "answer": "red"}
+            for name, q in zip(("a.mp4", "b.mp4", "c.mp4", "a.mp4"), media.questions)]
+    with open(tmp_path / "docs.json", "w") as f:
+        json.dump(docs, f)
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "eos_video_test.yaml").write_text(_TASK_YAML.format(data=tmp_path / "docs.json"))
+    (tasks / "eos_video_test.py").write_text(_TASK_PY)
+    runs = [{"model": "eos", "model_args": f"pretrained={folder},theta={PRUNE},num_frames={NUM_FRAMES}",
+             "tasks": "eos_video_test", "include_path": str(tasks), "batch_size": bs, "log_samples": True,
+             "output_path": str(tmp_path / f"out-b{bs}")} for bs in (1, 2)]
+    with open(tmp_path / "runs.yaml", "w") as f:
+        yaml.safe_dump(runs, f)
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([exe, "--config", str(tmp_path / "runs.yaml"), "--verbosity", "DEBUG"], cwd=str(tmp_path),
+                          env=env, capture_output=True, text=True, timeout=600)
+    out = {}
+    for bs in (1, 2):
+        files = glob.glob(str(tmp_path / f"out-b{bs}" / "*" / "*_results.json"))
+        assert len(files) == 1, (proc.stdout + proc.stderr)[-4000:]
+        samples = glob.glob(str(tmp_path / f"out-b{bs}" / "*" / "*_samples_eos_video_test.jsonl"))
+        rows = sorted((json.loads(line) for line in open(samples[0])), key=lambda r: r["doc_id"])
+        out[bs] = (budget_from_results(files[0])["eos_video_test"], rows)
+    assert [r["filtered_resps"] for r in out[2][1]] == [r["filtered_resps"] for r in out[1][1]]
+    budget, rows = out[1]
+    assert budget["samples"] == len(docs)
+    # the video tokens of each doc, as the plugin counts them in-process (itself checked against the processor)
+    model, processor = _build("qwen2.5")
+    lm = _plugin(SimpleNamespace(name="qwen2.5", model=model, processor=processor),
+                 [{"visuals": [d["video"]], "question": d["question"]} for d in docs])
+    counts = []
+    for i, d in enumerate(docs):
+        turns, visuals = lm._simple_conversation(d["question"], _doc_visuals, "t", "test", i)
+        counts.append(_visual_count(SimpleNamespace(model=model), lm._prompt(turns, visuals, "t")[0]))
+    assert budget["visual_tokens"] == pytest.approx(sum(counts) / len(counts))
+    assert 0 < budget["final_visual_tokens"] < budget["visual_tokens"]
