@@ -268,13 +268,12 @@ def test_video_requests_need_torchvision_and_a_video_family(fam, tmp_path):
         with pytest.raises(ValueError, match=f"{type(fam.model).__name__} takes no video inputs"):
             lm.generate_until(_video_request(clip))
         return
-    try:
-        import torchvision  # noqa: F401
-    except ImportError:
-        with pytest.raises(ImportError, match="only with torchvision: install the torchvision release"):
-            lm.generate_until(_video_request(clip))
-    else:
+    from transformers.utils import is_torchvision_available
+
+    if is_torchvision_available():
         pytest.skip("torchvision imports here: tests/test_lmms_eval_video.py covers videos")
+    with pytest.raises(ImportError, match="only with torchvision: install the torchvision release"):
+        lm.generate_until(_video_request(clip))
 
 
 def test_missing_visuals_and_mismatched_placeholders_are_clear_errors(demo, tmp_path):

@@ -9,8 +9,9 @@ context without ``<image>`` gets one ``<image>\\n`` per image in front (the
 LLaVA layout of eos-search's records); one with them keeps them where they are
 (their number must equal the images'). The chat class receives the task's
 messages: each user message becomes a human turn (its images and videos first,
-in their order, then its text), each assistant message a gpt turn; a system message is put in front of
-the first user text (eos-search's prompts have no system turn). Answers are
+in their order, then its text), each assistant message a gpt turn; a system
+message is put in front of the first user text (eos-search's prompts have no
+system turn). Answers are
 cut at the tokenizer's eos, decoded without special tokens, then cut at the
 task's ``until`` strings. ``loglikelihood`` scores the continuation as the gpt
 turn's tokens the way eos-search labels an answer (the prompt alone rates the
@@ -22,7 +23,7 @@ in its messages) are read for the families whose stock model takes them
 checkpoint's processor builds them, :mod:`.video`: ``num_frames`` frames per
 video (default 32) sampled uniformly by the video processor's own
 ``sample_frames``, or ``fps`` frames per second; a context without ``<video>``
-gets one ``<video>\n`` per video in front, as for images. Video tokens are
+gets one ``<video>\\n`` per video in front, as for images. Video tokens are
 visual tokens: the Θ reduces them with the images' and the budget counts them.
 They need torchvision and a video decoder (torchcodec or PyAV); without them a
 video request raises ``ImportError`` naming what to install.
