@@ -234,6 +234,9 @@ def test_bad_input_is_refused_before_any_sample(tmp_path):
         (dict(pretrained=ck, theta="none", temprature=0.5), "unknown model argument(s) temprature"),
         (dict(pretrained=ck, batch_size="auto"), "batch_size must be an integer >= 1"),
         (dict(pretrained=ck, dtype="fp16"), "dtype='fp16'"),
+        (dict(pretrained=ck, num_frames="8", fps="1"), "num_frames=8 and fps=1.0 are mutually exclusive"),
+        (dict(pretrained=ck, fps="fast"), "fps must be a number > 0"),
+        (dict(pretrained=ck, video_backend="ffmpeg"), "video_backend='ffmpeg' is not one of"),
         (dict(pretrained=str(tmp_path / "missing")), "neither a checkpoint folder nor a Hub id"),
         (dict(), "pretrained= is required"),
     ]

@@ -106,16 +106,16 @@ class VideoEncoder:
         self.num_frames = num_frames if num_frames is not None or fps is not None else DEFAULT_NUM_FRAMES
         self.fps = fps
         self.backend = backend
-        self._checked = None
+        self._problem_found = ...  # not looked for yet; then None (none) or (exception class, message)
 
     # ------------------------------------------------------------------ what a video needs
     def check(self, where: str) -> None:
         """Raise unless this model and processor can take a video here: ``ValueError`` for a family whose
         model takes none, ``ImportError`` naming what to install for a missing torchvision or decoder."""
-        if self._checked is None:
-            self._checked = self._problem()
-        if self._checked is not None:
-            kind, message = self._checked
+        if self._problem_found is ...:
+            self._problem_found = self._problem()
+        if self._problem_found is not None:
+            kind, message = self._problem_found
             raise kind(f"eos: {where}: {message}")
 
     def _problem(self):
@@ -230,7 +230,8 @@ class VideoEncoder:
     def _processed(self, text: str, images, videos, where: str) -> tuple[list[int], dict]:
         """The processor on one prompt: its ids and the video inputs (images: the batch's image processor)."""
         loaded = [self.load(v, where) for v in videos]
-        out = self.processor(text=[text], images=list(images) or None, videos=[f for f, _ in loaded],
+        out = self.processor(text=[text], images=[im.convert("RGB") for im in images] or None,
+                             videos=[f for f, _ in loaded],
                              video_metadata=[m for _, m in loaded], do_sample_frames=False, return_tensors="pt",
                              add_special_tokens=self._special(text))
         image_keys = set(getattr(self.processor.image_processor, "model_input_names", None) or ()) | {"pixel_values"}
