@@ -64,6 +64,9 @@ _PLACEHOLDERS = re.compile(re.escape(IMAGE_PLACEHOLDER) + "|" + re.escape(VIDEO_
 _TEXT_KEYS = {"input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids", "text_replacement_offsets",
               "video_metadata"}
 _VIDEO_FAMILIES = "Qwen2-VL, Qwen2.5-VL, Qwen3-VL(-MoE), LLaVA-OneVision"
+#: the oldest transformers whose video loading and processors the plugin was tested on (5.0-5.3 decode and
+#: expand videos differently: errors and wrong counts); tested 5.4.0, 5.6.2, 5.8.1, 5.15.1, 5.24.0, 5.25.0
+MIN_TRANSFORMERS = "5.4.0"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,10 +127,16 @@ class VideoEncoder:
 
         from eos_kernels.search.objective import _forward_parameters
 
+        from packaging.version import Version
+
         name = type(self.model).__name__
         if "pixel_values_videos" not in _forward_parameters(self.model):
             return ValueError, (f"{name} takes no video inputs (its forward has no pixel_values_videos); the eos "
                                 f"plugin reads videos for {_VIDEO_FAMILIES}")
+        if Version(transformers.__version__) < Version(MIN_TRANSFORMERS):
+            return ImportError, (f"video inputs need transformers >= {MIN_TRANSFORMERS} (older releases load and "
+                                 f"expand videos differently; tested {MIN_TRANSFORMERS}-5.25.0), found "
+                                 f"{transformers.__version__}: `pip install 'transformers>={MIN_TRANSFORMERS}'`")
         if getattr(self.processor, "video_processor", None) is None or \
                 getattr(self.processor, "tokenizer", None) is None:
             if not is_torchvision_available():
