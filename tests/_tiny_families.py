@@ -814,6 +814,12 @@ def tiny_qwen_image_processor(max_pixels: int = 32 * 32):
         min_pixels=min_pixels, max_pixels=max_pixels, size={"shortest_edge": min_pixels, "longest_edge": max_pixels})
 
 
+def tiny_qwen_video_size(max_pixels: int = 32 * 32) -> dict:
+    """The frame size bounds of the tiny Qwen video processors: those of the images (the default's are
+    for 14 / 16 px patches: thousands of tokens a frame here)."""
+    return {"shortest_edge": 4 * (QWEN_PATCH * QWEN_MERGE) ** 2, "longest_edge": max_pixels}
+
+
 def tiny_qwen_processor(version: str = "2.5", chat_template: str | None = QWEN_CHAT_TEMPLATE,
                         max_pixels: int = 32 * 32):
     """A ``Qwen2VLProcessor`` / ``Qwen2_5_VLProcessor`` for :func:`tiny_qwen`
@@ -827,7 +833,7 @@ def tiny_qwen_processor(version: str = "2.5", chat_template: str | None = QWEN_C
     cls = transformers.Qwen2VLProcessor if version == "2" else transformers.Qwen2_5_VLProcessor
     try:
         video = transformers.Qwen2VLVideoProcessor(patch_size=QWEN_PATCH, temporal_patch_size=QWEN_TEMPORAL,
-                                                   merge_size=QWEN_MERGE)
+                                                   merge_size=QWEN_MERGE, size=tiny_qwen_video_size(max_pixels))
     except ImportError as exc:
         raise ImportError(f"{cls.__name__} needs Qwen2VLVideoProcessor, which needs torchvision "
                           f"(transformers {transformers.__version__})") from exc

@@ -114,6 +114,23 @@ def qwen3_ragged(model, seed: int = 0):
     return tf.qwen_ragged(model, seed, prompt=qwen3_prompt, inputs=qwen3_inputs)
 
 
+def tiny_qwen3_processor(chat_template: str | None = tf.QWEN_CHAT_TEMPLATE):
+    """A ``Qwen3VLProcessor`` for :func:`tiny_qwen3`: Qwen2-VL's PIL image processor (patch 4, merge 2), a
+    ``Qwen3VLVideoProcessor`` of the same patches (frames of the images' size bounds), the Qwen tokenizer.
+    Needs torchvision in transformers 5.x (the video processor): without it this raises ``ImportError``."""
+    import transformers
+
+    try:
+        video = transformers.Qwen3VLVideoProcessor(patch_size=tf.QWEN_PATCH, temporal_patch_size=tf.QWEN_TEMPORAL,
+                                                   merge_size=tf.QWEN_MERGE, size=tf.tiny_qwen_video_size())
+    except ImportError as exc:
+        raise ImportError(f"Qwen3VLProcessor needs Qwen3VLVideoProcessor, which needs torchvision "
+                          f"(transformers {transformers.__version__})") from exc
+    return transformers.Qwen3VLProcessor(image_processor=tf.tiny_qwen_image_processor(),
+                                         tokenizer=tf.qwen_tokenizer(chat_template), video_processor=video,
+                                         chat_template=chat_template)
+
+
 def save_tiny_qwen3(path, moe: bool = False, seed: int = 0, num_layers: int = 6,
                     chat_template: str | None = tf.QWEN_CHAT_TEMPLATE, attn_implementation: str = "sdpa") -> str:
     """:func:`tiny_qwen3` saved into ``path`` with ``save_pretrained``, with the Qwen tokenizer (its chat

@@ -234,6 +234,9 @@ def test_bad_input_is_refused_before_any_sample(tmp_path):
         (dict(pretrained=ck, theta="none", temprature=0.5), "unknown model argument(s) temprature"),
         (dict(pretrained=ck, batch_size="auto"), "batch_size must be an integer >= 1"),
         (dict(pretrained=ck, dtype="fp16"), "dtype='fp16'"),
+        (dict(pretrained=ck, num_frames="8", fps="1"), "num_frames=8 and fps=1.0 are mutually exclusive"),
+        (dict(pretrained=ck, fps="fast"), "fps must be a number > 0"),
+        (dict(pretrained=ck, video_backend="ffmpeg"), "video_backend='ffmpeg' is not one of"),
         (dict(pretrained=str(tmp_path / "missing")), "neither a checkpoint folder nor a Hub id"),
         (dict(), "pretrained= is required"),
     ]
@@ -252,14 +255,36 @@ def test_bad_input_is_refused_before_any_sample(tmp_path):
         assert message in str(err.value), (kwargs, str(err.value))
 
 
-def test_video_inputs_and_mismatched_placeholders_are_clear_errors(demo):
+def _video_request(path):
+    return [Instance("generate_until", ("q", {}, lambda doc: [str(path)], 0, "t", "test"), 0,
+                     {"task": "t", "doc_id": 0, "repeats": 1})]
+
+
+def test_video_requests_need_torchvision_and_a_video_family(fam, tmp_path):
+    """A video (lmms-eval hands it over as a file path) for a family whose model takes none is a ValueError; for
+    a video family without torchvision (CI) an ImportError naming it. tests/test_lmms_eval_video.py runs the
+    videos themselves where torchvision imports."""
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(b"\0" * 64)  # the checks come before any decoding
+    lm = _plugin(fam, docs=_docs(fam)[:1])
+    if fam.name in ("llava", "llava_next"):
+        with pytest.raises(ValueError, match=f"{type(fam.model).__name__} takes no video inputs"):
+            lm.generate_until(_video_request(clip))
+        return
+    from transformers.utils import is_torchvision_available
+
+    if is_torchvision_available():
+        pytest.skip("torchvision imports here: tests/test_lmms_eval_video.py covers videos")
+    with pytest.raises(ImportError, match="only with torchvision: install the torchvision release"):
+        lm.generate_until(_video_request(clip))
+
+
+def test_missing_visuals_and_mismatched_placeholders_are_clear_errors(demo, tmp_path):
     fam = demo
     docs = _docs(fam)[:2]
     lm = _plugin(fam, docs=docs)
-    video = [Instance("generate_until", ("q", {}, lambda doc: ["clip.mp4"], 0, "t", "test"), 0,
-                      {"task": "t", "doc_id": 0, "repeats": 1})]
-    with pytest.raises(ValueError, match="only image inputs are supported"):
-        lm.generate_until(video)
+    with pytest.raises(ValueError, match="is not a file"):
+        lm.generate_until(_video_request(tmp_path / "missing.mp4"))
     two = [Instance("generate_until", ("<image> <image> q", {}, _visual, 0, "t", "test"), 0,
                     {"task": "t", "doc_id": 0, "repeats": 1})]
     with pytest.raises(ValueError, match="holds 2 <image> for 1 image"):

@@ -22,7 +22,11 @@ arguments (``--model_args k=v,...``):
   ``float32``, ``bfloat16``, ``float16``), ``attn_implementation`` (default: the
   checkpoint's), ``max_new_tokens`` (default: each task's), ``revision`` (Hub
   checkpoints). The operator runs the fused kernels on CUDA and the PyTorch
-  reference on the CPU, as everywhere in the package.
+  reference on the CPU, as everywhere in the package;
+- videos (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision; :mod:`.video`):
+  ``num_frames`` (default 32, sampled uniformly by the checkpoint's video
+  processor) or ``fps``, and ``video_backend`` (``auto``: torchcodec, else PyAV,
+  decord, OpenCV). Videos need torchvision and a video decoder.
 
 Prompts are built exactly as ``eos-search`` builds them
 (:class:`eos_kernels.search.data.PromptEncoder`). Budget fields: see

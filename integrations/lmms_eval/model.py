@@ -8,15 +8,25 @@ builds them. The simple class receives the task's context and its visuals: a
 context without ``<image>`` gets one ``<image>\\n`` per image in front (the
 LLaVA layout of eos-search's records); one with them keeps them where they are
 (their number must equal the images'). The chat class receives the task's
-messages: each user message becomes a human turn (its images first, then its
-text), each assistant message a gpt turn; a system message is put in front of
-the first user text (eos-search's prompts have no system turn). Answers are
+messages: each user message becomes a human turn (its images and videos first,
+in their order, then its text), each assistant message a gpt turn; a system
+message is put in front of the first user text (eos-search's prompts have no
+system turn). Answers are
 cut at the tokenizer's eos, decoded without special tokens, then cut at the
 task's ``until`` strings. ``loglikelihood`` scores the continuation as the gpt
 turn's tokens the way eos-search labels an answer (the prompt alone rates the
-visual tokens, as in ``generate``). Video inputs are refused with a clear error
-(the processors of the video families need torchvision in transformers 5.x
-and eos-search has no video prompts to follow).
+visual tokens, as in ``generate``).
+
+Videos (a file path in the task's visuals, or ``{"type": "video", "url": path}``
+in its messages) are read for the families whose stock model takes them
+(Qwen2-VL, Qwen2.5-VL, Qwen3-VL(-MoE), LLaVA-OneVision) exactly as the
+checkpoint's processor builds them, :mod:`.video`: ``num_frames`` frames per
+video (default 32) sampled uniformly by the video processor's own
+``sample_frames``, or ``fps`` frames per second; a context without ``<video>``
+gets one ``<video>\\n`` per video in front, as for images. Video tokens are
+visual tokens: the Θ reduces them with the images' and the budget counts them.
+They need torchvision and a video decoder (torchcodec or PyAV); without them a
+video request raises ``ImportError`` naming what to install.
 
 Every answer's token budget is recorded (:mod:`.budget`) and written into
 lmms-eval's results at the end of the run (:meth:`EOS.clean`).
@@ -36,18 +46,20 @@ from lmms_eval.api.model import lmms
 from tqdm import tqdm
 
 from eos_kernels.integrations.lmms_eval import budget as _budget
+from eos_kernels.integrations.lmms_eval.video import BACKENDS, VIDEO_PLACEHOLDER, Video, VideoEncoder
 from eos_kernels.search.data import IMAGE_PLACEHOLDER
 
 __all__ = ["EOS", "EOSChat", "EOSTokenCounts"]
 
 #: the model arguments (``--model_args k=v,...``); lmms-eval adds batch_size, max_batch_size and device
 MODEL_ARGS = ("pretrained", "theta", "device", "dtype", "attn_implementation", "max_new_tokens", "revision",
-              "batch_size", "max_batch_size")
+              "num_frames", "fps", "video_backend", "batch_size", "max_batch_size")
 #: generation keywords of lmms-eval tasks that the plugin follows; others are reported once and ignored
 _GEN_KEYS = ("until", "max_new_tokens", "temperature", "top_p", "num_beams", "do_sample")
 _DEFAULT_MAX_NEW_TOKENS = 1024  # lmms-eval's llava_hf default, for a task that gives none
 #: files of a Hub checkpoint the plugin needs (no duplicate weight formats)
 _HUB_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "tokenizer*")
+_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
 @dataclasses.dataclass
@@ -78,7 +90,7 @@ class _Item:
     doc_id: Any
     gen_kwargs: dict
     sort_text: str
-    conversation: Callable[[], Tuple[list, list]]  # -> (turns, images)
+    conversation: Callable[[], Tuple[list, list]]  # -> (turns, visuals: PIL images and Video files)
 
 
 def _check_choice(name: str, value, choices) -> str:
@@ -129,33 +141,66 @@ def _flatten(visuals) -> list:
     return out
 
 
-def _images(visuals, where: str) -> list:
-    """The PIL images of a request's visuals; anything else (videos, audio) is refused."""
+def _visual(v, where: str):
+    """One visual of a request: a PIL image (an image file is opened), or a :class:`Video` (any other file:
+    lmms-eval hands videos to models as paths)."""
     from PIL import Image
 
-    out = []
-    for v in _flatten(visuals):
-        if isinstance(v, Image.Image):
-            out.append(v)
-        elif isinstance(v, str) and os.path.isfile(v) and os.path.splitext(v)[1].lower() in (
-                ".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"):
-            with Image.open(v) as im:
-                out.append(im.convert("RGB"))
-        else:
-            what = v if isinstance(v, str) else type(v).__name__
-            raise ValueError(f"eos: {where}: only image inputs are supported (got {what!r}); video and audio "
-                             "inputs are not")
-    return out
+    if isinstance(v, Image.Image):
+        return v
+    if isinstance(v, Video):
+        return v
+    if isinstance(v, (str, os.PathLike)):
+        path = os.fspath(v)
+        if not os.path.isfile(path):
+            raise ValueError(f"eos: {where}: the visual {path!r} is not a file (images and video files are supported)")
+        if os.path.splitext(path)[1].lower() in _IMAGE_EXTENSIONS:
+            with Image.open(path) as im:
+                return im.convert("RGB")
+        return Video(path)
+    raise ValueError(f"eos: {where}: only image and video inputs are supported (got a {type(v).__name__}); audio "
+                     "inputs are not")
 
 
-def _with_placeholders(text: str, n_images: int, where: str) -> str:
-    """``text`` with one ``<image>`` per image: as given, or one ``<image>\\n`` each in front."""
-    have = text.count(IMAGE_PLACEHOLDER)
-    if have == 0:
-        return "".join(IMAGE_PLACEHOLDER + "\n" for _ in range(n_images)) + text
-    if have != n_images:
-        raise ValueError(f"eos: {where}: the context holds {have} {IMAGE_PLACEHOLDER} for {n_images} image(s)")
-    return text
+def _visuals(visuals, where: str) -> list:
+    """A request's visuals: PIL images and :class:`Video` files, in order."""
+    return [_visual(v, where) for v in _flatten(visuals)]
+
+
+def _with_placeholders(text: str, visuals: list, where: str) -> str:
+    """``text`` with one ``<image>`` per image and one ``<video>`` per video: as given, or one
+    ``<image>\\n`` / ``<video>\\n`` each in front (in the order of the visuals) where the text holds none."""
+    kinds = [VIDEO_PLACEHOLDER if isinstance(v, Video) else IMAGE_PLACEHOLDER for v in visuals]
+    front = []
+    for ph in (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER):
+        have, want = text.count(ph), kinds.count(ph)
+        if have == 0:
+            front.append(ph)
+        elif have != want:
+            what = "image" if ph == IMAGE_PLACEHOLDER else "video"
+            raise ValueError(f"eos: {where}: the context holds {have} {ph} for {want} {what}(s)")
+    return "".join(k + "\n" for k in kinds if k in front) + text
+
+
+def _positive_float(name: str, value):
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or isinstance(value, bool) or not number > 0 or number == float("inf"):
+        raise ValueError(f"eos: {name} must be a number > 0, got {value!r}")
+    return number
+
+
+def _video_settings(num_frames, fps, video_backend) -> dict:
+    num_frames = _positive_int("num_frames", num_frames, allow_none=True)
+    fps = _positive_float("fps", fps)
+    if num_frames is not None and fps is not None:
+        raise ValueError(f"eos: num_frames={num_frames} and fps={fps} are mutually exclusive (the video processor "
+                         "samples either a number of frames or a rate)")
+    return {"num_frames": num_frames, "fps": fps, "backend": _check_choice("video_backend", video_backend, BACKENDS)}
 
 
 class EOS(lmms):
@@ -170,6 +215,11 @@ class EOS(lmms):
         attn_implementation: e.g. ``sdpa``, ``eager``, ``flash_attention_2`` (default: the checkpoint's).
         max_new_tokens: generation length for every task (default: each task's own).
         revision: Hub revision of ``pretrained``.
+        num_frames: frames sampled uniformly from each video by the checkpoint's video processor
+            (default 32; a shorter video keeps all its frames, in whole temporal patches).
+        fps: instead of ``num_frames``, frames per second, sampled by the video processor.
+        video_backend: the video decoder, ``auto`` (torchcodec, else PyAV, decord, OpenCV), ``torchcodec``,
+            ``pyav``, ``decord``, ``opencv``.
         batch_size: requests per ``generate`` (lmms-eval's ``--batch_size``).
 
     Raises (all before any sample runs):
@@ -182,7 +232,8 @@ class EOS(lmms):
 
     def __init__(self, pretrained: str | None = None, theta: str = "none", device: str | None = "auto",
                  dtype: str = "auto", attn_implementation: str | None = None, max_new_tokens: int | None = None,
-                 revision: str | None = None, batch_size: int | str = 1, max_batch_size: int | None = None,
+                 revision: str | None = None, num_frames: int | None = None, fps: float | None = None,
+                 video_backend: str = "auto", batch_size: int | str = 1, max_batch_size: int | None = None,
                  **kwargs) -> None:
         super().__init__()
         if kwargs:
@@ -196,6 +247,7 @@ class EOS(lmms):
 
         self.batch_size_per_gpu = _positive_int("batch_size", batch_size)
         self.max_new_tokens = _positive_int("max_new_tokens", max_new_tokens, allow_none=True)
+        self._video_settings = _video_settings(num_frames, fps, video_backend)
         _check_choice("dtype", dtype, DTYPES)
         if not isinstance(theta, str) or not theta:
             raise ValueError(f"eos: theta must be 'none', a preset name or a Θ JSON path, got {theta!r}")
@@ -259,6 +311,7 @@ class EOS(lmms):
         self.pretrained = name
         self.processor = processor
         self.encoder = PromptEncoder(processor, image_token_id=model.config.image_token_id, num_visual_tokens=fixed)
+        self.video = VideoEncoder(model, processor, self.encoder, **self._video_settings)
         self._tokenizer = self.encoder.tokenizer
         self.num_layers = adapter.num_layers(model)
         self._dtype = next(model.parameters()).dtype
@@ -272,12 +325,14 @@ class EOS(lmms):
 
     @classmethod
     def from_model(cls, model, processor, theta: str = "none", *, batch_size: int = 1,
-                   max_new_tokens: int | None = None, name: str = "model"):
+                   max_new_tokens: int | None = None, name: str = "model", num_frames: int | None = None,
+                   fps: float | None = None, video_backend: str = "auto"):
         """The plugin around an already loaded model (tests, benchmarks): same behaviour, no loading."""
         self = cls.__new__(cls)
         lmms.__init__(self)
         self.batch_size_per_gpu = _positive_int("batch_size", batch_size)
         self.max_new_tokens = _positive_int("max_new_tokens", max_new_tokens, allow_none=True)
+        self._video_settings = _video_settings(num_frames, fps, video_backend)
         self._device = next(model.parameters()).device
         if not isinstance(theta, str) or not theta:
             raise ValueError(f"eos: theta must be 'none', a preset name or a Θ JSON path, got {theta!r}")
@@ -344,9 +399,9 @@ class EOS(lmms):
         where = f"{task} doc {doc_id}"
         t0 = time.perf_counter()
         visuals = doc_to_visual(self._doc(task, split, doc_id)) if doc_to_visual is not None else []
-        images = _images(visuals, where)
+        visuals = _visuals(visuals, where)
         self.timing["visuals_s"] += time.perf_counter() - t0
-        return [("human", _with_placeholders(context, len(images), where))], images
+        return [("human", _with_placeholders(context, visuals, where))], visuals
 
     def _simple_items(self, requests, start: int = 0) -> list[_Item]:
         items = []
@@ -393,8 +448,30 @@ class EOS(lmms):
             for s in range(0, len(group), n):
                 yield group[s:s + n]
 
-    def _inputs(self, prompts: list[list[int]], images: list, side: str = "left") -> dict:
-        from eos_kernels.search.objective import forward_inputs
+    def _prompt(self, turns, visuals, where: str) -> tuple[list[int], dict | None]:
+        """A generation prompt's ids, and its video inputs (None without a video)."""
+        if not any(isinstance(v, Video) for v in visuals):
+            return self.encoder.prompt(turns, visuals, where=where), None
+        t0 = time.perf_counter()
+        out = self.video.prompt(turns, visuals, where=where)
+        self.timing["preprocess_s"] += time.perf_counter() - t0
+        return out
+
+    def _answer(self, turns, visuals, where: str) -> tuple[list[int], list[int], dict | None]:
+        """A scored conversation's prompt ids, answer ids and video inputs (None without a video)."""
+        if not any(isinstance(v, Video) for v in visuals):
+            return (*self.encoder.answer(turns, visuals, where=where), None)
+        t0 = time.perf_counter()
+        out = self.video.answer(turns, visuals, where=where)
+        self.timing["preprocess_s"] += time.perf_counter() - t0
+        return out
+
+    def _inputs(self, prompts: list[list[int]], images: list, side: str = "left",
+                videos: list | None = None) -> dict:
+        """The model's inputs of one batch: the padded ids, the image processor's outputs for all ``images``
+        (the batch's, in order) and, where a sample has videos, each sample's video inputs (``videos[b]``:
+        its :meth:`VideoEncoder.prompt` inputs or None) concatenated in batch order."""
+        from eos_kernels.search.objective import _forward_parameters, forward_inputs
 
         L = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), L), self.encoder.pad_token_id, dtype=torch.long)
@@ -412,6 +489,16 @@ class EOS(lmms):
             px = px.to(self._device, self._dtype) if px.is_floating_point() else px.to(self._device)
             extra = {k: (v.to(self._device, self._dtype) if v.is_floating_point() else v.to(self._device))
                      for k, v in extra.items()}
+        if videos and any(v is not None for v in videos):
+            # pixels in the model's dtype; other floats (Qwen2.5-VL's second_per_grid_ts) as the processor gave them
+            for k, v in VideoEncoder.collate(videos, where="this batch").items():
+                if torch.is_tensor(v):
+                    v = v.to(self._device, self._dtype) if k.startswith("pixel_values") and v.is_floating_point() \
+                        else v.to(self._device)
+                extra[k] = v
+            if "mm_token_type_ids" in _forward_parameters(self._model) and \
+                    callable(getattr(self.processor, "create_mm_token_type_ids", None)):
+                extra["mm_token_type_ids"] = self.video.mm_token_type_ids(ids, mask).to(self._device)
         inputs = forward_inputs(self._model, None, input_ids=ids.to(self._device),
                                 attention_mask=mask.to(self._device),
                                 pixel_values=torch.empty(0) if px is None else px, image_inputs=extra)
@@ -439,9 +526,11 @@ class EOS(lmms):
         for batch in self._batches(items):
             t0 = time.perf_counter()
             convs = [it.conversation() for it in batch]
-            prompts = [self.encoder.prompt(turns, images, where=f"{it.task} doc {it.doc_id}")
-                       for it, (turns, images) in zip(batch, convs)]
-            inputs = self._inputs(prompts, [im for _, images in convs for im in images])
+            encoded = [self._prompt(turns, visuals, where=f"{it.task} doc {it.doc_id}")
+                       for it, (turns, visuals) in zip(batch, convs)]
+            prompts = [ids for ids, _ in encoded]
+            inputs = self._inputs(prompts, [v for _, visuals in convs for v in visuals if not isinstance(v, Video)],
+                                  videos=[video for _, video in encoded])
             settings, until = self._gen_settings(batch[0].gen_kwargs)
             before = get_report(self._model)
             tg = time.perf_counter()
@@ -491,15 +580,16 @@ class EOS(lmms):
         for s in range(0, len(items), n):
             batch = items[s:s + n]
             t0 = time.perf_counter()
-            seqs, prompt_lens, answers, images = [], [], [], []
+            seqs, prompt_lens, answers, images, videos = [], [], [], [], []
             for i, task, doc_id, cont, conv in batch:
-                turns, imgs = conv()
-                prompt, answer = self.encoder.answer(turns + [("gpt", cont)], imgs, where=f"{task} doc {doc_id}")
+                turns, visuals = conv()
+                prompt, answer, video = self._answer(turns + [("gpt", cont)], visuals, where=f"{task} doc {doc_id}")
                 seqs.append(prompt + answer)
                 prompt_lens.append(len(prompt))
                 answers.append(answer)
-                images.extend(imgs)
-            inputs = self._inputs(seqs, images, side="right")
+                images.extend(v for v in visuals if not isinstance(v, Video))
+                videos.append(video)
+            inputs = self._inputs(seqs, images, side="right", videos=videos)
             before = get_report(self._model)
             tg = time.perf_counter()
             with prompt_lengths(self._model, prompt_lens):
@@ -567,7 +657,7 @@ class EOSChat(EOS):
         where = f"{task} doc {doc_id}"
         t0 = time.perf_counter()
         messages = doc_to_messages(self._doc(task, split, doc_id)) if callable(doc_to_messages) else doc_to_messages
-        turns, images, system = [], [], []
+        turns, all_visuals, system = [], [], []
         for m in messages or []:
             role = m.get("role") if isinstance(m, dict) else getattr(m, "role", None)
             content = m.get("content") if isinstance(m, dict) else getattr(m, "content", None)
@@ -579,31 +669,41 @@ class EOSChat(EOS):
                     texts.append(part if isinstance(part, str) else part.get("text", ""))
                 elif kind == "image":
                     visuals.append(part.get("url", part.get("image")))
+                elif kind == "video":
+                    if part.get("start_time") is not None or part.get("end_time") is not None:
+                        raise ValueError(f"eos: {where}: video clips (start_time / end_time) are not supported; "
+                                         "the plugin samples the whole video")
+                    path = part.get("url", part.get("video", part.get("path")))
+                    if not isinstance(path, (str, os.PathLike)):
+                        raise ValueError(f"eos: {where}: a video must be given as a file path, got a "
+                                         f"{type(path).__name__}")
+                    visuals.append(Video(os.fspath(path)))
                 else:
-                    raise ValueError(f"eos: {where}: only image and text message contents are supported "
+                    raise ValueError(f"eos: {where}: only image, video and text message contents are supported "
                                      f"(got {kind!r})")
-            imgs = _images(visuals, where)
+            visuals = _visuals(visuals, where)
             text = "\n".join(t for t in texts if t)
             if role == "system":
-                if imgs:
-                    raise ValueError(f"eos: {where}: images in a system message are not supported")
+                if visuals:
+                    raise ValueError(f"eos: {where}: images or videos in a system message are not supported")
                 system.append(text)
                 continue
             who = {"user": "human", "assistant": "gpt"}.get(role)
             if who is None:
                 raise ValueError(f"eos: {where}: unknown message role {role!r}")
-            if who == "gpt" and imgs:
-                raise ValueError(f"eos: {where}: images in an assistant message are not supported")
+            if who == "gpt" and visuals:
+                raise ValueError(f"eos: {where}: images or videos in an assistant message are not supported")
             if who == "human" and system and not any(w == "human" for w, _ in turns):
                 text = "\n".join(system + [text])
-            value = "".join(IMAGE_PLACEHOLDER + "\n" for _ in imgs) + text
+            value = "".join((VIDEO_PLACEHOLDER if isinstance(v, Video) else IMAGE_PLACEHOLDER) + "\n"
+                            for v in visuals) + text
             if turns and turns[-1][0] == who:  # consecutive messages of one role: one turn
                 turns[-1] = (who, turns[-1][1] + "\n" + value)
             else:
                 turns.append((who, value))
-            images.extend(imgs)
+            all_visuals.extend(visuals)
         self.timing["visuals_s"] += time.perf_counter() - t0
-        return turns, images
+        return turns, all_visuals
 
     def generate_until(self, requests: List[Instance]) -> List[GenerationResult]:
         items = []
