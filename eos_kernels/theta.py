@@ -51,9 +51,10 @@ reproduces every value bit for bit; an integer ``keep`` is written as ``300``
 and a fractional one as ``0.5`` (a whole fraction as ``1.0``), so the two kinds
 stay distinct. Loading rejects, with a ``ValueError`` (``TypeError`` for a
 wrong type) naming the field: unknown keys at the top level or in a reducer,
-missing required keys, another schema or version, layers out of order or
-repeated, ``tau <= 0``, ``gamma``/``rho``/``nu`` outside [0, 1], non-finite
-numbers, a bad ``keep``/``k_min``/``norm``, booleans where numbers belong.
+keys repeated in one of those objects (:meth:`Theta.from_json`), missing
+required keys, another schema or version, layers out of order or repeated,
+``tau <= 0``, ``gamma``/``rho``/``nu`` outside [0, 1], non-finite numbers, a
+bad ``keep``/``k_min``/``norm``, booleans where numbers belong.
 
 ``theta`` is the operator's similarity threshold. The search space keeps it in
 (-1, 1) (equation 10 of the paper), but a deployed configuration may use any
@@ -172,6 +173,24 @@ def _check_budget(budget: Any) -> float:
     if not (math.isfinite(budget) and budget > 0):
         raise ValueError(f"budget must be a finite number > 0, got {budget!r}")
     return budget
+
+
+class _KeyCheckedObject(dict):
+    """A parsed JSON object (``object_pairs_hook``) that remembers which of its keys were repeated."""
+
+    def __init__(self, pairs: list[tuple[str, Any]]):
+        super().__init__(pairs)
+        counts: dict[str, int] = {}
+        for key, _ in pairs:
+            counts[key] = counts.get(key, 0) + 1
+        self.duplicates = sorted(k for k, n in counts.items() if n > 1)
+
+
+def _refuse_duplicates(obj: Any, what: str) -> None:
+    duplicates = getattr(obj, "duplicates", None)
+    if duplicates:
+        raise ValueError(f"duplicate {what} key(s) {duplicates}: each key may appear only once "
+                         "(JSON parsers differ on which of the values wins)")
 
 
 # --------------------------------------------------------------------------- Reducer
@@ -710,7 +729,9 @@ class Theta:
         """Load from a JSON string, or from a file given as a path (``str`` or ``os.PathLike``).
 
         A ``str`` whose first non-blank character is ``{`` or ``[`` is parsed
-        as JSON text; any other ``str`` is a path.
+        as JSON text; any other ``str`` is a path. Besides :meth:`from_dict`'s
+        checks, a key repeated in the top-level object or in a reducer is a
+        ``ValueError`` naming it (``json`` alone would keep the last value).
         """
         if isinstance(text_or_path, os.PathLike) or (
             isinstance(text_or_path, str) and not text_or_path.lstrip().startswith(("{", "["))
@@ -728,9 +749,17 @@ class Theta:
             raise ValueError(f"non-finite number {c} is not allowed")
 
         try:
-            data = json.loads(text, parse_constant=reject_constant)
+            data = json.loads(text, parse_constant=reject_constant, object_pairs_hook=_KeyCheckedObject)
         except json.JSONDecodeError as exc:
             raise ValueError(f"invalid JSON for a Theta: {exc}") from None
+        # a plain dict keeps the last of repeated keys: refuse them, as unknown keys are refused
+        _refuse_duplicates(data, "top-level")
+        if isinstance(data, Mapping) and isinstance(data.get("reducers"), list):
+            for i, r in enumerate(data["reducers"]):
+                try:
+                    _refuse_duplicates(r, "reducer")
+                except ValueError as exc:
+                    raise ValueError(f"reducers[{i}]: {exc}") from None
         return cls.from_dict(data)
 
     # ---- presets

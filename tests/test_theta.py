@@ -361,6 +361,28 @@ class TestJSON:
         with pytest.raises(FileNotFoundError):
             Theta.from_json(tmp_path / "missing.json")
 
+    @pytest.mark.parametrize(
+        "old, new, pattern",
+        [
+            # the repeat comes last, so a silent last-one-wins would load a valid Theta
+            ('"name": "t",', '"name": "t", "name": "u",', r"^duplicate top-level key\(s\) \['name'\]"),
+            ('"version": 1,', '"version": 1, "version": 1,', r"^duplicate top-level key\(s\) \['version'\]"),
+            ('"theta": 0.1,', '"theta": 0.1, "theta": 0.9,', r"^reducers\[1\]: duplicate reducer key\(s\) \['theta'\]"),
+            ('"layer": 2,', '"layer": 2, "layer": 2,', r"^reducers\[0\]: duplicate reducer key\(s\) \['layer'\]"),
+        ],
+        ids=["top-level-name", "top-level-same-value", "reducer-theta", "reducer-same-value"],
+    )
+    def test_rejects_duplicate_keys(self, old, new, pattern, tmp_path):
+        text = json.dumps(_valid_doc())
+        assert text.count(old) == 1
+        text = text.replace(old, new)
+        with pytest.raises(ValueError, match=pattern):
+            Theta.from_json(text)
+        path = tmp_path / "theta.json"
+        path.write_text(text, encoding="utf-8")
+        with pytest.raises(ValueError, match=pattern):
+            Theta.from_json(path)
+
     def test_to_json_has_no_nan(self):
         assert "NaN" not in Theta.pool(64).to_json() and "Infinity" not in Theta.tome(64).to_json()
 
