@@ -581,13 +581,15 @@ class Theta:
 
         Raises:
             ValueError: if no schedule meets the budget, i.e. the budget is
-                below the count at ``s = 0`` (every reducer at its ``m_i``). For
-                ``"mean_leaving"`` that floor is at least ``l_1·N0 / L``
-                because the ``l_1`` layers before the first reducer carry all
-                ``N0`` tokens: 36.94 for reducers from layer 2 at 576 tokens and
-                32 layers, so budgets 32 and 16 need ``count="final"`` there.
-                Also if there are no reducers and the unreduced count exceeds
-                the budget.
+                below the count at ``s = 0`` (every reducer at its ``m_i``),
+                with that lowest count and its cause. For ``"final"`` it is
+                the last reducer's ``k_min``. For ``"mean_leaving"`` it is at
+                least ``l_1·N0 / L`` because the ``l_1`` layers before the
+                first reducer carry all ``N0`` tokens: 36.94 for reducers from
+                layer 2 at 576 tokens and 32 layers, so budgets 32 and 16 need
+                an earlier first reducer (or ``count="final"``) there. Also if
+                there are no reducers and the unreduced count exceeds the
+                budget.
         """
         budget = _check_budget(budget)
         count = _check_count(count)
@@ -633,13 +635,31 @@ class Theta:
 
         top = first_above(budget) - 1  # the largest breakpoint with count <= budget
         if top < 0:
-            lowest = count_at(0)
-            raise ValueError(
-                f"budget {budget:g} cannot be met for count={count!r} with reducers at layers "
-                f"{list(layers)}: the lowest achievable {count} at {n0} tokens and {num_layers} "
-                f"layers is {lowest:.4g} (layers before the first reducer carry all {n0} tokens); "
-                f"use count='final' or an earlier first reducer"
-            )
+            lowest = count_at(0)  # every reducer at its lower bound lows[i]
+            head = (f"budget {budget:g} cannot be met for count={count!r} with reducers at layers "
+                    f"{list(layers)}: the lowest reachable {count} at {n0} tokens and {num_layers} layers is "
+                    f"{lowest:.4g}")
+            if count == "final":
+                # only the last reducer's k_min bounds the final count
+                last = self._reducers[-1]
+                if last.k_min == 1:
+                    raise ValueError(f"{head} (a reducer keeps at least one token); raise the budget")
+                raise ValueError(f"{head}, the k_min of the last reducer (layer {last.layer}); raise the "
+                                 f"budget or lower that k_min")
+            first = layers[0]
+            causes, hints = [], ["raise the budget"]
+            if first > 0:
+                causes.append(f"the {first} layer(s) before the first reducer (layer {first}) leave all {n0} tokens")
+                hints.append("put the first reducer earlier")
+            if max(lows) > 1:
+                causes.append(f"the reducers keep at least {lows} tokens (each one's k_min and those of the "
+                              "reducers after it)")
+                hints.append("lower k_min")
+            if lows[-1] <= budget:  # the same budget is reachable as a final count
+                hints.append("use count='final' if the budget is meant for the tokens leaving the last layer")
+            raise ValueError(f"{head}" + (": " + " and ".join(causes) if causes else
+                                          " (a reducer keeps at least one token)") + "; "
+                             + ", ".join(hints[:-1]) + (" or " if len(hints) > 1 else "") + hints[-1])
         best_count = count_at(top)
         lo, hi = 0, top  # the smallest breakpoint reaching best_count
         while lo < hi:

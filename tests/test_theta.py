@@ -573,6 +573,34 @@ class TestRescale:
         t = Theta.fastv(1, 0.5).rescale(32)
         assert t[0].keep == 14 and t.token_report()["mean_leaving"] == (576 + 31 * 14) / 32
 
+    def test_infeasible_messages_name_the_cause_of_each_count(self):
+        base = Theta([Reducer(2, 100, k_min=4), Reducer(6, 50, k_min=20), Reducer(10, 30, k_min=10)])
+        # final: only the last reducer's k_min bounds it; telling the user to use count='final' is wrong
+        with pytest.raises(ValueError) as info:
+            base.rescale(5, "final")
+        msg = str(info.value)
+        assert "lowest reachable final at 576 tokens and 32 layers is 10, the k_min of the last reducer " \
+               "(layer 10); raise the budget or lower that k_min" in msg
+        assert "count='final'" in msg and "use count" not in msg and "before the first reducer" not in msg
+        with pytest.raises(ValueError, match=r"is 1 \(a reducer keeps at least one token\); raise the budget$"):
+            Theta.fastv(0, 8).rescale(0.5, "final")
+        # mean_leaving: the layers before the first reducer and the k_min bounds; count='final' offered
+        # only where the budget is reachable as a final count (>= 10 here)
+        with pytest.raises(ValueError) as info:
+            base.rescale(30)
+        msg = str(info.value)
+        assert "lowest reachable mean_leaving at 576 tokens and 32 layers is 47.88: the 2 layer(s) before the " \
+               "first reducer (layer 2) leave all 576 tokens and the reducers keep at least [20, 20, 10] tokens" in msg
+        assert msg.endswith("raise the budget, put the first reducer earlier, lower k_min or use count='final' if "
+                            "the budget is meant for the tokens leaving the last layer")
+        with pytest.raises(ValueError, match=r"earlier or lower k_min$"):
+            base.rescale(8)
+        # k_min 1 everywhere: no k_min advice
+        with pytest.raises(ValueError, match=r"is 36.94: the 2 layer\(s\) before the first reducer \(layer 2\) "
+                                             r"leave all 576 tokens; raise the budget, put the first reducer "
+                                             r"earlier or use count='final'"):
+            Theta.sparsevlm(2, 64).rescale(32)
+
     @pytest.mark.parametrize("version, budget", sorted(PUBLISHED))
     def test_identity_at_own_count(self, version, budget):
         # a schedule already at the best reachable count is kept as it is
