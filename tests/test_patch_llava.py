@@ -414,6 +414,25 @@ def test_unpatch_restores_and_instances_are_independent(sdpa_model, prompts):
     unpatch_llava(a)  # a no-op the second time
 
 
+def test_eos_report_attribute_agrees_with_get_report(sdpa_model, prompts):
+    """``model.eos_report`` is None from patching until the first prefill (it raised AttributeError while
+    get_report gave None), then that prefill's report; a re-patch resets it; unpatching removes it."""
+    model = sdpa_model
+    ids, px = prompts[0][None], make_pixels(1)
+    assert not hasattr(model, "eos_report") and get_report(model) is None
+    patch_llava(model, THETAS["prune"])
+    assert model.eos_report is None and get_report(model) is None
+    logits(model, ids, px)
+    report = get_report(model)
+    assert report is not None and model.eos_report is report and report.theta_name == "prune"
+    patch_llava(model, THETAS["merge"])
+    assert model.eos_report is None and get_report(model) is None
+    logits(model, ids, px)
+    assert model.eos_report is get_report(model) and model.eos_report.theta_name == "merge"
+    unpatch_llava(model)
+    assert not hasattr(model, "eos_report") and "eos_report" not in vars(model) and get_report(model) is None
+
+
 def test_theta_from_dict_and_path(sdpa_model, prompts, tmp_path):
     model = sdpa_model
     theta = THETAS["paper"]

@@ -97,7 +97,8 @@ layers' ``q_proj``/``k_proj``, and an instance attribute ``generate`` that
 records the prompt length. No class, global registry or config is modified.
 :func:`unpatch_model` removes everything; outputs are then bit-identical to the
 unpatched model. The report of the last prefill is ``model.eos_report``
-(:func:`get_report`), an :class:`EOSReport`.
+(:func:`get_report`), an :class:`EOSReport`; None from patching until the
+first prefill.
 
 Plans, suspension, prompts: a Theta is turned into a :class:`ReductionPlan`
 that the prefill asks for its schedule and each reducer's operator arguments;
@@ -175,7 +176,11 @@ _STATE_ATTR = "_eos_patch_state"
 
 
 def get_report(model: nn.Module) -> EOSReport | None:
-    """The :class:`EOSReport` of the last prefill forward of a patched model (None before any)."""
+    """The :class:`EOSReport` of the last prefill forward of a patched model (None before any).
+
+    The same as ``model.eos_report``, which a patched model has from patching on (None until its
+    first prefill, and again after a re-patch); an unpatched model has no such attribute, and
+    ``get_report`` gives None for it."""
     return model.__dict__.get(_REPORT_ATTR)
 
 
@@ -282,7 +287,6 @@ def patch_model(model: nn.Module, theta: Any, adapter: DecoderAdapter, *,
     if is_patched(model):
         unpatch_model(model)
     _install(model, adapter, plan)
-    model.__dict__.pop(_REPORT_ATTR, None)
     return model
 
 
@@ -328,6 +332,8 @@ def _install(model: nn.Module, adapter: DecoderAdapter, plan: ReductionPlan) -> 
     model.__dict__["__deepcopy__"] = types.MethodType(_deepcopy_patched, model)
     model.__dict__["__reduce_ex__"] = types.MethodType(_refuse_pickle, model)
     model.__dict__[_STATE_ATTR] = state
+    # no prefill yet: model.eos_report is None (as get_report says) rather than an AttributeError
+    model.__dict__[_REPORT_ATTR] = None
 
 
 def _deepcopy_patched(model: nn.Module, memo: dict) -> nn.Module:
