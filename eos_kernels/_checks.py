@@ -6,6 +6,21 @@ import numbers
 from typing import Any
 
 
+# Operator parameter limits beyond the paper's ranges (gamma, nu in [0, 1], rho >= 0, tau > 0), set by
+# float32, in which both implementations hold the parameters for fp32/fp16/bf16 inputs. Checked by
+# eos_reduce (eos_kernels.operator.PARAM_RANGES), and by SearchSpace for its eps and beta.
+#: smallest tau: the gradient of S / tau goes as 1 / tau**2, which underflows float32 (a NaN d/dtau
+#: in the reference) below ~1e-19; a power of two, so that float32 and bfloat16 hold it exactly
+TAU_MIN = 2.0 ** -40
+#: largest rho: anchors are scaled by up to h = 1 + rho, which the fused kernels' float32 norm blend
+#: does not survive far: at nu = 1 its output is off by ~1e-7 h relative (7e-6 at rho = 100, 2.6 %
+#: at 1e6, NaN from ~1e19, where the squared norms overflow). The paper uses rho <= 1 (a sigmoid in
+#: the search) and 1.5 (listing 3's reweight corner): 10 leaves room and stays accurate (6e-7)
+RHO_MAX = 10.0
+#: largest beta: float32's largest value (a larger one becomes inf there: NaN gradients)
+BETA_MAX = 3.4028234663852886e38
+
+
 def is_int(x: Any) -> bool:
     """An integer that is not a bool."""
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)

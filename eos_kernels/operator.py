@@ -5,19 +5,40 @@ import math
 
 import torch
 
-from eos_kernels._checks import is_real
+from eos_kernels._checks import BETA_MAX, RHO_MAX, TAU_MIN, is_real
 from eos_kernels._dispatch import resolve_impl
 from eos_kernels.reference import eos_reduce_reference
 
 NORM_MODES = ("token", "frobenius")
 PARAM_NAMES = ("gamma", "tau", "theta", "rho", "nu")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: closed range (low, high) of each parameter, None for no bound; every value must also be finite.
+#: gamma and nu are the paper's [0, 1] (a transfer gate, a blend weight); rho >= 0 up to RHO_MAX and
+#: tau >= TAU_MIN > 0 keep both implementations finite and in agreement in float32 (eos_kernels._checks)
+PARAM_RANGES = {"gamma": (0.0, 1.0), "tau": (TAU_MIN, None), "theta": (None, None), "rho": (0.0, RHO_MAX),
+                "nu": (0.0, 1.0)}
 
 
 def _value_error(name, value):
-    # tau must be > 0 (W = softmax(S / tau)); every parameter must be finite
-    need = "> 0 and finite" if name == "tau" else "finite"
+    if name == "tau":  # W = softmax(S / tau)
+        need = f"> 0 (at least 2**-40 = {TAU_MIN:.2g}) and finite"
+    elif name == "theta":
+        need = "finite"
+    else:
+        low, high = PARAM_RANGES[name]
+        need = f"in [{low:g}, {high:g}] and finite"
     return ValueError(f"{name} must be {need}, got {value!r}")
+
+
+def _in_range(name, value):
+    """``value`` (a float, or a tensor compared elementwise) within ``PARAM_RANGES[name]`` and finite."""
+    low, high = PARAM_RANGES[name]
+    ok = torch.isfinite(value) if torch.is_tensor(value) else math.isfinite(value)
+    if low is not None:
+        ok = ok & (value >= low)
+    if high is not None:
+        ok = ok & (value <= high)
+    return ok
 
 
 def _check_param(name, value, device):
@@ -30,22 +51,24 @@ def _check_param(name, value, device):
             raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
         return value if value.device == device else value.to(device)
     value = float(value)
-    if not math.isfinite(value) or (name == "tau" and not value > 0):
+    if not _in_range(name, value):
         raise _value_error(name, value)
     return value
 
 
 def _check_tensor_params(params):
-    """Finite tensor parameters (tau > 0) or a ValueError naming the first bad one.
+    """Tensor parameters in their ``PARAM_RANGES`` or a ValueError naming the first bad one.
 
     One host read for all of them together (the tau > 0 check of a tensor tau
     always needed one); the flags are computed on detached values, so the
-    autograd graph of the parameters is untouched.
+    autograd graph of the parameters is untouched. Compared in float32 (float64
+    stays float64), which holds every bound exactly: in float16 TAU_MIN would be
+    0 and RHO_MAX inf.
     """
     named = [(n, p.detach()) for n, p in zip(PARAM_NAMES, params) if torch.is_tensor(p)]
     if not named:
         return
-    flags = torch.stack([torch.isfinite(p) & (p > 0) if n == "tau" else torch.isfinite(p) for n, p in named])
+    flags = torch.stack([_in_range(n, p if p.dtype == torch.float64 else p.float()) for n, p in named])
     for (name, p), ok in zip(named, flags.tolist()):
         if not ok:
             raise _value_error(name, p.item())
@@ -107,9 +130,17 @@ def eos_reduce(anchors, candidates, scores, gamma, tau, theta, rho, nu,
             finite or -inf; -inf masks a candidate out of softmax(scores) (see
             "Masked samples" below). +inf and NaN scores are not supported.
         gamma, tau, theta, rho, nu: operator parameters, Python floats or 0-d
-            floating tensors (which may require grad); all finite, ``tau`` > 0.
-            Tensor values are checked with one host read (a device sync).
-        beta: gate sharpness, a finite Python float > 0.
+            floating tensors (which may require grad), all finite: ``gamma``
+            and ``nu`` in [0, 1] (the paper's transfer gate and blend weight);
+            ``rho`` in [0, 10] (the paper's search keeps it in [0, 1], its
+            reweight corner uses 1.5); ``tau`` >= 2**-40 (~9.1e-13; > 0 in the
+            paper, the corners use 1e-4 and 1e6); ``theta`` any finite value
+            (the corners use -1e9). The bounds on ``rho`` and ``tau`` keep the
+            two implementations, which work in float32, finite and in
+            agreement (``eos_kernels._checks``). Tensor values are checked
+            with one host read (a device sync).
+        beta: gate sharpness, a finite Python float > 0, at most float32's
+            largest value (3.4e38).
         norm: "token" (per-token ratio r_j = ||a_j|| / max(||A^_j||, 1e-6),
             the default) or "frobenius" (r = ||A||_F / (||A^||_F + 1e-6) per
             sample, equation 6).
@@ -123,7 +154,7 @@ def eos_reduce(anchors, candidates, scores, gamma, tau, theta, rho, nu,
 
     Raises:
         ValueError naming the parameter when gamma, tau, theta, rho, nu or
-        beta is not finite, or tau or beta is not > 0 (TypeError for a wrong
+        beta is not finite or outside its range above (TypeError for a wrong
         type); see also the shape, dtype and device checks.
 
     Masked samples:
@@ -151,6 +182,9 @@ def eos_reduce(anchors, candidates, scores, gamma, tau, theta, rho, nu,
         raise TypeError(f"beta must be a Python float, got {type(beta).__name__}")
     if not (math.isfinite(beta) and beta > 0):
         raise ValueError(f"beta must be > 0 and finite, got {beta!r}")
+    if beta > BETA_MAX:
+        raise ValueError(f"beta must be at most float32's largest value {BETA_MAX!r} (the kernels, and the "
+                         f"reference for float32/16 inputs, compute the gate in float32), got {beta!r}")
     if not isinstance(norm, str) or norm not in NORM_MODES:
         raise ValueError(f"norm must be one of {NORM_MODES}, got {norm!r}")
     impl = resolve_impl(impl, device)

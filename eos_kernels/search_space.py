@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ._checks import check_int, check_real, is_real
+from ._checks import BETA_MAX, TAU_MIN, check_int, check_real, is_real
 from .theta import Reducer, Theta
 
 __all__ = ["SearchSpace"]
@@ -78,8 +78,10 @@ class SearchSpace(nn.Module):
         off_gate: initial g elsewhere, in (0, 1).
         off_discard: initial c elsewhere, in (0, 1).
         k_min: K_min of equation 11 (int >= 1).
-        eps: ε of equation 10 (> 0).
-        beta: operator gate sharpness β carried into :meth:`export` (> 0).
+        eps: ε of equation 10 (> 0 in the paper; at least 2**-40 ~ 9.1e-13,
+            the smallest τ :func:`eos_kernels.eos_reduce` accepts).
+        beta: operator gate sharpness β carried into :meth:`export` (> 0, at
+            most float32's largest value).
         alpha: boundary sharpness α of equation 12 (> 0), in units of
             1 / score: with attention-probability scores (~1/N) use a large α
             or pass log-scores.
@@ -130,8 +132,9 @@ class SearchSpace(nn.Module):
         self.init_layers = tuple(layers)
         self.gate_temperature = check_real("gate_temperature", gate_temperature, low=0.0, low_open=True)
         self.keep_temperature = check_real("keep_temperature", keep_temperature, low=0.0, low_open=True)
-        self.eps = check_real("eps", eps, low=0.0, low_open=True)
-        self.beta = check_real("beta", beta, low=0.0, low_open=True)
+        # eos_reduce's float32 limits: tau = softplus + eps >= eps must stay >= TAU_MIN
+        self.eps = check_real("eps", eps, low=TAU_MIN)
+        self.beta = check_real("beta", beta, low=0.0, high=BETA_MAX, low_open=True)
         self.alpha = check_real("alpha", alpha, low=0.0, low_open=True)
         self.k_min = check_int("k_min", k_min, 1)
         if not isinstance(norm, str) or norm not in _NORMS:

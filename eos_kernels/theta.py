@@ -207,7 +207,11 @@ class Reducer:
         gamma, tau, theta, rho, nu: operator parameters Ω of
             :func:`eos_kernels.eos_reduce`: gamma, rho, nu in [0, 1]; tau finite
             and > 0; theta any finite float (the corners use -1e9).
-        beta: transfer-gate sharpness, finite and > 0.
+            ``eos_reduce`` itself also needs tau >= 2**-40 (~9.1e-13): a
+            smaller tau is stored (the schema is the paper's) but refused
+            when the reducer runs.
+        beta: transfer-gate sharpness, finite and > 0 (``eos_reduce``: at
+            most float32's largest value, 3.4e38).
         k_min: lower bound on the kept count (equation 11), int >= 1.
         norm: ``"token"`` or ``"frobenius"`` norm-preservation mode.
 

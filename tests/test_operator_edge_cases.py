@@ -6,7 +6,9 @@
   vector, so s_imp = 0 and A^ = A~ for that sample whatever rho is, and its score
   gradient is 0. With rho = 0 the scores never matter: bit-identical output.
 * Non-finite gamma, tau, theta, rho, nu (floats or 0-d tensors) and a non-finite
-  or non-positive beta are ValueErrors naming the parameter.
+  or non-positive beta are ValueErrors naming the parameter; so are finite
+  values outside the accepted ranges (gamma, nu in [0, 1], rho in [0, 10],
+  tau >= 2**-40, beta within float32), and at those bounds both paths agree.
 * The fused backward is first order: under ``create_graph=True`` it still gives
   the right gradients, and differentiating them again raises a clear error.
 
@@ -24,6 +26,7 @@ import pytest
 import torch
 
 from eos_kernels import eos_reduce
+from eos_kernels._checks import BETA_MAX, RHO_MAX, TAU_MIN
 from eos_kernels.reference import masked_softmax
 from test_eos_reduce import DTYPES, HYBRID, PARAM_NAMES, compare, make_inputs, make_params, run
 
@@ -199,6 +202,60 @@ def test_bad_beta_is_a_value_error(beta, impl):
     A, D, q = make_inputs(2, 3, 4, 8)
     with pytest.raises(ValueError, match=r"^beta must be > 0 and finite, got "):
         eos_reduce(A, D, q, *HYBRID, beta=beta, impl=impl)
+
+
+# finite values outside the accepted ranges: gamma or rho 1e19 gave NaN on the Triton path while the
+# reference stayed finite (the kernels square gamma T and the rho-scaled anchor norms in fp32), rho 1e3
+# an output 7e-5 off at nu = 1 (their norm blend cancels), tau <= 1e-20 a NaN d/dtau from the fp32
+# reference (its 1 / tau**2 underflows)
+_OUT_OF_RANGE = [
+    ("gamma", 1e19, r"gamma must be in \[0, 1\] and finite"),
+    ("gamma", 1.5, r"gamma must be in \[0, 1\] and finite"),
+    ("gamma", -0.25, r"gamma must be in \[0, 1\] and finite"),
+    ("nu", 2.0, r"nu must be in \[0, 1\] and finite"),
+    ("nu", -0.5, r"nu must be in \[0, 1\] and finite"),
+    ("rho", 1e19, r"rho must be in \[0, 10\] and finite"),
+    ("rho", 1e3, r"rho must be in \[0, 10\] and finite"),
+    ("rho", -0.5, r"rho must be in \[0, 10\] and finite"),
+    ("tau", 1e-20, r"tau must be > 0 \(at least 2\*\*-40 = 9.1e-13\) and finite"),
+    ("tau", 1e-45, r"tau must be > 0 \(at least 2\*\*-40 = 9.1e-13\) and finite"),
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["float", "tensor"])
+@pytest.mark.parametrize("name, value, pattern", _OUT_OF_RANGE,
+                         ids=[f"{n}={v:g}" for n, v, _ in _OUT_OF_RANGE])
+def test_out_of_range_parameter_is_a_value_error(name, value, pattern, as_tensor, impl):
+    A, D, q = make_inputs(2, 3, 4, 8)
+    args = dict(zip(PARAM_NAMES, HYBRID))
+    args[name] = torch.tensor(value, device=A.device, requires_grad=True) if as_tensor else value
+    with pytest.raises(ValueError, match=rf"^{pattern}, got -?\d"):
+        eos_reduce(A, D, q, **args, impl=impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_beta_above_float32_range_is_a_value_error(impl):
+    A, D, q = make_inputs(2, 3, 4, 8)
+    with pytest.raises(ValueError, match=r"^beta must be at most float32's largest value 3.40282"):
+        eos_reduce(A, D, q, *HYBRID, beta=1e39, impl=impl)  # inf in fp32: NaN gradients on both paths
+
+
+# beta (smax - theta) overflows float32 to +-inf on purpose: the gate saturates to exactly 0 or 1
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("norm", ["token", "frobenius"])
+@pytest.mark.parametrize("values, beta", [
+    ((1.0, TAU_MIN, 1e30, RHO_MAX, 1.0), 10.0),     # every bound at once
+    ((0.0, 1e30, -1e30, 0.0, 0.0), BETA_MAX),       # the other ends; theta far beyond the gate's saturation
+    ((0.5, 1e-4, -3e38, 1.5, 0.5), BETA_MAX),
+], ids=["upper-gamma-rho-nu-lowest-tau", "lower-gamma-rho-nu-beta-max", "theta-near-float32-max"])
+def test_triton_matches_reference_at_the_range_bounds(values, beta, norm, dtype):
+    """At the edges of the accepted ranges the fused kernels agree with the float64 oracle and are
+    finite, output and every gradient (the bounds are where that stops being true for gamma, rho, tau)."""
+    A, D, q = make_inputs(2, 5, 13, 24, dtype=dtype, seed=3, clustered=True)
+    out, grads = compare(A, D, q, values, dtype, norm=norm, beta=beta)
+    assert_all_finite(out, grads, "float64 oracle")
 
 
 def test_parameter_checks_keep_autograd_of_tensor_parameters():

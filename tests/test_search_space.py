@@ -316,7 +316,9 @@ class TestBadInput:
             (dict(off_gate=0.0), ValueError, "off_gate"),
             (dict(k_min=0), ValueError, "k_min"),
             (dict(eps=0.0), ValueError, "eps"),
+            (dict(eps=1e-13), ValueError, "eps"),  # tau = softplus + eps could fall below eos_reduce's 2**-40
             (dict(beta=-1.0), ValueError, "beta"),
+            (dict(beta=1e39), ValueError, "beta"),  # inf in float32
             (dict(alpha=0.0), ValueError, "alpha"),
             (dict(norm="l2"), ValueError, "norm"),
             (dict(gamma0=float("nan")), ValueError, "gamma0"),
@@ -327,6 +329,23 @@ class TestBadInput:
         args.update(kwargs)
         with pytest.raises(exc, match=name):
             SearchSpace(args.pop("num_layers"), args.pop("num_visual_tokens"), **args)
+
+    def test_smallest_eps_and_largest_beta_run_in_eos_reduce(self):
+        """At eps = 2**-40 a fully saturated tau (softplus underflowing to 0) is still one eos_reduce accepts,
+        and exports as a valid Theta."""
+        from eos_kernels import eos_reduce
+        from eos_kernels._checks import BETA_MAX, TAU_MIN
+
+        ss = SearchSpace(4, 16, init_layers=(1,), eps=TAU_MIN, beta=BETA_MAX)
+        with torch.no_grad():
+            ss.w_tau.fill_(-200.0)
+        params = ss.operator_params(1)
+        assert params["tau"].item() == TAU_MIN
+        g = torch.Generator().manual_seed(0)
+        A, D, q = torch.randn(2, 3, 8, generator=g), torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, generator=g)
+        out = eos_reduce(A, D, q, **params, beta=ss.beta, norm=ss.norm, impl="torch")
+        assert torch.isfinite(out).all()
+        assert ss.export().reducers[0].tau == TAU_MIN
 
     def test_methods(self):
         ss = SearchSpace(L, N0)
