@@ -554,6 +554,50 @@ def test_bad_input_is_rejected_before_any_step(env, loaded, tmp_path, capsys):
     assert exc.value.code == 2
 
 
+def test_processor_and_data_file_errors_name_their_cause(env, loaded, tmp_path):
+    """A checkpoint folder without tokenizer / processor files ended in transformers' "install
+    sentencepiece or tiktoken"; a data file that is not UTF-8 in a UnicodeDecodeError naming no file."""
+    import shutil
+
+    from eos_kernels.search.data import load_dataset, load_processor
+
+    model, processor = loaded
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(os.path.join(env.model, "config.json"), bare / "config.json")
+    no_tokenizer = ("holds no tokenizer files (looked for tokenizer.json, tokenizer_config.json, tokenizer.model, "
+                    "spiece.model, vocab.json, vocab.txt, *.tiktoken)")
+    no_image_processor = "no image-processor files (looked for processor_config.json, preprocessor_config.json)"
+    with pytest.raises(ValueError) as info:
+        load_processor(str(bare))
+    msg = str(info.value)
+    assert msg.startswith(f"cannot load a processor from {bare}: the folder {no_tokenizer} and {no_image_processor}")
+    assert "sentencepiece" not in msg and "install" not in msg
+    # eos-search --model DIR loads the processor first (before the weights): the same cause
+    with pytest.raises(ValueError, match=r"^model: cannot load a processor from .*: the folder holds no tokenizer"):
+        run(config(env, tmp_path / "o", model=str(bare)))
+    assert not (tmp_path / "o" / "log.jsonl").exists()
+    # a tokenizer but no image processor: only that is named
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(env.model, name), bare / name)
+    with pytest.raises(ValueError) as info:
+        load_processor(str(bare))
+    assert f"the folder holds {no_image_processor};" in str(info.value) and "no tokenizer" not in str(info.value)
+
+    # the data file: valid JSON, but Latin-1 (é as the single byte 0xe9), beside the good one's images
+    records = json.load(open(env.data, encoding="utf-8"))
+    records[0] = dict(records[0], id="café")
+    latin1 = os.path.join(os.path.dirname(env.data), "latin1.json")
+    with open(latin1, "wb") as f:
+        f.write(json.dumps(records, ensure_ascii=False).encode("latin-1"))
+    pattern = rf"^data file {re.escape(latin1)} is not UTF-8 JSON: byte 0xe9 at offset \d+ cannot be decoded"
+    with pytest.raises(ValueError, match=pattern):
+        load_dataset(latin1, processor, num_visual_tokens=N_VIS, image_token_id=IMAGE_TOKEN_ID)
+    with pytest.raises(ValueError, match=pattern):
+        run(config(env, tmp_path / "o2", data=latin1), model=model, processor=processor)
+    assert not is_patched(model)
+
+
 # --------------------------------------------------------------------------- CLI with a config file, and --eval
 def test_cli_config_file_and_eval(env, tmp_path, capsys):
     from eos_kernels.search.cli import main

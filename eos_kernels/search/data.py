@@ -79,6 +79,7 @@ then used.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 from typing import Any, Sequence
@@ -227,11 +228,31 @@ def load_image_processor(path: str):
         raise
 
 
+#: what a checkpoint folder holds for a tokenizer / an image processor (``*`` a glob), any one suffices
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json",
+                    "vocab.txt", "*.tiktoken")
+_IMAGE_PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+
+
+def _missing_processor_files(path: str) -> list[str]:
+    """For a folder, what it lacks: "no tokenizer files (looked for ...)" and the like; [] for anything else."""
+    if not os.path.isdir(path):
+        return []
+    missing = []
+    for what, names in (("tokenizer", _TOKENIZER_FILES), ("image-processor", _IMAGE_PROCESSOR_FILES)):
+        if not any(glob.glob(os.path.join(glob.escape(path), name)) for name in names):
+            missing.append(f"no {what} files (looked for {', '.join(names)})")
+    return missing
+
+
 def load_processor(path: str):
     """The processor of the checkpoint ``path``: ``AutoProcessor``, else tokenizer + image processor.
 
     Raises:
-        ValueError: neither loads (the message gives both reasons).
+        ValueError: neither loads: the message says which files a checkpoint
+            folder lacks (no tokenizer or no image-processor files, e.g. one
+            that holds only ``config.json`` and the weights), else gives both
+            loaders' reasons.
     """
     from transformers import AutoProcessor, AutoTokenizer
 
@@ -245,6 +266,11 @@ def load_processor(path: str):
     try:
         fallback = TokenizerAndImageProcessor(AutoTokenizer.from_pretrained(path), load_image_processor(path))
     except (OSError, ValueError, TypeError, ImportError, KeyError, AttributeError) as exc:
+        missing = _missing_processor_files(path)
+        if missing:  # the loaders' own messages then blame a missing sentencepiece or tiktoken
+            raise ValueError(f"cannot load a processor from {path}: the folder holds {' and '.join(missing)}; "
+                             "copy the tokenizer and processor files of the checkpoint it comes from "
+                             "(its processor's save_pretrained writes them)") from None
         raise ValueError(f"cannot load a processor from {path}: {first}; the fallback AutoTokenizer + "
                          f"AutoImageProcessor failed too: {type(exc).__name__}: {exc}") from None
     try:  # what the image counts of any-resolution models (OneVision) need besides the image processor
@@ -637,8 +663,9 @@ def load_dataset(path: str, processor, *, num_visual_tokens: int | None, image_t
             size checked against it (the vision tower's ``image_size``).
 
     Raises:
-        ValueError: a missing file or image, malformed records, a tokenizer
-            that has no single token for ``image_token_id``, ...
+        ValueError: a missing file or image, a file that is not UTF-8 JSON,
+            malformed records, a tokenizer that has no single token for
+            ``image_token_id``, ... (each naming the file or the record)
     """
     if not isinstance(path, str) or not os.path.isfile(path):
         raise ValueError(f"data file not found: {path}")
@@ -647,6 +674,9 @@ def load_dataset(path: str, processor, *, num_visual_tokens: int | None, image_t
             records = json.load(f)
         except json.JSONDecodeError as exc:
             raise ValueError(f"data file {path}: invalid JSON: {exc}") from None
+        except UnicodeDecodeError as exc:  # its own message names no file
+            raise ValueError(f"data file {path} is not UTF-8 JSON: byte 0x{exc.object[exc.start]:02x} at offset "
+                             f"{exc.start} cannot be decoded ({exc.reason}); save the file as UTF-8") from None
     if not isinstance(records, list):
         raise ValueError(f"data file {path}: expected a JSON list of records, got {type(records).__name__}")
     if limit is not None:
