@@ -25,13 +25,19 @@ from eos_kernels.search.data import PromptEncoder, load_dataset  # noqa: E402
 from eos_kernels.search.driver import load_model  # noqa: E402
 from eos_kernels.theta import Theta  # noqa: E402
 
-from _tiny_families import save_tiny_llava_next, save_tiny_llava_onevision, save_tiny_qwen  # noqa: E402
+from _tiny_families import (  # noqa: E402
+    save_tiny_gemma3, save_tiny_internvl, save_tiny_llava_next, save_tiny_llava_onevision, save_tiny_qwen,
+)
 from _tiny_models import write_ragged_llava_dataset  # noqa: E402
+from _tiny_qwen3_vl import save_tiny_qwen3  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-#: (width, height) of the images, in turn: different visual counts where the family has no fixed count
-FAMILIES = ("llava", "qwen2.5", "qwen2", "llava_next", "llava_onevision")
+#: every family eos_kernels.patch supports (the images of write_ragged_llava_dataset have different sizes: different
+#: visual counts where the family has no fixed count)
+FAMILIES = ("llava", "qwen2.5", "qwen2", "llava_next", "llava_onevision", "qwen3", "qwen3_moe", "internvl", "gemma3")
+#: the families whose stock model takes no video inputs
+NO_VIDEO = ("llava", "llava_next", "internvl", "gemma3")
 #: a pruning Θ every family can run (fractions: each image keeps half of its own tokens after layer 1)
 PRUNE = "fastv-1-0.5"
 
@@ -43,6 +49,12 @@ def fam(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param.replace(".", ""))
     if request.param == "llava":
         model_dir = checkpoint_path()  # LLaVA-1.5: the demo checkpoint (fixed 64 visual tokens)
+    elif request.param.startswith("qwen3"):
+        model_dir = save_tiny_qwen3(str(root / "model"), moe=request.param == "qwen3_moe")
+    elif request.param == "internvl":
+        model_dir = save_tiny_internvl(str(root / "model"))
+    elif request.param == "gemma3":
+        model_dir = save_tiny_gemma3(str(root / "model"))
     elif request.param.startswith("qwen"):
         model_dir = save_tiny_qwen(str(root / "model"), version=request.param[len("qwen"):])
     elif request.param == "llava_onevision":
@@ -65,6 +77,16 @@ def demo(tmp_path_factory):
     model, processor = load_model(checkpoint_path(), torch.device("cpu"), torch.float32)
     return SimpleNamespace(name="llava", model_dir=checkpoint_path(), data=data, model=model.eval(),
                            processor=processor, records=json.load(open(data)))
+
+
+def _fixed(fam):
+    """The family's fixed visual count per image (the demo LLaVA's 64, Gemma 3's), as eos-search takes it; None
+    where each image has its own."""
+    from eos_kernels.integrations.auto import adapter_for
+
+    fixed = adapter_for(fam.model).visual_tokens_per_image(fam.model)
+    assert (fixed is not None) == (fam.name in ("llava", "gemma3")), (fam.name, fixed)
+    return fixed
 
 
 def _docs(fam, text_only=(5,)):
@@ -109,7 +131,7 @@ def test_the_model_is_registered_with_lmms_eval():
 def test_prompts_are_eos_search_prompts(fam):
     """The plugin's prompt ids and image inputs for a task's (question, image) are the ids and image inputs
     eos-search generates from for the same record: both interfaces, first and (chat) second turns."""
-    fixed = 64 if fam.name == "llava" else None
+    fixed = _fixed(fam)
     ds = load_dataset(fam.data, fam.processor, num_visual_tokens=fixed, image_token_id=fam.model.config.image_token_id)
     lm = _plugin(fam, docs=_docs(fam, text_only=()))
     chat = _plugin(fam, cls=EOSChat, docs=lm.task_dict["t"]["test"])
@@ -154,6 +176,9 @@ def test_batch_four_equals_batch_one_and_every_answer_carries_its_budget(fam):
     theta = Theta.fastv(1, 0.5)
     L = lm.num_layers
     cfg = fam.model.config.text_config
+    ffn = cfg.intermediate_size
+    if getattr(cfg, "num_experts", 0):  # Qwen3-VL-MoE: the active experts' width (every layer is sparse here)
+        ffn = cfg.num_experts_per_tok * cfg.moe_intermediate_size
     for i, r in records[1].items():
         assert {k: v for k, v in records[4][i].items() if k != "prefill_ms"} == \
             {k: v for k, v in r.items() if k != "prefill_ms"}
@@ -162,7 +187,7 @@ def test_batch_four_equals_batch_one_and_every_answer_carries_its_budget(fam):
             assert (r["visual_tokens"], r["final_visual_tokens"], r["prefill_flops_ratio"]) == (0, 0, 1.0)
             continue
         want = theta.token_report(r["visual_tokens"], L, r["text_tokens"], hidden_size=cfg.hidden_size,
-                                  intermediate_size=cfg.intermediate_size)
+                                  intermediate_size=ffn)
         assert (r["final_visual_tokens"], r["mean_leaving_visual_tokens"], r["mean_processed_visual_tokens"],
                 r["prefill_flops"], r["prefill_flops_full"]) == \
             (want["final"], want["mean_leaving"], want["mean_processed"], want["prefill_flops"],
@@ -205,7 +230,7 @@ def test_loglikelihood_is_eos_search_answer_ce(fam):
     from eos_kernels.integrations.auto import adapter_for
     from eos_kernels.search.objective import data_terms
 
-    fixed = 64 if fam.name == "llava" else None
+    fixed = _fixed(fam)
     ds = load_dataset(fam.data, fam.processor, num_visual_tokens=fixed, image_token_id=fam.model.config.image_token_id)
     docs = _docs(fam, text_only=())
     single = [i for i, ex in enumerate(ds.examples) if len(ex.turns) == 1]
@@ -267,7 +292,7 @@ def test_video_requests_need_torchvision_and_a_video_family(fam, tmp_path):
     clip = tmp_path / "clip.mp4"
     clip.write_bytes(b"\0" * 64)  # the checks come before any decoding
     lm = _plugin(fam, docs=_docs(fam)[:1])
-    if fam.name in ("llava", "llava_next"):
+    if fam.name in NO_VIDEO:
         with pytest.raises(ValueError, match=f"{type(fam.model).__name__} takes no video inputs"):
             lm.generate_until(_video_request(clip))
         return
