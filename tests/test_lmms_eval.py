@@ -341,3 +341,97 @@ def test_budget_reaches_the_results_and_reads_back(demo):
     row = next(line for line in table.splitlines() if line.startswith("| t "))
     assert "0.5" in row and f"{want['t']['prefill_flops_ratio']:.4g}" in row
     assert "no budget recorded" in next(line for line in table.splitlines() if line.startswith("| other"))
+
+
+def _record_inputs(lm):
+    """Wrap ``lm._inputs``: every batch's (images, model inputs) in a list, and count the image processor's calls."""
+    seen, calls = [], []
+    inputs, image_inputs = lm._inputs, lm.encoder.image_inputs
+
+    def record(prompts, images, *args, **kwargs):
+        out = inputs(prompts, images, *args, **kwargs)
+        seen.append((list(images), out))
+        return out
+
+    def count(images):
+        calls.append(len(images))
+        return image_inputs(images)
+
+    lm._inputs, lm.encoder.image_inputs = record, count
+    return seen, calls
+
+
+@pytest.mark.parametrize("bs", [1, 3])
+def test_image_chunks_give_each_batch_its_own_image_inputs(demo, bs):
+    """The images of several batches go through the image processor in one call (IMAGE_CHUNK) where its rows
+    do not depend on the call: every batch still gets, bit for bit, the inputs of a call on its own images, and
+    the answers are those of one call per batch."""
+    from eos_kernels.integrations.lmms_eval import model as plugin
+
+    fam = demo
+    docs = _docs(fam) * 3  # 18 docs, one text-only doc in every 6
+    lm = _plugin(fam, PRUNE, batch_size=bs, docs=docs)
+    assert lm._chunk_images is None  # a fixed-size processor: checked at the first chunk
+    seen, calls = _record_inputs(lm)
+    answers = [r.text for r in lm.generate_until(_simple_requests(docs))]
+    assert lm._chunk_images is True
+    images = sum(len(im) for im, _ in seen)
+    # every image once, and the first batch with images once more (the check against its own call)
+    assert images == 15 and sum(calls) == images + len(next(im for im, _ in seen if im))
+    assert len(calls) <= 2 + images // plugin.IMAGE_CHUNK and len(calls) < len(seen)
+    own = fam.processor.image_processor
+    for im, inputs in seen:
+        if im:
+            want = own([i.convert("RGB") for i in im], return_tensors="pt")["pixel_values"]
+            assert torch.equal(inputs["pixel_values"], want)
+        else:
+            assert "pixel_values" not in inputs
+    per_batch = _plugin(fam, PRUNE, batch_size=bs, docs=docs)
+    per_batch._chunk_images = False
+    _, calls = _record_inputs(per_batch)
+    assert [r.text for r in per_batch.generate_until(_simple_requests(docs))] == answers
+    assert len(calls) == sum(1 for im, _ in seen if im)
+
+
+def test_a_processor_whose_rows_depend_on_the_call_gets_one_call_per_batch(demo):
+    """Where a chunk's rows differ from a batch's own call (here: pixels shifted by the call's image count), the
+    plugin notices at the first chunk and calls the processor per batch, so every batch gets its own call's rows."""
+    fam = demo
+    docs = _docs(fam, text_only=())
+    lm = _plugin(fam, PRUNE, batch_size=2, docs=docs)
+    seen, _ = _record_inputs(lm)
+    counted = lm.encoder.image_inputs
+
+    def call_dependent(images):
+        out = counted(images)
+        return dict(out, pixel_values=out["pixel_values"] + len(images))
+
+    lm.encoder.image_inputs = call_dependent
+    lm.generate_until(_simple_requests(docs))
+    assert lm._chunk_images is False
+    own = fam.processor.image_processor
+    for im, inputs in seen:
+        want = own([i.convert("RGB") for i in im], return_tensors="pt")["pixel_values"] + len(im)
+        assert torch.equal(inputs["pixel_values"], want)
+
+
+def test_other_families_get_one_image_processor_call_per_batch(fam):
+    """Dynamic-resolution and tiled families (the processor's outputs hold grids, sizes or tile counts; its rows
+    are not one per image) get one image processor call per batch, with no look-ahead; Gemma 3 (fixed count, but
+    its processor also gives num_crops) after one look-ahead call at the first chunk. Each batch's image inputs
+    are its own call's, bit for bit."""
+    if fam.name == "llava":
+        pytest.skip("one row per image: test_image_chunks_give_each_batch_its_own_image_inputs")
+    docs = _docs(fam)
+    lm = _plugin(fam, PRUNE, batch_size=2, docs=docs)
+    assert lm._chunk_images is (None if fam.name == "gemma3" else False)
+    seen, calls = _record_inputs(lm)
+    lm.generate_until(_simple_requests(docs))
+    assert lm._chunk_images is False
+    per_batch = [len(im) for im, _ in seen if im]
+    assert calls == ([sum(per_batch)] if fam.name == "gemma3" else []) + per_batch
+    for im, inputs in seen:
+        if im:
+            want = fam.processor.image_processor([i.convert("RGB") for i in im], return_tensors="pt")
+            assert all(torch.equal(inputs[k], want[k]) for k in want if k in inputs) and \
+                torch.equal(inputs["pixel_values"], want["pixel_values"]), fam.name
