@@ -25,13 +25,19 @@ from eos_kernels.search.data import PromptEncoder, load_dataset  # noqa: E402
 from eos_kernels.search.driver import load_model  # noqa: E402
 from eos_kernels.theta import Theta  # noqa: E402
 
-from _tiny_families import save_tiny_llava_next, save_tiny_llava_onevision, save_tiny_qwen  # noqa: E402
+from _tiny_families import (  # noqa: E402
+    save_tiny_gemma3, save_tiny_internvl, save_tiny_llava_next, save_tiny_llava_onevision, save_tiny_qwen,
+)
 from _tiny_models import write_ragged_llava_dataset  # noqa: E402
+from _tiny_qwen3_vl import save_tiny_qwen3  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-#: (width, height) of the images, in turn: different visual counts where the family has no fixed count
-FAMILIES = ("llava", "qwen2.5", "qwen2", "llava_next", "llava_onevision")
+#: every family eos_kernels.patch supports (the images of write_ragged_llava_dataset have different sizes: different
+#: visual counts where the family has no fixed count)
+FAMILIES = ("llava", "qwen2.5", "qwen2", "llava_next", "llava_onevision", "qwen3", "qwen3_moe", "internvl", "gemma3")
+#: the families whose stock model takes no video inputs
+NO_VIDEO = ("llava", "llava_next", "internvl", "gemma3")
 #: a pruning Θ every family can run (fractions: each image keeps half of its own tokens after layer 1)
 PRUNE = "fastv-1-0.5"
 
@@ -43,6 +49,12 @@ def fam(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param.replace(".", ""))
     if request.param == "llava":
         model_dir = checkpoint_path()  # LLaVA-1.5: the demo checkpoint (fixed 64 visual tokens)
+    elif request.param.startswith("qwen3"):
+        model_dir = save_tiny_qwen3(str(root / "model"), moe=request.param == "qwen3_moe")
+    elif request.param == "internvl":
+        model_dir = save_tiny_internvl(str(root / "model"))
+    elif request.param == "gemma3":
+        model_dir = save_tiny_gemma3(str(root / "model"))
     elif request.param.startswith("qwen"):
         model_dir = save_tiny_qwen(str(root / "model"), version=request.param[len("qwen"):])
     elif request.param == "llava_onevision":
@@ -65,6 +77,16 @@ def demo(tmp_path_factory):
     model, processor = load_model(checkpoint_path(), torch.device("cpu"), torch.float32)
     return SimpleNamespace(name="llava", model_dir=checkpoint_path(), data=data, model=model.eval(),
                            processor=processor, records=json.load(open(data)))
+
+
+def _fixed(fam):
+    """The family's fixed visual count per image (the demo LLaVA's 64, Gemma 3's), as eos-search takes it; None
+    where each image has its own."""
+    from eos_kernels.integrations.auto import adapter_for
+
+    fixed = adapter_for(fam.model).visual_tokens_per_image(fam.model)
+    assert (fixed is not None) == (fam.name in ("llava", "gemma3")), (fam.name, fixed)
+    return fixed
 
 
 def _docs(fam, text_only=(5,)):
@@ -109,7 +131,7 @@ def test_the_model_is_registered_with_lmms_eval():
 def test_prompts_are_eos_search_prompts(fam):
     """The plugin's prompt ids and image inputs for a task's (question, image) are the ids and image inputs
     eos-search generates from for the same record: both interfaces, first and (chat) second turns."""
-    fixed = 64 if fam.name == "llava" else None
+    fixed = _fixed(fam)
     ds = load_dataset(fam.data, fam.processor, num_visual_tokens=fixed, image_token_id=fam.model.config.image_token_id)
     lm = _plugin(fam, docs=_docs(fam, text_only=()))
     chat = _plugin(fam, cls=EOSChat, docs=lm.task_dict["t"]["test"])
@@ -154,6 +176,9 @@ def test_batch_four_equals_batch_one_and_every_answer_carries_its_budget(fam):
     theta = Theta.fastv(1, 0.5)
     L = lm.num_layers
     cfg = fam.model.config.text_config
+    ffn = cfg.intermediate_size
+    if getattr(cfg, "num_experts", 0):  # Qwen3-VL-MoE: the active experts' width (every layer is sparse here)
+        ffn = cfg.num_experts_per_tok * cfg.moe_intermediate_size
     for i, r in records[1].items():
         assert {k: v for k, v in records[4][i].items() if k != "prefill_ms"} == \
             {k: v for k, v in r.items() if k != "prefill_ms"}
@@ -162,7 +187,7 @@ def test_batch_four_equals_batch_one_and_every_answer_carries_its_budget(fam):
             assert (r["visual_tokens"], r["final_visual_tokens"], r["prefill_flops_ratio"]) == (0, 0, 1.0)
             continue
         want = theta.token_report(r["visual_tokens"], L, r["text_tokens"], hidden_size=cfg.hidden_size,
-                                  intermediate_size=cfg.intermediate_size)
+                                  intermediate_size=ffn)
         assert (r["final_visual_tokens"], r["mean_leaving_visual_tokens"], r["mean_processed_visual_tokens"],
                 r["prefill_flops"], r["prefill_flops_full"]) == \
             (want["final"], want["mean_leaving"], want["mean_processed"], want["prefill_flops"],
@@ -205,7 +230,7 @@ def test_loglikelihood_is_eos_search_answer_ce(fam):
     from eos_kernels.integrations.auto import adapter_for
     from eos_kernels.search.objective import data_terms
 
-    fixed = 64 if fam.name == "llava" else None
+    fixed = _fixed(fam)
     ds = load_dataset(fam.data, fam.processor, num_visual_tokens=fixed, image_token_id=fam.model.config.image_token_id)
     docs = _docs(fam, text_only=())
     single = [i for i, ex in enumerate(ds.examples) if len(ex.turns) == 1]
@@ -267,7 +292,7 @@ def test_video_requests_need_torchvision_and_a_video_family(fam, tmp_path):
     clip = tmp_path / "clip.mp4"
     clip.write_bytes(b"\0" * 64)  # the checks come before any decoding
     lm = _plugin(fam, docs=_docs(fam)[:1])
-    if fam.name in ("llava", "llava_next"):
+    if fam.name in NO_VIDEO:
         with pytest.raises(ValueError, match=f"{type(fam.model).__name__} takes no video inputs"):
             lm.generate_until(_video_request(clip))
         return
@@ -316,3 +341,97 @@ def test_budget_reaches_the_results_and_reads_back(demo):
     row = next(line for line in table.splitlines() if line.startswith("| t "))
     assert "0.5" in row and f"{want['t']['prefill_flops_ratio']:.4g}" in row
     assert "no budget recorded" in next(line for line in table.splitlines() if line.startswith("| other"))
+
+
+def _record_inputs(lm):
+    """Wrap ``lm._inputs``: every batch's (images, model inputs) in a list, and count the image processor's calls."""
+    seen, calls = [], []
+    inputs, image_inputs = lm._inputs, lm.encoder.image_inputs
+
+    def record(prompts, images, *args, **kwargs):
+        out = inputs(prompts, images, *args, **kwargs)
+        seen.append((list(images), out))
+        return out
+
+    def count(images):
+        calls.append(len(images))
+        return image_inputs(images)
+
+    lm._inputs, lm.encoder.image_inputs = record, count
+    return seen, calls
+
+
+@pytest.mark.parametrize("bs", [1, 3])
+def test_image_chunks_give_each_batch_its_own_image_inputs(demo, bs):
+    """The images of several batches go through the image processor in one call (IMAGE_CHUNK) where its rows
+    do not depend on the call: every batch still gets, bit for bit, the inputs of a call on its own images, and
+    the answers are those of one call per batch."""
+    from eos_kernels.integrations.lmms_eval import model as plugin
+
+    fam = demo
+    docs = _docs(fam) * 3  # 18 docs, one text-only doc in every 6
+    lm = _plugin(fam, PRUNE, batch_size=bs, docs=docs)
+    assert lm._chunk_images is None  # a fixed-size processor: checked at the first chunk
+    seen, calls = _record_inputs(lm)
+    answers = [r.text for r in lm.generate_until(_simple_requests(docs))]
+    assert lm._chunk_images is True
+    images = sum(len(im) for im, _ in seen)
+    # every image once, and the first batch with images once more (the check against its own call)
+    assert images == 15 and sum(calls) == images + len(next(im for im, _ in seen if im))
+    assert len(calls) <= 2 + images // plugin.IMAGE_CHUNK and len(calls) < len(seen)
+    own = fam.processor.image_processor
+    for im, inputs in seen:
+        if im:
+            want = own([i.convert("RGB") for i in im], return_tensors="pt")["pixel_values"]
+            assert torch.equal(inputs["pixel_values"], want)
+        else:
+            assert "pixel_values" not in inputs
+    per_batch = _plugin(fam, PRUNE, batch_size=bs, docs=docs)
+    per_batch._chunk_images = False
+    _, calls = _record_inputs(per_batch)
+    assert [r.text for r in per_batch.generate_until(_simple_requests(docs))] == answers
+    assert len(calls) == sum(1 for im, _ in seen if im)
+
+
+def test_a_processor_whose_rows_depend_on_the_call_gets_one_call_per_batch(demo):
+    """Where a chunk's rows differ from a batch's own call (here: pixels shifted by the call's image count), the
+    plugin notices at the first chunk and calls the processor per batch, so every batch gets its own call's rows."""
+    fam = demo
+    docs = _docs(fam, text_only=())
+    lm = _plugin(fam, PRUNE, batch_size=2, docs=docs)
+    seen, _ = _record_inputs(lm)
+    counted = lm.encoder.image_inputs
+
+    def call_dependent(images):
+        out = counted(images)
+        return dict(out, pixel_values=out["pixel_values"] + len(images))
+
+    lm.encoder.image_inputs = call_dependent
+    lm.generate_until(_simple_requests(docs))
+    assert lm._chunk_images is False
+    own = fam.processor.image_processor
+    for im, inputs in seen:
+        want = own([i.convert("RGB") for i in im], return_tensors="pt")["pixel_values"] + len(im)
+        assert torch.equal(inputs["pixel_values"], want)
+
+
+def test_other_families_get_one_image_processor_call_per_batch(fam):
+    """Dynamic-resolution and tiled families (the processor's outputs hold grids, sizes or tile counts; its rows
+    are not one per image) get one image processor call per batch, with no look-ahead; Gemma 3 (fixed count, but
+    its processor also gives num_crops) after one look-ahead call at the first chunk. Each batch's image inputs
+    are its own call's, bit for bit."""
+    if fam.name == "llava":
+        pytest.skip("one row per image: test_image_chunks_give_each_batch_its_own_image_inputs")
+    docs = _docs(fam)
+    lm = _plugin(fam, PRUNE, batch_size=2, docs=docs)
+    assert lm._chunk_images is (None if fam.name == "gemma3" else False)
+    seen, calls = _record_inputs(lm)
+    lm.generate_until(_simple_requests(docs))
+    assert lm._chunk_images is False
+    per_batch = [len(im) for im, _ in seen if im]
+    assert calls == ([sum(per_batch)] if fam.name == "gemma3" else []) + per_batch
+    for im, inputs in seen:
+        if im:
+            want = fam.processor.image_processor([i.convert("RGB") for i in im], return_tensors="pt")
+            assert all(torch.equal(inputs[k], want[k]) for k in want if k in inputs) and \
+                torch.equal(inputs["pixel_values"], want["pixel_values"]), fam.name

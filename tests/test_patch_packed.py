@@ -169,3 +169,46 @@ def test_llava_packed_row_is_refused_and_padded_batch_matches_the_packed_stock_t
             _logits(model, flat)
     finally:
         eos_kernels.unpatch(model)
+
+
+def _packed_row(family):
+    """A tiny model of ``family`` and two of its prompts with images flattened into one row
+    (DataCollatorWithFlattening's layout: ``position_ids`` [1, total] restarting at each sequence, no
+    attention mask; the processor's ``token_type_ids`` flattened alike for Gemma 3)."""
+    if family == "internvl":
+        model = tf.tiny_internvl(num_layers=3)
+        tiles = [[2], [1]]
+        prompts = [tf.internvl_prompt(t, seed=i, after=3 + 2 * i) for i, t in enumerate(tiles)]
+        flat = tf.internvl_inputs([torch.cat(prompts)], [sum(tiles, [])])
+    elif family == "gemma3":
+        model = tf.tiny_gemma3(num_layers=3)
+        prompts = [tf.gemma_prompt(1, seed=i, after=3 + 2 * i) for i in range(2)]
+        flat = tf.gemma_inputs([torch.cat(prompts)], [2])
+    else:
+        model = tf.tiny_llava_next(num_layers=3)
+        sizes = [(40, 56), (56, 56)]
+        prompts = [tf.next_prompt(tf.next_visual_count(model, s), seed=i, after=3 + 2 * i)
+                   for i, s in enumerate(sizes)]
+        ids = torch.cat(prompts)[None]
+        flat = {"input_ids": ids, "pixel_values": tf.next_pixels(sizes), "image_sizes": torch.tensor(sizes)}
+    flat["position_ids"] = torch.cat([torch.arange(len(p)) for p in prompts])[None]
+    return model, flat
+
+
+@pytest.mark.parametrize("family", ["internvl", "gemma3", "llava_next"])
+def test_other_families_refuse_a_packed_row_under_a_reducing_theta(family):
+    """The guard is the patch's own (not one family's): InternVL, Gemma 3 (sliding windows, bidirectional image
+    blocks) and LLaVA-NeXT refuse a packed row with images under a reducing Θ, and run it as the stock model does
+    where nothing is reduced (keep-all, suspended)."""
+    model, flat = _packed_row(family)
+    stock = _logits(model, flat)
+    try:
+        eos_kernels.patch(model, PRUNE)
+        with pytest.raises(NotImplementedError, match="several packed sequences"):
+            _logits(model, flat)
+        with suspended(model):
+            assert torch.equal(_logits(model, flat), stock)
+        eos_kernels.patch(model, KEEP_ALL)
+        assert torch.equal(_logits(model, flat), stock)
+    finally:
+        eos_kernels.unpatch(model)

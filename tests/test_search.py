@@ -658,3 +658,26 @@ def test_suspended_and_prompt_lengths(loaded):
             assert limited[:, -6:].tolist() == [list(range(22, 28))] * 2
         finally:
             unpatch_llava(model)
+
+
+def test_forward_parameters_follow_the_models_forward():
+    """forward_inputs' parameter names (cached per forward function: inspect.signature is slow per batch) are the
+    forward's own, per model class, and follow a forward replaced on the instance."""
+    from torch import nn
+
+    class A(nn.Module):
+        def forward(self, input_ids, pixel_values=None, image_sizes=None, **kwargs):
+            return input_ids
+
+    class B(nn.Module):
+        def forward(self, input_ids, attention_mask=None, *args):
+            return input_ids
+
+    a, b = A(), B()
+    for _ in range(2):  # the second time from the cache
+        assert objective._forward_parameters(a) == {"input_ids", "pixel_values", "image_sizes"}
+        assert objective._forward_parameters(b) == {"input_ids", "attention_mask"}
+    a.forward = lambda input_ids, token_type_ids=None: input_ids  # a plain function on the instance: not cached
+    assert objective._forward_parameters(a) == {"input_ids", "token_type_ids"}
+    a.forward = b.forward  # another module's bound method
+    assert objective._forward_parameters(a) == {"input_ids", "attention_mask"}

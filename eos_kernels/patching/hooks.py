@@ -67,6 +67,7 @@ class _PatchState:
         self.handles: list = []
         self.pending_visual: torch.Tensor | None = None
         self.pending_padding: torch.Tensor | None = None
+        self.pending_caller_mask: bool | None = None  # the input module's caller gave an attention mask
         self.pending_labels: torch.Tensor | None = None
         self.prompt_length: int | torch.Tensor | None = None
         self.suspended = False
@@ -124,6 +125,7 @@ def _input_pre_hook(state: _PatchState, model):
         cmap = cache.__dict__.get(CACHE_MAP_ATTR) if cache is not None and hasattr(cache, "__dict__") else None
         state.pending_padding = (_padding_2d(kwargs.get("attention_mask"))
                                  if cmap is not None and cmap.rebuilds else None)
+        state.pending_caller_mask = kwargs.get("attention_mask") is not None
         state.pending_visual = state.adapter.visual_mask(model, args, kwargs)
         return None
 
@@ -132,7 +134,7 @@ def _input_pre_hook(state: _PatchState, model):
 
 def _input_post_hook(state: _PatchState):
     def hook(module, args, kwargs, output):
-        state.pending_visual = state.pending_padding = None
+        state.pending_visual = state.pending_padding = state.pending_caller_mask = None
         return None
 
     return hook
@@ -145,6 +147,7 @@ def _text_pre_hook(state: _PatchState, model):
         visual, state.pending_visual = state.pending_visual, None
         ctx.labels, state.pending_labels = state.pending_labels, None
         padding, state.pending_padding = state.pending_padding, None
+        caller_mask, state.pending_caller_mask = state.pending_caller_mask, None
         embeds = kwargs.get("inputs_embeds")
         ids = kwargs.get("input_ids", args[0] if args else None)
         ref = embeds if embeds is not None else ids
@@ -175,7 +178,10 @@ def _text_pre_hook(state: _PatchState, model):
         # ---- prefill
         if cache is not None and hasattr(cache, "__dict__"):
             cache.__dict__.pop(CACHE_MAP_ATTR, None)  # a reused cache: forget the old map
-        ctx.mask_given = kwargs.get("attention_mask") is not None
+        # a mapping of prepared masks (Gemma 3's stack) is what the input module built, from the position ids alone
+        # where its caller gave no mask: a packed row's masks then keep its sequences apart, so no mask was given
+        mask = kwargs.get("attention_mask")
+        ctx.mask_given = mask is not None and not (isinstance(mask, Mapping) and caller_mask is False)
         real = _real_tokens(kwargs.get("attention_mask"), B, L)
         if real is not None:
             real = real.to(ref.device)

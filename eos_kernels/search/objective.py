@@ -192,11 +192,21 @@ def visual_positions(model: nn.Module, input_ids: torch.Tensor, adapter=None) ->
     return mask
 
 
+_FORWARD_PARAMETERS: dict = {}  # forward function -> its named parameters (inspect.signature is slow per batch)
+
+
 def _forward_parameters(model: nn.Module) -> frozenset:
     import inspect
 
-    return frozenset(n for n, p in inspect.signature(model.forward).parameters.items()
-                     if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
+    forward = model.forward
+    key = getattr(forward, "__func__", None)
+    names = _FORWARD_PARAMETERS.get(key) if key is not None else None
+    if names is None:
+        names = frozenset(n for n, p in inspect.signature(forward).parameters.items()
+                          if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
+        if key is not None:  # a method: its signature is its function's (keyed on the function, not the model)
+            _FORWARD_PARAMETERS[key] = names
+    return names
 
 
 def forward_inputs(model: nn.Module, batch, *, input_ids=None, attention_mask=None, pixel_values=None,

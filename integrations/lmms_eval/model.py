@@ -60,6 +60,11 @@ _DEFAULT_MAX_NEW_TOKENS = 1024  # lmms-eval's llava_hf default, for a task that 
 #: files of a Hub checkpoint the plugin needs (no duplicate weight formats)
 _HUB_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "tokenizer*")
 _IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+#: images per image-processor call in ``generate_until``: the images of the next batches join the current batch's
+#: in one call (at least one batch's, whole batches), where the processor's pixel rows of an image do not depend on
+#: the other images of the call (checked bit for bit once per run; otherwise one call per batch). The same work in
+#: fewer calls: the processor's fixed cost per call (its keyword validation) dominates small images
+IMAGE_CHUNK = 16
 
 
 @dataclasses.dataclass
@@ -322,6 +327,8 @@ class EOS(lmms):
                        "batches": 0}
         self._ignored_keys: set = set()
         self._prefill = {"start": None, "seconds": None}
+        #: whether a chunk's pixel rows equal each batch's own call (None: not checked yet; see IMAGE_CHUNK)
+        self._chunk_images: bool | None = None if fixed is not None else False
 
     @classmethod
     def from_model(cls, model, processor, theta: str = "none", *, batch_size: int = 1,
@@ -380,12 +387,15 @@ class EOS(lmms):
 
     def _timed(self, fn):
         """``fn()`` with the first forward of the model inside it (the prefill) timed: ``(result, seconds)``.
-        The two timing hooks live only as long as the call."""
+        The two timing hooks live only as long as the call; ``timing["generate_s"]`` gets the call's own time
+        (the hooks' setting up and removal are the plugin's accounting, outside it)."""
         self._prefill.update(start=None, seconds=None)
         handles = [self._model.register_forward_pre_hook(self._prefill_start),
                    self._model.register_forward_hook(self._prefill_end)]
         try:
+            tg = time.perf_counter()
             out = fn()
+            self.timing["generate_s"] += time.perf_counter() - tg
         finally:
             for h in handles:
                 h.remove()
@@ -467,10 +477,11 @@ class EOS(lmms):
         return out
 
     def _inputs(self, prompts: list[list[int]], images: list, side: str = "left",
-                videos: list | None = None) -> dict:
+                videos: list | None = None, image_inputs: dict | None = None) -> dict:
         """The model's inputs of one batch: the padded ids, the image processor's outputs for all ``images``
-        (the batch's, in order) and, where a sample has videos, each sample's video inputs (``videos[b]``:
-        its :meth:`VideoEncoder.prompt` inputs or None) concatenated in batch order."""
+        (the batch's, in order; ``image_inputs``: those outputs already computed) and, where a sample has
+        videos, each sample's video inputs (``videos[b]``: its :meth:`VideoEncoder.prompt` inputs or None)
+        concatenated in batch order."""
         from eos_kernels.search.objective import _forward_parameters, forward_inputs
 
         L = max(len(p) for p in prompts)
@@ -482,9 +493,7 @@ class EOS(lmms):
             mask[b, sl] = 1
         extra, px = {}, None
         if images:
-            t0 = time.perf_counter()
-            extra = self.encoder.image_inputs(images)
-            self.timing["preprocess_s"] += time.perf_counter() - t0
+            extra = dict(self._image_inputs(images) if image_inputs is None else image_inputs)
             px = extra.pop("pixel_values")
             px = px.to(self._device, self._dtype) if px.is_floating_point() else px.to(self._device)
             extra = {k: (v.to(self._device, self._dtype) if v.is_floating_point() else v.to(self._device))
@@ -506,6 +515,52 @@ class EOS(lmms):
             inputs.pop("pixel_values")
         return inputs
 
+    def _image_inputs(self, images: list) -> dict:
+        """The image processor's outputs for ``images`` (its time: ``timing["preprocess_s"]``)."""
+        t0 = time.perf_counter()
+        out = self.encoder.image_inputs(images)
+        self.timing["preprocess_s"] += time.perf_counter() - t0
+        return out
+
+    @staticmethod
+    def _images(conversations) -> list:
+        return [v for _, visuals in conversations for v in visuals if not isinstance(v, Video)]
+
+    def _chunked_image_inputs(self, batches: list, conversations: list, k: int, ahead: dict) -> dict:
+        """Batch ``k``'s image inputs, computed in one call with the images of the batches after it (up to
+        :data:`IMAGE_CHUNK` images, whole batches) where the processor's rows of an image do not depend on the
+        other images; the later batches' rows go to ``ahead`` (and their conversations, built for it, to
+        ``conversations``). The first chunk of a run is checked against batch ``k``'s own call, bit for bit:
+        a processor whose rows differ, or that gives more than ``pixel_values`` one row per image, gets one call
+        per batch from then on."""
+        images = self._images(conversations[k])
+        if self._chunk_images is False:
+            return self._image_inputs(images)
+        group, j = [(k, len(images))], k + 1
+        while sum(n for _, n in group) < IMAGE_CHUNK and j < len(batches):
+            if conversations[j] is None:
+                conversations[j] = [it.conversation() for it in batches[j]]
+            group.append((j, len(self._images(conversations[j]))))
+            j += 1
+        if len([n for _, n in group if n]) < 2:  # nothing to share the call with
+            return self._image_inputs(images)
+        every = [im for b, _ in group for im in self._images(conversations[b])]
+        out = self._image_inputs(every)
+        px = out.get("pixel_values")
+        rows = set(out) == {"pixel_values"} and torch.is_tensor(px) and px.shape[0] == len(every)
+        if rows and self._chunk_images is None:
+            alone = self._image_inputs(images)
+            rows = set(alone) == {"pixel_values"} and torch.equal(alone["pixel_values"], px[:len(images)])
+        self._chunk_images = bool(rows)
+        if not rows:
+            return self._image_inputs(images)
+        start = len(images)
+        for b, n in group[1:]:
+            if n:
+                ahead[b] = {"pixel_values": px[start:start + n]}
+                start += n
+        return {"pixel_values": px[:len(images)]}
+
     def _reports(self, before, batch: int) -> list[dict]:
         from eos_kernels.patching import get_report
 
@@ -523,20 +578,27 @@ class EOS(lmms):
         tok = self._tokenizer
         eos = tok.eos_token_id
         bar = tqdm(total=len(items), disable=self.rank != 0, desc="eos: generating")
-        for batch in self._batches(items):
+        batches = list(self._batches(items))
+        conversations: list = [None] * len(batches)  # built ahead where the images of later batches are
+        ahead: dict = {}                              # their image inputs, computed ahead (_chunked_image_inputs)
+        for k, batch in enumerate(batches):
             t0 = time.perf_counter()
-            convs = [it.conversation() for it in batch]
+            if conversations[k] is None:
+                conversations[k] = [it.conversation() for it in batch]
+            convs = conversations[k]
             encoded = [self._prompt(turns, visuals, where=f"{it.task} doc {it.doc_id}")
                        for it, (turns, visuals) in zip(batch, convs)]
             prompts = [ids for ids, _ in encoded]
-            inputs = self._inputs(prompts, [v for _, visuals in convs for v in visuals if not isinstance(v, Video)],
-                                  videos=[video for _, video in encoded])
+            image_inputs = None
+            if self._images(convs):
+                image_inputs = ahead.pop(k, None) or self._chunked_image_inputs(batches, conversations, k, ahead)
+            conversations[k] = None  # its images are no longer needed
+            inputs = self._inputs(prompts, self._images(convs), videos=[video for _, video in encoded],
+                                  image_inputs=image_inputs)
             settings, until = self._gen_settings(batch[0].gen_kwargs)
             before = get_report(self._model)
-            tg = time.perf_counter()
             out, prefill = self._timed(lambda: self._model.generate(
                 **inputs, **settings, eos_token_id=eos, pad_token_id=self.encoder.pad_token_id))
-            self.timing["generate_s"] += time.perf_counter() - tg
             reports = self._reports(before, len(batch))
             new = out[:, inputs["input_ids"].shape[1]:].tolist()
             for it, prompt, gen, rep in zip(batch, prompts, new, reports):
@@ -591,10 +653,8 @@ class EOS(lmms):
                 videos.append(video)
             inputs = self._inputs(seqs, images, side="right", videos=videos)
             before = get_report(self._model)
-            tg = time.perf_counter()
             with prompt_lengths(self._model, prompt_lens):
                 out, prefill = self._timed(lambda: self._model(**inputs, use_cache=False))
-            self.timing["generate_s"] += time.perf_counter() - tg
             logp = torch.log_softmax(out.logits.float(), dim=-1)
             reports = self._reports(before, len(batch))
             for b, ((i, task, doc_id, _, _), p, answer, rep) in enumerate(zip(batch, prompt_lens, answers, reports)):
