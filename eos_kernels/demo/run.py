@@ -480,7 +480,7 @@ def run_demo(args) -> dict:
 
 
 def main(argv=None) -> int:
-    from eos_kernels.search.cli import check_output_dir
+    from eos_kernels.search.output import check_output_dir
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)

@@ -14,34 +14,9 @@ import os
 import sys
 
 from eos_kernels.search.config import DTYPES, IMPLS, SearchConfig
+from eos_kernels.search.output import check_output_dir
 
-__all__ = ["main", "build_parser", "check_output_dir"]
-
-
-def check_output_dir(path: str) -> str:
-    """``path`` as a usable output folder, made if missing; ``ValueError`` with a clear message otherwise.
-
-    Checked before any model is loaded: an existing file (or a path through one),
-    a folder that cannot be made, or one that cannot be written to (probed by
-    writing and removing a small file, so a read-only file system is caught
-    even for root).
-    """
-    import tempfile
-
-    if not isinstance(path, str) or not path:
-        raise ValueError(f"--output must be a folder path, got {path!r}")
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"--output {path} is an existing file, not a folder")
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as exc:
-        raise ValueError(f"--output {path}: cannot create the folder: {exc.strerror or exc}") from None
-    try:
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".eos-write-check-"):
-            pass
-    except OSError as exc:
-        raise ValueError(f"--output {path}: the folder is not writable: {exc.strerror or exc}") from None
-    return path
+__all__ = ["main", "build_parser"]
 
 
 def _bool_flag(parser, name, help_on, help_off, dest):
