@@ -282,7 +282,7 @@ def _load_model(args):
         from eos_kernels.demo import build
 
         return build.load_demo_model()
-    from eos_kernels.search.driver import load_model, resolve_device, resolve_dtype
+    from eos_kernels.search.model_loading import load_model, resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
     model, processor = load_model(args.model, device, resolve_dtype(args.dtype, device))

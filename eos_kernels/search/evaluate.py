@@ -193,7 +193,7 @@ def evaluate(config: SearchConfig | Mapping[str, Any] | None = None, thetas: Seq
     """
     from eos_kernels.integrations.auto import adapter_for
     from eos_kernels.search.data import load_dataset, load_processor
-    from eos_kernels.search.driver import load_model, resolve_device, resolve_dtype
+    from eos_kernels.search.model_loading import load_model, resolve_device, resolve_dtype
 
     config = SearchConfig.coerce(config, **overrides)
     config.require("data")
