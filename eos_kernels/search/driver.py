@@ -37,7 +37,7 @@ from eos_kernels.search.distributed import Dist
 from eos_kernels.search.local_moves import LocalMoves, probe_ce
 from eos_kernels.search.model_loading import load_model, load_model_config, load_model_processor, resolve_device, \
     resolve_dtype
-from eos_kernels.search.output import LOG_FILE, STATE_FILE, THETA_FILE
+from eos_kernels.search.output import LOG_FILE, STATE_FILE, THETA_FILE, refuse_to_replace, search_files
 from eos_kernels.search.state import atomic_save, atomic_text, make_state, read_state, restore_state
 
 __all__ = ["run", "SearchResult", "NonFiniteLossError", "TIMING_FIELDS"]
@@ -171,9 +171,12 @@ class _Search:
         if cfg.resume:
             if not os.path.isfile(self.state_path):
                 raise ValueError(f"--resume: no checkpoint {self.state_path} to resume from")
-        elif not cfg.overwrite and (os.path.exists(self.state_path) or os.path.exists(self.log_path)):
-            raise ValueError(f"output folder {self.out} already holds a search ({STATE_FILE} / {LOG_FILE}); "
-                             "pass --resume to continue it or --overwrite to start over")
+        elif not cfg.overwrite:
+            if os.path.exists(self.state_path) or os.path.exists(self.log_path):
+                raise ValueError(f"output folder {self.out} already holds a search ({STATE_FILE} / {LOG_FILE}); "
+                                 "pass --resume to continue it or --overwrite to start over")
+            # anything else the search would write, e.g. the user's own theta.json
+            refuse_to_replace(self.out, search_files(cfg.plots), "this search")
 
         # the model's shape, processor and data first: every check before loading the weights
         if model is not None:
