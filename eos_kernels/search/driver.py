@@ -208,6 +208,18 @@ class _Search:
             raise ValueError(f"budget {cfg.budget:g} is larger than the {n0} visual tokens per image of this "
                              "model" + ("" if self.fixed_count is not None else " (the data's mean)")
                              + ": nothing to search for")
+        if cfg.k_min > n0:
+            raise ValueError(f"k_min {cfg.k_min} exceeds the {n0} visual tokens per image of this model"
+                             + ("" if self.fixed_count is not None else " (the data's mean)")
+                             + ": no reducer could keep that many")
+        if cfg.budget < cfg.k_min and dist.main:
+            # equation 11: K = max(K_min, floor((1 - g c) N)) whatever g and c, so the final count never goes
+            # below K_min while the penalty on the continuous N_L keeps pushing: a search that cannot succeed
+            warnings.warn(f"--budget {cfg.budget:g} cannot be reached: the lowest final visual count this search "
+                          f"can deploy is {cfg.k_min} (--k-min {cfg.k_min}: every reducer keeps at least K_min "
+                          f"tokens, however many of the --max-reducers {cfg.max_reducers} slots reduce); the "
+                          f"exported Θ will keep {cfg.k_min} or more. Pass --budget >= {cfg.k_min} or a lower "
+                          "--k-min", UserWarning, stacklevel=2)
         if cfg.max_reducers > L:
             raise ValueError(f"max_reducers {cfg.max_reducers} exceeds the model's {L} decoder layers")
         self.align_layers = list(cfg.align_layers) if cfg.align_layers is not None else default_align_layers(L)
