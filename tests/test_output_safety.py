@@ -190,6 +190,21 @@ def test_unwritable_output_leaves_no_folder(env, tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_folder_chain_made_halfway_is_removed(tmp_path, monkeypatch):
+    from eos_kernels.search.output import output_dir
+
+    def halfway(path, exist_ok=False):  # makes two of the three levels, then fails
+        os.mkdir(tmp_path / "a")
+        os.mkdir(tmp_path / "a" / "b")
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("os.makedirs", halfway)
+    with pytest.raises(ValueError, match="cannot create the folder"):
+        with output_dir(str(tmp_path / "a" / "b" / "c")):
+            pass  # pragma: no cover
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_misspelt_eval_spec_fails_before_the_model_loads(env, tmp_path, capsys, no_loading):
     rc = main(eval_args(env, tmp_path / "o", "none", "fastv"))
     err = capsys.readouterr().err

@@ -15,7 +15,7 @@ import tempfile
 from typing import Iterable, Iterator
 
 __all__ = ["THETA_FILE", "STATE_FILE", "LOG_FILE", "PLOT_FILES", "EVAL_FILE", "search_files", "existing_files",
-           "refuse_to_replace", "check_output_dir", "output_dir"]
+           "refuse_to_replace", "output_dir"]
 
 THETA_FILE = "theta.json"
 STATE_FILE = "search_state.pt"
@@ -54,7 +54,11 @@ def _make_folder(path: str) -> list[str]:
         if parent == head:
             break
         head = parent
-    os.makedirs(path, exist_ok=True)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        _remove_if_empty(made)  # the levels made before the one that failed
+        raise
     return made
 
 
@@ -63,6 +67,8 @@ def _remove_if_empty(made: list[str]) -> None:
     for folder in made:
         try:
             os.rmdir(folder)
+        except FileNotFoundError:
+            continue
         except OSError:
             return
 
@@ -86,23 +92,18 @@ def _prepare(path: str) -> list[str]:
     return made
 
 
-def check_output_dir(path: str) -> str:
-    """``path`` as a usable output folder, made if missing; ``ValueError`` with a clear message otherwise.
+@contextlib.contextmanager
+def output_dir(path: str) -> Iterator[str]:
+    """``path`` made usable as the output folder of a command's block; ``ValueError`` with a clear message if
+    it cannot be.
 
     Checked before any model is loaded: an existing file (or a path through one),
     a folder that cannot be made, or one that cannot be written to (probed by
     writing and removing a small file, so a read-only file system is caught
-    even for root). A folder made here that the probe finds unwritable is
-    removed again.
+    even for root). If the block raises, the folders made here are removed
+    again while they are still empty: a failed command leaves no empty
+    ``--output`` behind, and nothing written into it is ever deleted.
     """
-    _prepare(path)
-    return path
-
-
-@contextlib.contextmanager
-def output_dir(path: str) -> Iterator[str]:
-    """:func:`check_output_dir` for the block of a command: if the block raises, the folders made here are
-    removed again when they are still empty (a failed command leaves no empty ``--output`` behind)."""
     made = _prepare(path)
     try:
         yield path
