@@ -79,6 +79,8 @@ from fractions import Fraction
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from eos_kernels._checks import check_int, is_int, is_real
+from eos_kernels import presets as _presets
+from eos_kernels.presets import SPARSEVLM_LAYERS, SPARSEVLM_SCHEDULES  # noqa: F401 - public here too
 
 __all__ = ["Reducer", "Theta", "SCHEMA", "SCHEMA_VERSION", "SPARSEVLM_SCHEDULES"]
 
@@ -91,22 +93,6 @@ _UNIT_FIELDS = ("gamma", "rho", "nu")
 _REDUCER_FIELDS = ("layer", "keep", "gamma", "tau", "theta", "rho", "nu", "beta", "k_min", "norm")
 _TOP_FIELDS = ("schema", "version", "name", "reducers")
 _COUNTS = ("mean_leaving", "final")
-
-#: SparseVLM's public schedules: visual tokens kept after layers 2, 6, 15 (0-indexed),
-#: by version and by budget (DESIGN.md §4).
-SPARSEVLM_SCHEDULES: dict[int, dict[int, tuple[int, int, int]]] = {
-    1: {192: (300, 200, 110), 128: (303, 110, 36), 96: (238, 48, 26), 64: (66, 30, 17)},
-    2: {192: (300, 200, 118), 128: (238, 108, 60), 96: (246, 54, 28), 64: (66, 34, 20)},
-}
-SPARSEVLM_LAYERS = (2, 6, 15)
-
-# Operator corners (DESIGN.md §2, appendix B listing 3).
-_MERGE_CORNER = dict(gamma=1.0, tau=1e-4, theta=-1e9, rho=0.0, nu=0.0)
-_POOL_CORNER = dict(gamma=1.0, tau=1e6, theta=-1e9, rho=0.0, nu=0.0)
-# Table 6 of the paper: the searched interior hybrid at layer 6.
-_PAPER_LAYERS = (3, 6, 16)
-_PAPER_HYBRID = dict(gamma=0.083, tau=0.22, theta=0.10, rho=0.0, nu=0.0)
-
 
 # --------------------------------------------------------------------------- helpers
 def _fraction_of(keep: float) -> Fraction:
@@ -786,7 +772,7 @@ class Theta:
                     raise ValueError(f"reducers[{i}]: {exc}") from None
         return cls.from_dict(data)
 
-    # ---- presets
+    # ---- presets (defined in eos_kernels.presets)
     @classmethod
     def fastv(cls, layer: int, keep: int | float, *, name: str | None = None) -> "Theta":
         """FastV: one prune reducer at ``layer`` keeping ``keep`` (count or fraction).
@@ -794,7 +780,7 @@ class Theta:
         FastV's "prune after layer K" (1-indexed K, keeping 1 − R of the tokens)
         is ``Theta.fastv(K - 1, 1 - R)``, e.g. K=2, R=50% → ``fastv(1, 0.5)``.
         """
-        return cls([Reducer(layer, keep)], name=name or f"fastv-L{layer}-keep{keep!r}")
+        return _presets.fastv(layer, keep, name=name)
 
     @classmethod
     def sparsevlm(cls, version: int, budget: int) -> "Theta":
@@ -804,60 +790,7 @@ class Theta:
         The budget is SparseVLM's "retain" label (its ``mean_leaving`` is
         192.4375 for v2/192, see :meth:`token_report`).
         """
-        if not is_int(version) or version not in SPARSEVLM_SCHEDULES:
-            raise ValueError(f"version must be one of {sorted(SPARSEVLM_SCHEDULES)}, got {version!r}")
-        table = SPARSEVLM_SCHEDULES[version]
-        if not is_int(budget) or budget not in table:
-            raise ValueError(f"budget for SparseVLM v{version} must be one of {sorted(table, reverse=True)}, got {budget!r}")
-        reducers = [Reducer(layer, k) for layer, k in zip(SPARSEVLM_LAYERS, table[budget])]
-        return cls(reducers, name=f"sparsevlm-v{version}-{budget}")
-
-    @staticmethod
-    def _v2_base(budget: float, num_visual_tokens: int = 576) -> tuple[int, ...]:
-        """SparseVLM v2's schedule at the published budget nearest ``budget``, for ``num_visual_tokens``.
-
-        The published schedules are for 576 visual tokens: the nearest budget is
-        chosen by ratio (budget / num_visual_tokens against b / 576, ties: larger)
-        and its kept counts are scaled by num_visual_tokens / 576 (floored, at
-        least 1): the same keep ratios. At 576 tokens the schedule is as published.
-        """
-        table = SPARSEVLM_SCHEDULES[2]
-        nearest = min(table, key=lambda b: (abs(Fraction(b, 576) - Fraction(budget) / num_visual_tokens), -b))
-        return tuple(max(1, k * num_visual_tokens // 576) for k in table[nearest])
-
-    @classmethod
-    def _corner_preset(
-        cls,
-        label: str,
-        operator: Mapping[str, Any],
-        budget: float | None,
-        layers: Sequence[int],
-        count: str,
-        schedule: Sequence[int | float] | None,
-        num_visual_tokens: int,
-        num_layers: int,
-        name: str | None,
-    ) -> "Theta":
-        if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or not layers:
-            raise TypeError(f"layers must be a non-empty sequence of ints, got {layers!r}")
-        if schedule is None:
-            if budget is None:
-                raise ValueError("budget must be given when schedule is None")
-            base = cls._v2_base(_check_budget(budget), check_int("num_visual_tokens", num_visual_tokens, 1))
-            if len(layers) != len(base):
-                raise ValueError(
-                    f"layers must have {len(base)} entries to take SparseVLM v2's keep ratios "
-                    f"(or pass schedule=), got {len(layers)}"
-                )
-            schedule = base
-        elif isinstance(schedule, (str, bytes)) or not isinstance(schedule, Sequence) or len(schedule) != len(layers):
-            raise ValueError(f"schedule must be a sequence with one keep per layer ({len(layers)}), got {schedule!r}")
-        theta = cls([Reducer(layer, keep, **operator) for layer, keep in zip(layers, schedule)], name=label)
-        if budget is not None:
-            theta = theta.rescale(budget, count, num_visual_tokens=num_visual_tokens, num_layers=num_layers)
-        else:
-            theta.validate(num_layers, num_visual_tokens)
-        return cls(theta.reducers, name=name or (f"{label}-{budget:g}" if budget is not None else label))
+        return _presets.sparsevlm(version, budget)
 
     @classmethod
     def tome(
@@ -880,8 +813,8 @@ class Theta:
         at ``num_visual_tokens``/``num_layers``. ``budget=None`` with a
         ``schedule`` uses the schedule as given.
         """
-        return cls._corner_preset("tome", _MERGE_CORNER, budget, layers, count, schedule,
-                                  num_visual_tokens, num_layers, name)
+        return _presets.tome(budget, layers, count=count, schedule=schedule, num_visual_tokens=num_visual_tokens,
+                             num_layers=num_layers, name=name)
 
     @classmethod
     def pool(
@@ -896,8 +829,8 @@ class Theta:
         name: str | None = None,
     ) -> "Theta":
         """Uniform pooling (γ=1, τ=1e6, θ=−1e9, ρ=ν=0) at ``layers``; schedule as :meth:`tome`."""
-        return cls._corner_preset("pool", _POOL_CORNER, budget, layers, count, schedule,
-                                  num_visual_tokens, num_layers, name)
+        return _presets.pool(budget, layers, count=count, schedule=schedule, num_visual_tokens=num_visual_tokens,
+                             num_layers=num_layers, name=name)
 
     @classmethod
     def paper(
@@ -918,9 +851,4 @@ class Theta:
         three reducers, then rescaled with :meth:`rescale` so that ``count``
         is <= ``budget``.
         """
-        budget = _check_budget(budget)
-        base = cls._v2_base(budget, check_int("num_visual_tokens", num_visual_tokens, 1))
-        ops = [{}, _PAPER_HYBRID, {}]
-        theta = cls([Reducer(layer, k, **op) for layer, k, op in zip(_PAPER_LAYERS, base, ops)], name="eos-paper")
-        theta = theta.rescale(budget, count, num_visual_tokens=num_visual_tokens, num_layers=num_layers)
-        return cls(theta.reducers, name=f"eos-paper-{budget:g}")
+        return _presets.paper(budget, count=count, num_visual_tokens=num_visual_tokens, num_layers=num_layers)

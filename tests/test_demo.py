@@ -232,6 +232,7 @@ def test_output_that_is_a_file_is_a_clear_error_before_loading(tmp_path, capsys,
         raise AssertionError("the model was loaded before --output was checked")
 
     monkeypatch.setattr("eos_kernels.search.driver.load_model", no_loading)
+    monkeypatch.setattr("eos_kernels.search.model_loading.load_model", no_loading)
     monkeypatch.setattr("eos_kernels.demo.build.load_demo_model", no_loading)
     afile = tmp_path / "results.txt"
     afile.write_text("not a folder")

@@ -22,7 +22,7 @@ from lmms_eval.api.instance import Instance  # noqa: E402
 from eos_kernels.integrations.lmms_eval import budget  # noqa: E402
 from eos_kernels.integrations.lmms_eval.model import EOS, EOSChat  # noqa: E402
 from eos_kernels.search.data import PromptEncoder, load_dataset  # noqa: E402
-from eos_kernels.search.driver import load_model  # noqa: E402
+from eos_kernels.search.model_loading import load_model  # noqa: E402
 from eos_kernels.theta import Theta  # noqa: E402
 
 from _tiny_families import (  # noqa: E402

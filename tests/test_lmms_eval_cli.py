@@ -116,7 +116,7 @@ def test_scores_equal_eos_search_eval_and_batch_four_equals_batch_one(env):
 
 def test_budget_fields_are_theta_token_report(env):
     from eos_kernels.search.data import load_dataset
-    from eos_kernels.search.driver import load_model
+    from eos_kernels.search.model_loading import load_model
 
     root, _, reference, prune = env
     import torch

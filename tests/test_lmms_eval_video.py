@@ -361,7 +361,7 @@ def test_a_checkpoint_folder_with_its_full_processor_takes_videos(tmp_path, medi
 
 def test_video_errors_are_clear(media, tmp_path):
     from eos_kernels.demo.build import checkpoint_path
-    from eos_kernels.search.driver import load_model
+    from eos_kernels.search.model_loading import load_model
 
     docs = _docs(media)
     model, processor = load_model(checkpoint_path(), torch.device("cpu"), torch.float32)  # LLaVA-1.5: no video

@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -100,6 +101,58 @@ def test_depth_scaled_defaults():
     assert (d.lr, d.weight_decay, d.grad_clip, d.warmup_ratio, d.steps, d.batch_size, d.lambda_align, d.seed,
             d.gamma0, d.tau0, d.theta0, d.rho0, d.nu0, d.max_reducers) == \
         (1e-3, 0.0, 1.0, 0.05, 4000, 4, 0.1, 42, 0.5, 0.5, 0.0, 0.0, 0.0, 3)
+
+
+# --------------------------------------------------------------------------- an unreachable --budget
+def _budget_warnings(record):
+    return [str(w.message) for w in record if "--budget" in str(w.message)]
+
+
+@pytest.mark.parametrize("budget, k_min", [(0.5, 1), (3, 4), (3.9, 4)])
+def test_an_unreachable_budget_warns_before_the_model_loads(env, tmp_path, monkeypatch, budget, k_min):
+    """Equation 11 keeps at least K_min tokens at every reducer: a budget below it cannot be deployed."""
+    def stop(*a, **k):
+        raise ValueError("stopped at the model load")
+
+    monkeypatch.setattr("eos_kernels.search.driver.load_model", stop)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError, match="stopped at the model load"):
+            run(config(env, tmp_path / "o", budget=budget, k_min=k_min))
+    said = _budget_warnings(record)
+    assert len(said) == 1, said
+    assert f"--budget {budget:g} cannot be reached" in said[0]
+    assert f"lowest final visual count this search can deploy is {k_min}" in said[0]
+    assert "--k-min" in said[0] and "K_min" in said[0]
+
+
+@pytest.mark.parametrize("budget, k_min", [(1, 1), (4, 4), (6, 1)])
+def test_a_reachable_budget_does_not_warn(env, loaded, tmp_path, budget, k_min):
+    model, processor = loaded
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        result = run(config(env, tmp_path / "o", budget=budget, k_min=k_min, steps=1), model=model,
+                     processor=processor)
+    assert _budget_warnings(record) == []
+    assert result.theta.token_report(N_VIS, 6)["final"] >= k_min
+
+
+def test_the_command_line_warns_on_an_unreachable_budget_and_still_searches(env, tmp_path, capsys):
+    from eos_kernels.search.cli import main
+
+    out = tmp_path / "o"
+    with pytest.warns(UserWarning, match=r"--budget 0\.5 cannot be reached.*is 1"):
+        assert main(["--model", env.model, "--data", env.data, "--budget", "0.5", "--steps", "1",
+                     "--output", str(out), "--no-progress", "--no-plots"]) == 0
+    assert Theta.from_json(str(out / "theta.json")).token_report(N_VIS, 6)["final"] >= 1
+
+
+def test_k_min_above_the_visual_tokens_is_refused_before_the_model_loads(env, tmp_path, monkeypatch):
+    monkeypatch.setattr("eos_kernels.search.driver.load_model",
+                        lambda *a, **k: pytest.fail("the model was loaded before k_min was checked"))
+    with pytest.raises(ValueError, match="k_min 17 exceeds the 16 visual tokens"):
+        run(config(env, tmp_path / "o", k_min=17))
+    assert not (tmp_path / "o").exists()
 
 
 # --------------------------------------------------------------------------- prompts and labels

@@ -66,7 +66,7 @@ def env(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(env):
-    from eos_kernels.search.driver import load_model
+    from eos_kernels.search.model_loading import load_model
 
     model, processor = load_model(env.model, torch.device("cpu"), torch.float32)
     return model.eval(), processor
@@ -314,7 +314,7 @@ def test_image_processor_loads_where_auto_image_processor_needs_torchvision(env,
 def test_unsupported_models_are_refused_clearly(tmp_path):
     from transformers import LlamaConfig
 
-    from eos_kernels.search.driver import load_model
+    from eos_kernels.search.model_loading import load_model
 
     folder = tmp_path / "llama"
     LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,

@@ -70,6 +70,8 @@ def _search_defaults() -> dict:
     d = SearchConfig()
     return {key: getattr(d, key) for key in _DEMO_SEARCH}
 _OPS = ("gamma", "tau", "theta", "rho", "nu")
+#: what the demo writes beside the search's files (the synthetic splits in data/ are regenerated, not results)
+_RESULT_FILES = ("demo_results.json", "demo_results.md", "accuracy_vs_tokens.png")
 
 
 def baselines(budget: int, layers, num_visual_tokens: int, num_layers: int) -> list[Theta]:
@@ -94,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="eos-search --demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--demo", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--output", default="eos-demo-output", help="output folder (default: eos-demo-output)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results of an earlier run in --output (without it the demo refuses to write "
+                        "over any file)")
     p.add_argument("--model", metavar="DIR", default=None,
                    help="local Hugging Face checkpoint of any supported family (default: the built-in demo model)")
     p.add_argument("--data", metavar="JSON", default=None,
@@ -282,7 +287,7 @@ def _load_model(args):
         from eos_kernels.demo import build
 
         return build.load_demo_model()
-    from eos_kernels.search.driver import load_model, resolve_device, resolve_dtype
+    from eos_kernels.search.model_loading import load_model, resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
     model, processor = load_model(args.model, device, resolve_dtype(args.dtype, device))
@@ -368,7 +373,7 @@ def run_demo(args) -> dict:
     # 1. the search
     config = SearchConfig(data=search_json, image_folder=args.image_folder, output=args.output, budget=args.budget,
                           steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, impl=args.impl,
-                          progress=args.progress, overwrite=True, checkpoint_every=0,
+                          progress=args.progress, overwrite=args.overwrite, checkpoint_every=0,
                           local_moves_every=args.local_moves_every)
     result = run(config, model=model, processor=processor)
     t_search = time.time() - t0
@@ -480,14 +485,16 @@ def run_demo(args) -> dict:
 
 
 def main(argv=None) -> int:
-    from eos_kernels.search.cli import check_output_dir
+    from eos_kernels.search.output import output_dir, refuse_to_replace, search_files
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args._argv = argv
     try:
-        check_output_dir(args.output)  # before the model is loaded
-        run_demo(args)
+        with output_dir(args.output):  # before the model is loaded; removed again if the demo fails and it is empty
+            if not args.overwrite:
+                refuse_to_replace(args.output, search_files() + _RESULT_FILES, "the demo")
+            run_demo(args)
     except (FileNotFoundError, ValueError) as exc:  # no trained checkpoint in this installation, bad options
         print(f"eos-search --demo: error: {exc}", file=sys.stderr)
         return 2

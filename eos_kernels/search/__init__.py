@@ -145,7 +145,12 @@ continues bit for bit on the CPU (the log is truncated to the checkpoint's
 step, options that change the maths must match). Ctrl-C saves a checkpoint of
 the last completed step and exits (the optimizer update itself is shielded
 from the signal); a non-finite loss or gradient raises
-:class:`NonFiniteLossError` without touching the last good checkpoint.
+:class:`NonFiniteLossError` without touching the last good checkpoint. No file
+already in ``--output`` is replaced without ``--overwrite`` (``--resume`` for
+the search's own checkpoint): a search refuses a folder holding any file it
+would write, ``--eval`` an existing ``eval.json``
+(:mod:`eos_kernels.search.output`). A budget below ``k_min`` cannot be reached
+(equation 11 keeps at least K_min tokens at every reducer): :func:`run` warns.
 
 Data parallelism: under ``torchrun`` (gloo on CPU, nccl on CUDA) the global
 batch is split evenly across ranks (``batch_size`` must be a multiple of the

@@ -9,39 +9,15 @@ searching. Also ``python -m eos_kernels.search``. Under
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 
 from eos_kernels.search.config import DTYPES, IMPLS, SearchConfig
+from eos_kernels.search.output import output_dir
 
-__all__ = ["main", "build_parser", "check_output_dir"]
-
-
-def check_output_dir(path: str) -> str:
-    """``path`` as a usable output folder, made if missing; ``ValueError`` with a clear message otherwise.
-
-    Checked before any model is loaded: an existing file (or a path through one),
-    a folder that cannot be made, or one that cannot be written to (probed by
-    writing and removing a small file, so a read-only file system is caught
-    even for root).
-    """
-    import tempfile
-
-    if not isinstance(path, str) or not path:
-        raise ValueError(f"--output must be a folder path, got {path!r}")
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"--output {path} is an existing file, not a folder")
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as exc:
-        raise ValueError(f"--output {path}: cannot create the folder: {exc.strerror or exc}") from None
-    try:
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".eos-write-check-"):
-            pass
-    except OSError as exc:
-        raise ValueError(f"--output {path}: the folder is not writable: {exc.strerror or exc}") from None
-    return path
+__all__ = ["main", "build_parser"]
 
 
 def _bool_flag(parser, name, help_on, help_off, dest):
@@ -130,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint-every", type=int, metavar="N", help=f"steps between checkpoints, 0: only at the end "
                    f"(default {d.checkpoint_every})")
     g.add_argument("--resume", action="store_const", const=True, help="continue the search in --output")
-    g.add_argument("--overwrite", action="store_const", const=True, help="start over in an --output that holds a search")
+    g.add_argument("--overwrite", action="store_const", const=True, help="replace what --output already holds: "
+                   "start a search over, or replace an earlier --eval's eval.json (without it eos-search refuses to "
+                   "write over any file)")
     g.add_argument("--stop-after", type=int, metavar="N", help="end this invocation after N steps in total "
                    "(checkpointed; the schedule still spans --steps)")
     _bool_flag(g, "progress", "tqdm progress bar (default)", "no progress bar", "progress")
@@ -166,19 +144,19 @@ def main(argv=None) -> int:
         return demo_main(argv)
     config = parse_config(argv)
     try:
-        if int(os.environ.get("RANK", "0")) == 0:
-            check_output_dir(config.output)
-        if config.eval:
-            from eos_kernels.search.evaluate import evaluate, format_table
+        # rank 0 makes --output (before any model loads) and removes it again if it stays empty on a failure
+        with output_dir(config.output) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext():
+            if config.eval:
+                from eos_kernels.search.evaluate import evaluate, format_table
 
-            out = evaluate(config)
-            print(format_table(out["results"]))
-            if out["path"]:
-                print(f"eos-search: evaluation written to {out['path']}")
-            return 0
-        from eos_kernels.search.driver import run
+                out = evaluate(config)
+                print(format_table(out["results"]))
+                if out["path"]:
+                    print(f"eos-search: evaluation written to {out['path']}")
+                return 0
+            from eos_kernels.search.driver import run
 
-        result = run(config)
+            result = run(config)
     except ValueError as exc:
         print(f"eos-search: error: {exc}", file=sys.stderr)
         return 2

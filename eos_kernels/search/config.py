@@ -111,7 +111,8 @@ class SearchConfig:
     on CUDA; ignored on CPU), attn_implementation (None: the checkpoint's).
 
     Run control: checkpoint_every (steps; 0: only at the end), resume,
-    overwrite (start over in an output folder that holds a search),
+    overwrite (replace files already in the output folder: start a search over,
+    replace an evaluation's ``eval.json``; without it nothing there is written over),
     stop_after (end this invocation after that many steps in total, with a
     checkpoint; the schedule still spans ``steps``), progress (tqdm bar),
     plots (draw trajectories/profile/loss PNGs from ``log.jsonl`` at the end;

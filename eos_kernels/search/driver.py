@@ -1,12 +1,18 @@
-"""The search loop: setup, steps, distributed data parallelism, checkpoints, logs, plots.
+"""The search loop: :func:`run`, its setup, steps, checkpoints, logs and plots.
 
 See :mod:`eos_kernels.search` for the method and its decisions; this module is
-the machinery. :func:`run` is the public entry point.
+the machinery. :func:`run` is the public entry point. The pieces it drives live
+beside it: loading the model (:mod:`~eos_kernels.search.model_loading`), the
+processes of a ``torchrun`` launch (:mod:`~eos_kernels.search.distributed`), the
+checkpoint (:mod:`~eos_kernels.search.state`), the local moves
+(:mod:`~eos_kernels.search.local_moves`) and the output folder
+(:mod:`~eos_kernels.search.output`).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -22,21 +28,20 @@ import torch
 from torch import nn
 
 from eos_kernels.search.config import (
-    RUN_CONTROL_FIELDS,
     SearchConfig,
     default_align_layers,
     scale_init_layers,
     warm_start_discard,
 )
+from eos_kernels.search.distributed import Dist
+from eos_kernels.search.local_moves import LocalMoves, probe_ce
+from eos_kernels.search.model_loading import load_model, load_model_config, load_model_processor, resolve_device, \
+    resolve_dtype
+from eos_kernels.search.output import LOG_FILE, STATE_FILE, THETA_FILE, refuse_to_replace, search_files
+from eos_kernels.search.state import atomic_save, atomic_text, make_state, read_state, restore_state
 
-__all__ = ["run", "SearchResult", "NonFiniteLossError", "STATE_FILE", "THETA_FILE", "LOG_FILE",
-           "load_model", "resolve_device", "resolve_dtype", "TIMING_FIELDS"]
+__all__ = ["run", "SearchResult", "NonFiniteLossError", "TIMING_FIELDS"]
 
-STATE_FILE = "search_state.pt"
-THETA_FILE = "theta.json"
-LOG_FILE = "log.jsonl"
-STATE_FORMAT = "eos_kernels.search_state"
-STATE_VERSION = 1
 #: log fields that hold wall-clock measurements (excluded when comparing runs)
 TIMING_FIELDS = ("step_time", "time")
 
@@ -72,144 +77,6 @@ class SearchResult:
     plots: list
     last: dict | None
     config: SearchConfig
-
-
-# ---------------------------------------------------------------------- environment
-def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
-    if spec == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError as exc:
-        raise ValueError(f"device: {exc}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {spec!r} requested but CUDA is not available")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device(f"cuda:{local_rank}")
-    return device
-
-
-def resolve_dtype(spec: str, device: torch.device, cuda_default=torch.bfloat16) -> torch.dtype:
-    if spec == "auto":
-        return cuda_default if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[spec]
-
-
-def _load_model_config(path):
-    """The checkpoint's config, its transformers model class and the family's adapter (any supported family)."""
-    if not isinstance(path, str) or not os.path.isdir(path):
-        raise ValueError(f"model: not a local Hugging Face checkpoint directory: {path!r}")
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"model: cannot read the config of {path}: {exc}") from None
-    cls, adapter = _model_class(config, path)
-    return config, cls, adapter
-
-
-def _model_class(config, path="the checkpoint"):
-    """``(transformers class, adapter)`` of a config: its ``architectures`` name, else the
-    ``AutoModelForImageTextToText`` mapping; the adapter serving that class (ValueError if none)."""
-    import transformers
-
-    from eos_kernels.integrations.auto import _adapters
-
-    adapters = _adapters()
-    supported = ", ".join(g for ad in adapters for g, _ in ad.classes)
-    candidates = [getattr(transformers, name, None) for name in (getattr(config, "architectures", None) or [])]
-    try:
-        from transformers import AutoModelForImageTextToText
-
-        candidates.append(AutoModelForImageTextToText._model_mapping[type(config)])
-    except (ImportError, KeyError, AttributeError):
-        pass
-    for cls in candidates:
-        if not isinstance(cls, type):
-            continue
-        for adapter in adapters:
-            gens, _ = adapter._classes()
-            if gens and issubclass(cls, gens):
-                return cls, adapter
-    names = [c.__name__ for c in candidates if isinstance(c, type)] or getattr(config, "architectures", None)
-    raise ValueError(f"model: {path} is not a supported model (model_type {getattr(config, 'model_type', None)!r}, "
-                     f"class {names}); eos-search supports transformers' {supported}")
-
-
-def _load_processor(path):
-    from eos_kernels.search.data import load_processor
-
-    try:
-        return load_processor(path)
-    except ValueError as exc:
-        raise ValueError(f"model: {exc}") from None
-
-
-def load_model(path: str, device: torch.device, dtype: torch.dtype, attn_implementation: str | None = None,
-               *, processor: bool = True):
-    """``(model, processor or None)`` from a local checkpoint directory, the class chosen by its config
-    (LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2(.5)-VL, InternVL, Gemma 3)."""
-    _, cls, _ = _load_model_config(path)
-    kwargs = {"dtype": dtype}
-    if attn_implementation is not None:
-        kwargs["attn_implementation"] = attn_implementation
-    try:
-        model = cls.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"model: cannot load a {cls.__name__} from {path}: {exc}") from None
-    return model.to(device), (_load_processor(path) if processor else None)
-
-
-class _Dist:
-    """torch.distributed when launched by torchrun (WORLD_SIZE > 1), else a single process."""
-
-    def __init__(self):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.owned = False
-        self.enabled = False
-        self.comm_device = torch.device("cpu")
-
-    def setup(self, device: torch.device):
-        if self.world <= 1:
-            return
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            backend = "nccl" if device.type == "cuda" else "gloo"
-            if device.type == "cuda":
-                torch.cuda.set_device(device)
-            dist.init_process_group(backend=backend)
-            self.owned = True
-        self.enabled = True
-        self.world = dist.get_world_size()
-        self.rank = dist.get_rank()
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.enabled:
-            import torch.distributed as dist
-
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        return tensor
-
-    def barrier(self):
-        if self.enabled:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def teardown(self):
-        if self.owned:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-            self.owned = False
 
 
 @contextlib.contextmanager
@@ -250,48 +117,11 @@ class _CosineWarmup:
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _rng_state(device: torch.device) -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    try:
-        import numpy as np
-
-        state["numpy"] = np.random.get_state()
-    except ImportError:  # pragma: no cover
-        pass
-    return state
-
-
-def _set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-    if "numpy" in state:
-        import numpy as np
-
-        np.random.set_state(state["numpy"])
-
-
-def _atomic_save(obj, path: str) -> None:
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_text(text: str, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------- the search
 class _Search:
     def __init__(self, config: SearchConfig, model=None, processor=None):
         self.config = config
-        self.dist = _Dist()
+        self.dist = Dist()
         self.device = None
         self.model = None
         self.patched = False
@@ -341,9 +171,12 @@ class _Search:
         if cfg.resume:
             if not os.path.isfile(self.state_path):
                 raise ValueError(f"--resume: no checkpoint {self.state_path} to resume from")
-        elif not cfg.overwrite and (os.path.exists(self.state_path) or os.path.exists(self.log_path)):
-            raise ValueError(f"output folder {self.out} already holds a search ({STATE_FILE} / {LOG_FILE}); "
-                             "pass --resume to continue it or --overwrite to start over")
+        elif not cfg.overwrite:
+            if os.path.exists(self.state_path) or os.path.exists(self.log_path):
+                raise ValueError(f"output folder {self.out} already holds a search ({STATE_FILE} / {LOG_FILE}); "
+                                 "pass --resume to continue it or --overwrite to start over")
+            # anything else the search would write, e.g. the user's own theta.json
+            refuse_to_replace(self.out, search_files(cfg.plots), "this search")
 
         # the model's shape, processor and data first: every check before loading the weights
         if model is not None:
@@ -354,11 +187,11 @@ class _Search:
             self.adapter.check_model(model)
             mconfig = model.config
         else:
-            mconfig, _, self.adapter = _load_model_config(cfg.model)
+            mconfig, _, self.adapter = load_model_config(cfg.model)
         if processor is None:
             if cfg.model is None:
                 raise ValueError("run(config, model=...) needs processor= or config.model (to load the processor)")
-            processor = _load_processor(cfg.model)
+            processor = load_model_processor(cfg.model)
         self.num_layers = L = int(mconfig.text_config.num_hidden_layers)
         # a fixed count per image (LLaVA-1.5), or None: each image its own (LLaVA-NeXT, Qwen2(.5)-VL), and
         # N_0 is then the data's mean count (the budget is a mean per sample; Θ is exported as fractions)
@@ -375,6 +208,18 @@ class _Search:
             raise ValueError(f"budget {cfg.budget:g} is larger than the {n0} visual tokens per image of this "
                              "model" + ("" if self.fixed_count is not None else " (the data's mean)")
                              + ": nothing to search for")
+        if cfg.k_min > n0:
+            raise ValueError(f"k_min {cfg.k_min} exceeds the {n0} visual tokens per image of this model"
+                             + ("" if self.fixed_count is not None else " (the data's mean)")
+                             + ": no reducer could keep that many")
+        if cfg.budget < cfg.k_min and dist.main:
+            # equation 11: K = max(K_min, floor((1 - g c) N)) whatever g and c, so the final count never goes
+            # below K_min while the penalty on the continuous N_L keeps pushing: a search that cannot succeed
+            warnings.warn(f"--budget {cfg.budget:g} cannot be reached: the lowest final visual count this search "
+                          f"can deploy is {cfg.k_min} (--k-min {cfg.k_min}: every reducer keeps at least K_min "
+                          f"tokens, however many of the --max-reducers {cfg.max_reducers} slots reduce); the "
+                          f"exported Θ will keep {cfg.k_min} or more. Pass --budget >= {cfg.k_min} or a lower "
+                          "--k-min", UserWarning, stacklevel=2)
         if cfg.max_reducers > L:
             raise ValueError(f"max_reducers {cfg.max_reducers} exceeds the model's {L} decoder layers")
         self.align_layers = list(cfg.align_layers) if cfg.align_layers is not None else default_align_layers(L)
@@ -430,43 +275,13 @@ class _Search:
 
     # ---------------------------------------------------------------- state
     def _state(self) -> dict:
-        return {
-            "format": STATE_FORMAT,
-            "version": STATE_VERSION,
-            "step": self.step,
-            "space": {k: v.detach().cpu() for k, v in self.space.state_dict().items()},
-            "space_kwargs": self.space_kwargs,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "data_state": dict(self.data_state),
-            "rng": _rng_state(self.device),
-            "config": self.config.to_dict(),
-            "world_size": self.dist.world,
-        }
+        return make_state(step=self.step, space=self.space, space_kwargs=self.space_kwargs, optimizer=self.optimizer,
+                          scheduler=self.scheduler, data_state=self.data_state, device=self.device,
+                          config=self.config, world_size=self.dist.world)
 
     def _load_state(self):
-        try:
-            state = torch.load(self.state_path, map_location="cpu", weights_only=False)
-        except Exception as exc:  # noqa: BLE001 - any unreadable file
-            raise ValueError(f"--resume: cannot read {self.state_path}: {exc}") from None
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise ValueError(f"--resume: {self.state_path} is not an eos-search checkpoint")
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"--resume: unsupported checkpoint version {state.get('version')!r}")
-        old = state["config"]
-        new = self.config.to_dict()
-        differ = sorted(k for k in new if k not in RUN_CONTROL_FIELDS and old.get(k) != new[k])
-        if differ:
-            detail = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in differ)
-            raise ValueError(f"--resume: these options differ from the checkpoint's run: {detail}")
-        if state["space_kwargs"] != self.space_kwargs:
-            raise ValueError("--resume: the checkpoint's search space does not match this model/config")
-        self.space.load_state_dict({k: v.to(self.device) for k, v in state["space"].items()})
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step = int(state["step"])
-        self.data_state = dict(state["data_state"])
-        _set_rng_state(state["rng"], self.device)
+        state = read_state(self.state_path, self.config, self.space_kwargs)
+        self.step, self.data_state = restore_state(state, self.space, self.optimizer, self.scheduler, self.device)
 
     def _export(self):
         name = f"eos-search-B{self.config.budget:g}"
@@ -478,8 +293,8 @@ class _Search:
         if not self.dist.main:
             return
         os.makedirs(self.out, exist_ok=True)
-        _atomic_save(self._state(), self.state_path)
-        _atomic_text(self._export().to_json() + "\n", self.theta_path)
+        atomic_save(self._state(), self.state_path)
+        atomic_text(self._export().to_json() + "\n", self.theta_path)
         if self.log_file is not None:
             self.log_file.flush()
 
@@ -492,98 +307,10 @@ class _Search:
             with open(self.log_path, encoding="utf-8") as f:
                 lines = [ln for ln in f if ln.strip()]
             keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= self.step]
-            _atomic_text("".join(keep), self.log_path)
+            atomic_text("".join(keep), self.log_path)
             self.log_file = open(self.log_path, "a", encoding="utf-8")
         else:
             self.log_file = open(self.log_path, "w", encoding="utf-8")
-
-    # ---------------------------------------------------------------- local moves (decision 6)
-    @torch.no_grad()
-    def _probe_ce(self) -> float:
-        """Answer CE per token of the current search forward on the probe set (all ranks: the same number)."""
-        from eos_kernels.search import objective
-
-        dist = self.dist
-        mine = self.probe_indices[dist.rank::dist.world]
-        pixel_dtype = next(self.model.parameters()).dtype
-        sums = torch.zeros(2, dtype=torch.float64)
-        for s in range(0, len(mine), self.local_batch):
-            batch = self.data.collate(mine[s:s + self.local_batch]).to(self.device, pixel_dtype)
-            terms = objective.data_terms(self.model, batch, None, autocast=self.autocast, align=False)
-            sums[0] += float(terms["ce_sum"])
-            sums[1] += terms["answer_tokens"]
-        sums = sums.to(dist.comm_device)
-        dist.all_sum(sums)
-        return float(sums[0]) / max(float(sums[1]), 1.0)
-
-    def _move_candidates(self):
-        """(description, apply) pairs; ``apply`` edits the search parameters in place (no grad)."""
-        space, cfg = self.space, self.config
-        active = list(self.plan.export(self.n0).layers)
-        L = self.num_layers
-        out = []
-
-        def swap(a, b):
-            def apply():
-                for p in space.parameters():
-                    p.data[[a, b]] = p.data[[b, a]]
-            return apply
-
-        for layer in active:
-            for other in (layer - 1, layer + 1):
-                if 0 <= other < L and other not in active:
-                    out.append(({"kind": "move", "from": layer, "to": other}, swap(layer, other)))
-
-        def shift(a, b, f):
-            def apply():
-                g = space.gates().double()
-                c = space.discard().double()
-                for layer, factor in ((a, f), (b, 1.0 / f)):
-                    u = min(0.999, float(1.0 - g[layer] * c[layer]) * factor)
-                    new_c = min(1.0 - 1e-3, max(1e-3, (1.0 - u) / float(g[layer])))
-                    space.w_c.data[layer] = math.log(new_c / (1.0 - new_c)) / space.keep_temperature
-            return apply
-
-        for a in active:
-            for b in active:
-                if a != b:
-                    out.append(({"kind": "shift", "more": a, "fewer": b, "factor": cfg.local_moves_factor},
-                                shift(a, b, cfg.local_moves_factor)))
-        return out
-
-    def _local_moves(self) -> dict:
-        """Try every candidate on the probe set; keep the best one that lowers the CE by more than the margin.
-
-        A candidate may not deploy more final visual tokens than the current Θ
-        (or the budget, whichever is larger), so it cannot buy accuracy with tokens.
-        """
-        cfg, space = self.config, self.space
-        saved = [p.detach().clone() for p in space.parameters()]
-        base_final = self.plan.export(self.n0).token_report(self.n0, self.num_layers)["final"]
-        limit = max(base_final, math.floor(cfg.budget))
-        base = self._probe_ce()
-        tried, best = [], None
-        with torch.no_grad():
-            for desc, apply in self._move_candidates():
-                apply()
-                final = self.plan.export(self.n0).token_report(self.n0, self.num_layers)["final"]
-                if final <= limit:
-                    ce = self._probe_ce()
-                    tried.append({**desc, "ce": ce, "final": final})
-                    if ce < base - cfg.local_moves_margin and (best is None or ce < best[0]["ce"]):
-                        best = ({**desc, "ce": ce, "final": final}, apply)
-                for p, v in zip(space.parameters(), saved):
-                    p.data.copy_(v)
-            if best is not None:
-                desc, apply = best
-                apply()
-                if desc["kind"] == "move":  # the optimiser's moments travel with the parameters
-                    a, b = desc["from"], desc["to"]
-                    for p in space.parameters():
-                        for buf in self.optimizer.state.get(p, {}).values():
-                            if torch.is_tensor(buf) and buf.dim() == 1 and buf.shape[0] == self.num_layers:
-                                buf[[a, b]] = buf[[b, a]]
-        return {"base_ce": base, "tried": tried, "accepted": best[0] if best is not None else None}
 
     # ---------------------------------------------------------------- one step
     def _one_step(self) -> dict:
@@ -711,6 +438,11 @@ class _Search:
 
         cfg = self.config
         self.plan = SearchPlan(self.space, cfg.max_reducers, cfg.gate_threshold, cfg.impl)
+        # decision 6; _one_step calls it every local_moves_every steps
+        self._local_moves = LocalMoves(cfg, self.space, self.plan, self.optimizer, self.n0, self.num_layers,
+                                       probe=functools.partial(probe_ce, self.model, self.data, self.probe_indices,
+                                                               self.local_batch, self.device, self.autocast,
+                                                               self.dist))
         self.last = None
         self.saved_step = self.step if cfg.resume else None
         stop = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)

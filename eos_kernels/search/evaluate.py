@@ -39,6 +39,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from eos_kernels.search.config import SearchConfig
+from eos_kernels.search.output import EVAL_FILE, refuse_to_replace
 from eos_kernels.theta import Theta
 
 __all__ = ["evaluate", "resolve_theta", "normalize_answer", "format_table"]
@@ -184,7 +185,8 @@ def evaluate(config: SearchConfig | Mapping[str, Any] | None = None, thetas: Seq
             for this model and processor (``config.data`` is then only recorded; with
             ``eval_limit`` it is an error), to evaluate
             several calls on one load.
-        write: write ``<output>/eval.json``.
+        write: write ``<output>/eval.json`` (an existing one is replaced only with
+            ``config.overwrite``, checked before the model loads).
 
     Returns:
         ``{"results": [...], "path": eval.json or None}``; each result holds
@@ -193,14 +195,19 @@ def evaluate(config: SearchConfig | Mapping[str, Any] | None = None, thetas: Seq
     """
     from eos_kernels.integrations.auto import adapter_for
     from eos_kernels.search.data import load_dataset, load_processor
-    from eos_kernels.search.driver import load_model, resolve_device, resolve_dtype
+    from eos_kernels.search.model_loading import load_model, resolve_device, resolve_dtype
 
     config = SearchConfig.coerce(config, **overrides)
     config.require("data")
     thetas = list(thetas) if thetas is not None else list(config.eval or [])
     if not thetas:
         raise ValueError("eval: no Θ to evaluate (give --eval THETA.json [...] or a preset name)")
+    for spec in thetas:  # a misspelt spec fails before anything loads; its fit to the model is checked below
+        if isinstance(spec, str):
+            resolve_theta(spec, 32, 576)  # LLaVA-1.5's shape, at which every preset is defined
     rank = int(os.environ.get("RANK", "0"))
+    if write and rank == 0 and not config.overwrite:  # an earlier evaluation's results stay unless told
+        refuse_to_replace(os.path.abspath(config.output), [EVAL_FILE], "this evaluation")
     if model is None:
         config.require("model")
         device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
@@ -255,7 +262,7 @@ def evaluate(config: SearchConfig | Mapping[str, Any] | None = None, thetas: Seq
     path = None
     if write and rank == 0:
         os.makedirs(config.output, exist_ok=True)
-        path = os.path.join(os.path.abspath(config.output), "eval.json")
+        path = os.path.join(os.path.abspath(config.output), EVAL_FILE)
         with open(path, "w", encoding="utf-8") as f:
             json.dump({"data": os.path.abspath(config.data), "results": results}, f, indent=1)
     return {"results": results, "path": path}

@@ -247,7 +247,7 @@ class EOS(lmms):
         if pretrained is None:
             raise ValueError("eos: pretrained= is required (a checkpoint folder or a Hugging Face Hub id)")
         from eos_kernels.search.config import DTYPES
-        from eos_kernels.search.driver import _load_model_config, load_model, resolve_device, resolve_dtype
+        from eos_kernels.search.model_loading import load_model, load_model_config, resolve_device, resolve_dtype
         from eos_kernels.search.evaluate import resolve_theta
 
         self.batch_size_per_gpu = _positive_int("batch_size", batch_size)
@@ -279,7 +279,7 @@ class EOS(lmms):
             raise ValueError(f"eos: theta={theta!r}: {exc}") from None
         path = _resolve_checkpoint(pretrained, revision, config_only=True)
         try:
-            config, _, _ = _load_model_config(path)
+            config, _, _ = load_model_config(path)
         except ValueError as exc:
             raise ValueError(f"eos: pretrained={pretrained!r}: {exc}") from None
         depth = getattr(getattr(config, "text_config", config), "num_hidden_layers", None)
