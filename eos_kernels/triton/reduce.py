@@ -473,11 +473,19 @@ def _row_partial_dot_kernel(
 #           dnu = GA (r - 1), with GA = sum_j GA_j and N^ = ||A^||_F
 # then E_j = dL/dA~_j = alpha_j G_j + coef_j A~_j with alpha_j = h_j f_j, coef_j = -h_j c_j,
 #   e_j = dL/dA^_j . A~_j = f_j g_j - c_j |A~_j|^2,  ds_j = rho e_j,  drho = sum_j e_j s_j.
+# ds_bar = sum_l s_l ds_l = rho drho is stored too, and _dsim reads ds centred, ds_j - ds_bar:
+# the backward needs ds only through differences (ds_j - Ps_i in dS, Ps_i - sum_l u_l Ps_l in
+# dq, = sum_j (P_ij - s_j) ds_j), unchanged by any shift as P's rows and u sum to 1. Those
+# differences can be small next to ds itself: when G runs along A (G = out for |out|^2 / 2),
+# ds_j ~ rho |a_j|^2 for every j (40 +- 4 for unit inputs at K = 24, d = 256, while
+# Ps_i - sum u Ps ~ 0.1). Uncentred, P = exp(S - lse), whose rows sum to 1 only to a few
+# ulps, put those ulps of ds_bar into every Ps_i, and u_i times that was 1e-6 in dq, as large
+# as dq's whole fp32 tolerance (and growing with d); centred, only ulps of ds_j - ds_bar.
 # --------------------------------------------------------------------------- #
 @triton.jit
 def _anchor_grad_coef_kernel(
     gpart_ptr, nat2_ptr, delta_ptr, s_ptr, na_ptr, params_ptr,
-    alpha_ptr, coef_ptr, omega_ptr, ds_ptr, pgrad_ptr,
+    alpha_ptr, coef_ptr, omega_ptr, ds_ptr, dsbar_ptr, pgrad_ptr,
     K, num_db, ratio_eps,
     FROBENIUS: tl.constexpr, BK: tl.constexpr, BDB: tl.constexpr,
 ):
@@ -546,13 +554,15 @@ def _anchor_grad_coef_kernel(
         tl.store(ds_ptr + b * K + offs_k, rho * e, mask=mask_k)
     if not FROBENIUS:
         dnu = tl.sum(dnu_lane, axis=0)
-    tl.store(pgrad_ptr + b * 5 + 3, tl.sum(drho_lane, axis=0))
+    drho = tl.sum(drho_lane, axis=0)
+    tl.store(pgrad_ptr + b * 5 + 3, drho)
     tl.store(pgrad_ptr + b * 5 + 4, dnu)
+    tl.store(dsbar_ptr + b, rho * drho)  # sum_j s_j ds_j, the centre of ds (see above)
 
 
 # --------------------------------------------------------------------------- #
 # dL/dS per candidate row block (grid (M-blocks, B)), given Q = D E^T:
-#   R_i = sum_j W_ij Q_ij,  Ps_i = sum_j P_ij ds_j,  dm_i = gamma R_i,
+#   R_i = sum_j W_ij Q_ij,  Ps_i = sum_j P_ij ds_j (ds_j - ds_bar, above),  dm_i = gamma R_i,
 #   dpre_i = dm_i m_i (1 - m_i)                       (gate pre-activation)
 #   dS_ij = gamma m_i W_ij (Q_ij - R_i) / tau          (through W)
 #         + P_ij u_i (ds_j - Ps_i)                     (through s = P^T u)
@@ -569,8 +579,9 @@ def _anchor_grad_coef_kernel(
 # dS is written pre-scaled as dS_ij / (max|d_i|,eps) / (max|a_j|,eps) over Q in place.
 # --------------------------------------------------------------------------- #
 @triton.jit
-def _dsim_tile(srow, qrow, ds_ptr, b, k0, K, mask_m, inv_tau, smax, lse_tau, lse_one, BK: tl.constexpr):
-    # one [BM, BK] tile of the row block: S, Q, W = softmax(S / tau), P = softmax(S), ds_j
+def _dsim_tile(srow, qrow, ds_ptr, ds_bar, b, k0, K, mask_m, inv_tau, smax, lse_tau, lse_one,
+               BK: tl.constexpr):
+    # one [BM, BK] tile of the row block: S, Q, W = softmax(S / tau), P = softmax(S), ds_j - ds_bar
     offs_k = k0 + tl.arange(0, BK)
     mask_k = offs_k < K
     valid = mask_m[:, None] & mask_k[None, :]
@@ -578,14 +589,14 @@ def _dsim_tile(srow, qrow, ds_ptr, b, k0, K, mask_m, inv_tau, smax, lse_tau, lse
     qt = tl.load(qrow + offs_k[None, :], mask=valid, other=0.0)
     w = tl.where(valid, tl.exp((st - smax[:, None]) * inv_tau - lse_tau[:, None]), 0.0)
     p = tl.where(valid, tl.exp(st - lse_one[:, None]), 0.0)
-    dsk = tl.load(ds_ptr + b * K + offs_k, mask=mask_k, other=0.0)
+    dsk = tl.where(mask_k, tl.load(ds_ptr + b * K + offs_k, mask=mask_k, other=0.0) - ds_bar, 0.0)
     return offs_k, mask_k, valid, st, qt, w, p, dsk
 
 
 @triton.jit
 def _dsim_kernel(
     s_ptr, q_ptr, params_ptr,
-    smax_ptr, lse_tau_ptr, lse1_ptr, pre_ptr, amax_ptr, lseq_ptr, nd_ptr, na_ptr, ds_ptr, sc_ptr,
+    smax_ptr, lse_tau_ptr, lse1_ptr, pre_ptr, amax_ptr, lseq_ptr, nd_ptr, na_ptr, ds_ptr, dsbar_ptr, sc_ptr,
     kappa_ptr, ps_ptr, lampart_ptr, ppart_ptr,
     beta, eps, M, K, ssb, ssm,
     BM: tl.constexpr, BK: tl.constexpr,
@@ -609,14 +620,15 @@ def _dsim_kernel(
     u = tl.where(mask_m, tl.exp(sc - tl.load(lseq_ptr + b)), 0.0)
     srow = s_ptr + b * M * K + offs_m.to(tl.int64)[:, None] * K
     qrow = q_ptr + b * M * K + offs_m.to(tl.int64)[:, None] * K
+    ds_bar = tl.load(dsbar_ptr + b)
     q_arg = tl.load(q_ptr + b * M * K + offs_m.to(tl.int64) * K + amax, mask=mask_m, other=0.0)  # Q_ia
     # pass 1: row sums sum_j W_ij, R'_i (shifted by Q_ia) and Ps_i
     w_sum = tl.zeros((BM,), tl.float32)
     r_shift = tl.zeros((BM,), tl.float32)
     ps = tl.zeros((BM,), tl.float32)
     for k0 in range(0, K, BK):
-        offs_k, mask_k, valid, st, qt, w, p, dsk = _dsim_tile(srow, qrow, ds_ptr, b, k0, K, mask_m, inv_tau,
-                                                              smax, lse_tau, lse_one, BK)
+        offs_k, mask_k, valid, st, qt, w, p, dsk = _dsim_tile(srow, qrow, ds_ptr, ds_bar, b, k0, K, mask_m,
+                                                              inv_tau, smax, lse_tau, lse_one, BK)
         w_sum += tl.sum(w, axis=1)
         r_shift += tl.sum(w * (qt - q_arg[:, None]), axis=1)
         ps += tl.sum(p * dsk[None, :], axis=1)
@@ -628,8 +640,8 @@ def _dsim_kernel(
     dtau_lane = tl.zeros((BM,), tl.float32)
     rnd = 1.0 / tl.maximum(nd, eps)
     for k0 in range(0, K, BK):
-        offs_k, mask_k, valid, st, qt, w, p, dsk = _dsim_tile(srow, qrow, ds_ptr, b, k0, K, mask_m, inv_tau,
-                                                              smax, lse_tau, lse_one, BK)
+        offs_k, mask_k, valid, st, qt, w, p, dsk = _dsim_tile(srow, qrow, ds_ptr, ds_bar, b, k0, K, mask_m,
+                                                              inv_tau, smax, lse_tau, lse_one, BK)
         dz = gamma * gate[:, None] * w * ((qt - q_arg[:, None]) - r_shift[:, None])
         dst = dz * inv_tau + p * u[:, None] * (dsk[None, :] - ps[:, None])
         dst += tl.where(offs_k[None, :] == amax[:, None], beta * dpre[:, None], 0.0)
@@ -885,9 +897,11 @@ def _backward(grad_out, anchors, candidates, scores, saved, beta, norm, needs):
     coef = torch.empty_like(alpha)
     omega = torch.empty_like(alpha)
     ds = torch.empty_like(alpha)
+    ds_bar = torch.empty(B, device=device, dtype=f32)
     pgrad = torch.zeros(B, 5, device=device, dtype=f32)
     _anchor_grad_coef_kernel[(B,)](
-        g_part, saved["nat2"], saved["delta"], saved["s_vec"], saved["n_ratio"], pvec, alpha, coef, omega, ds, pgrad,
+        g_part, saved["nat2"], saved["delta"], saved["s_vec"], saved["n_ratio"], pvec,
+        alpha, coef, omega, ds, ds_bar, pgrad,
         K, num_db, ratio_eps, FROBENIUS=norm == "frobenius", BK=BLOCK_VEC, BDB=next_pow2(num_db), **sal)
     e_grad = torch.empty(B, K, D, device=device, dtype=f32)
     _anchor_axpby_kernel[(num_kb, num_db, B)](
@@ -907,7 +921,7 @@ def _backward(grad_out, anchors, candidates, scores, saved, beta, norm, needs):
         p_part = torch.empty(B, num_mb, 3, device=device, dtype=f32)
         _dsim_kernel[(num_mb, B)](
             saved["sim"], dsc, pvec, saved["smax"], saved["lse_tau"], saved["lse_one"], saved["pre"], saved["amax"],
-            saved["lse_q"], saved["n_cand"], saved["n_anch"], ds, scores, kappa, ps, lam_part, p_part,
+            saved["lse_q"], saved["n_cand"], saved["n_anch"], ds, ds_bar, scores, kappa, ps, lam_part, p_part,
             float(beta), NORMALIZE_EPS, M, K, *scores.stride(), BM=BLOCK_M, BK=BLOCK_K, **sal)
         if needs[1]:
             d_cand = torch.empty(B, M, D, device=device, dtype=candidates.dtype)
