@@ -435,3 +435,131 @@ def test_other_families_get_one_image_processor_call_per_batch(fam):
             want = fam.processor.image_processor([i.convert("RGB") for i in im], return_tensors="pt")
             assert all(torch.equal(inputs[k], want[k]) for k in want if k in inputs) and \
                 torch.equal(inputs["pixel_values"], want["pixel_values"]), fam.name
+
+
+def test_a_batch_of_prompts_gets_each_prompts_own_ids(fam):
+    """``PromptEncoder.prompts`` (what ``generate_until`` builds a batch's prompts with) gives each conversation the
+    ids of its own ``prompt`` call (image and text-only prompts mixed, both interfaces' turns): through the
+    tokenizers-library tokenizer where the transformers one is a plain TokenizersBackend (its first use checked
+    against the transformers call), else one transformers call each; the plugin's ``_prompts`` gives them too, and
+    ``answers`` (log-likelihood batches) gives each ``answer``'s."""
+    from eos_kernels.search.data import _backend_encoder
+
+    docs = _docs(fam, text_only=(1, 5))
+    lm = _plugin(fam, docs=docs)
+    chat = _plugin(fam, cls=EOSChat, docs=docs)
+    convs = [lm._simple_conversation(d["question"], _visual, "t", "test", i) for i, d in enumerate(docs)]
+    messages = [[{"role": "user", "content": ([{"type": "image", "url": d["image"]}] if d["image"] else [])
+                  + [{"type": "text", "text": d["question"]}]},
+                 {"role": "assistant", "content": [{"type": "text", "text": "yes"}]},
+                 {"role": "user", "content": [{"type": "text", "text": "and?"}]}] for d in docs]
+    convs += [chat._chat_conversation(m, "t", "test", i) for i, m in enumerate(messages)]
+    want = [lm.encoder.prompt(turns, images) for turns, images in convs]
+    renderer = lm.encoder._renderer
+    texts = [renderer.text(turns, True) for turns, _ in convs]
+    tok = lm.encoder.tokenizer
+    real = type(tok).__call__
+    calls = []
+
+    def counted(self, text, *args, **kwargs):
+        calls.append(text)
+        return real(self, text, *args, **kwargs)
+
+    direct = _backend_encoder(tok) is not None
+    assert (renderer._backend is not None) == direct
+    type(tok).__call__ = counted
+    try:
+        for first in (True, False):
+            calls.clear()
+            got = lm.encoder.prompts(convs, [f"doc {i}" for i in range(len(convs))])
+            assert got == want, (fam.name, first)
+            prompt_calls = [c for c in calls if c in texts]  # not the visual counter's calls
+            if direct and not first:
+                assert prompt_calls == [], fam.name  # checked at the first use: the tokenizers library's own encode
+            else:  # the check at the first use, or the transformers tokenizer: one call per prompt
+                assert sorted(prompt_calls) == sorted(texts), fam.name
+        # scored conversations (loglikelihood): each one's answer() ids, as a batch
+        scored = [(turns + [("gpt", "a b")], images) for turns, images in convs]
+        assert lm.encoder.answers(scored) == [lm.encoder.answer(t, im) for t, im in scored], fam.name
+    finally:
+        type(tok).__call__ = real
+    assert renderer._backend_checked is direct and (renderer._backend is not None) == direct
+    items = lm._simple_items(_simple_requests(docs))
+    assert lm._prompts(items, convs[:len(docs)]) == [(ids, None) for ids in want[:len(docs)]]
+    # an error still names its sample
+    bad = list(convs[:2]) + [([("human", "no placeholder")], convs[0][1] or convs[2][1])]
+    with pytest.raises(ValueError, match="doc 2"):
+        lm.encoder.prompts(bad, ["doc 0", "doc 1", "doc 2"])
+
+
+def test_the_direct_tokenizer_path_falls_back_to_the_transformers_call(demo):
+    """A backend whose ids differ from the transformers call at the first use is dropped for good (the call's
+    ids are given), and a backend left with padding or truncation is not used (the call clears them)."""
+    from eos_kernels.search.data import PromptEncoder
+
+    enc = PromptEncoder(demo.processor, image_token_id=demo.model.config.image_token_id, num_visual_tokens=64)
+    renderer = enc._renderer
+    assert renderer._backend is not None  # the demo's tokenizer is a plain TokenizersBackend
+    texts = ["USER: what is it? ASSISTANT:", "USER: and this? ASSISTANT:"]
+    want = [renderer.ids(t) for t in texts]
+    backend = renderer._backend
+
+    class Shifted:  # a backend that gives other ids
+        padding = truncation = None
+        encode_special_tokens = False
+
+        def encode(self, text, add_special_tokens=True):
+            return SimpleNamespace(ids=[i + 1 for i in backend.encode(text, add_special_tokens=add_special_tokens).ids])
+
+    renderer._backend = Shifted()
+    assert renderer.ids_many(texts) == want and renderer._backend is None and renderer._backend_checked
+    assert renderer.ids_many(texts) == want
+    fresh = PromptEncoder(demo.processor, image_token_id=demo.model.config.image_token_id, num_visual_tokens=64)
+    backend = fresh._renderer._backend
+    backend.enable_truncation(max_length=3)
+    try:
+        assert fresh._renderer.ids_many(texts) == want  # the transformers call: it clears the truncation
+        assert backend.truncation is None and not fresh._renderer._backend_checked
+        assert fresh._renderer.ids_many(texts) == want and fresh._renderer._backend_checked
+    finally:
+        backend.no_truncation()
+
+
+def test_padded_inputs_are_the_row_by_row_padding(demo):
+    """``_inputs`` pads left (generation) and right (log-likelihood) as the per-row assignment did: pad id and mask
+    0 at the padding, the prompt's ids and mask 1 elsewhere, long tensors."""
+    lm = _plugin(demo)
+    prompts = [[5, 6, 7], [8], [9, 10, 11, 12, 13], [14, 15]]
+    for side in ("left", "right"):
+        got = lm._inputs(prompts, [], side=side)
+        L = 5
+        ids = torch.full((4, L), lm.encoder.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((4, L), dtype=torch.long)
+        for b, p in enumerate(prompts):
+            sl = slice(L - len(p), L) if side == "left" else slice(0, len(p))
+            ids[b, sl] = torch.tensor(p)
+            mask[b, sl] = 1
+        assert got["input_ids"].dtype == got["attention_mask"].dtype == torch.long
+        assert torch.equal(got["input_ids"], ids) and torch.equal(got["attention_mask"], mask)
+        assert "pixel_values" not in got
+
+
+def test_image_inputs_pass_rgb_images_as_they_are_and_convert_the_others(demo):
+    """``image_inputs`` hands an RGB image to the processor without a copy (``convert("RGB")`` gave its copy) and
+    still converts every other mode: the outputs are those of converting each image first, for RGB, grey,
+    RGBA, palette and RGB-with-a-transparent-colour images."""
+    from PIL import Image
+
+    from eos_kernels.search.data import image_inputs
+
+    base = _docs(demo, text_only=())[0]["image"]
+    rgba = base.convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize(base.size))
+    keyed = base.copy()
+    keyed.info["transparency"] = tuple(base.getpixel((0, 0)))
+    images = [base, base.convert("L"), rgba, base.convert("P"), keyed]
+    want = demo.processor.image_processor([im.convert("RGB") for im in images], return_tensors="pt")
+    got = image_inputs(demo.processor, images)
+    assert got.keys() == {k for k, v in want.items() if torch.is_tensor(v)}
+    assert all(torch.equal(got[k], want[k]) for k in got)
+    assert [im.mode for im in images] == ["RGB", "L", "RGBA", "P", "RGB"]  # the callers' images untouched

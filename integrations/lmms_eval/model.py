@@ -40,6 +40,7 @@ import time
 import warnings
 from typing import Any, Callable, List, Optional, Tuple
 
+import numpy as np
 import torch
 from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
@@ -467,6 +468,35 @@ class EOS(lmms):
         self.timing["preprocess_s"] += time.perf_counter() - t0
         return out
 
+    def _prompts(self, batch: list[_Item], convs: list) -> list[tuple[list[int], dict | None]]:
+        """:meth:`_prompt` of each item of a batch (``convs``: their conversations); the prompts without a video
+        tokenised together (:meth:`PromptEncoder.prompts`: the same ids)."""
+        wheres = [f"{it.task} doc {it.doc_id}" for it in batch]
+        plain = [b for b, (_, visuals) in enumerate(convs) if not any(isinstance(v, Video) for v in visuals)]
+        out: list = [None] * len(batch)
+        if plain:
+            ids = self.encoder.prompts([convs[b] for b in plain], [wheres[b] for b in plain])
+            for b, p in zip(plain, ids):
+                out[b] = (p, None)
+        for b, (turns, visuals) in enumerate(convs):
+            if out[b] is None:
+                out[b] = self._prompt(turns, visuals, where=wheres[b])
+        return out
+
+    def _answers(self, wheres: list[str], convs: list) -> list[tuple[list[int], list[int], dict | None]]:
+        """:meth:`_answer` of each scored conversation of a batch; those without a video tokenised together
+        (:meth:`PromptEncoder.answers`: the same ids)."""
+        plain = [b for b, (_, visuals) in enumerate(convs) if not any(isinstance(v, Video) for v in visuals)]
+        out: list = [None] * len(convs)
+        if plain:
+            for b, (prompt, answer) in zip(plain, self.encoder.answers([convs[b] for b in plain],
+                                                                       [wheres[b] for b in plain])):
+                out[b] = (prompt, answer, None)
+        for b, (turns, visuals) in enumerate(convs):
+            if out[b] is None:
+                out[b] = self._answer(turns, visuals, where=wheres[b])
+        return out
+
     def _answer(self, turns, visuals, where: str) -> tuple[list[int], list[int], dict | None]:
         """A scored conversation's prompt ids, answer ids and video inputs (None without a video)."""
         if not any(isinstance(v, Video) for v in visuals):
@@ -485,12 +515,15 @@ class EOS(lmms):
         from eos_kernels.search.objective import _forward_parameters, forward_inputs
 
         L = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), L), self.encoder.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), L), dtype=torch.long)
-        for b, p in enumerate(prompts):
-            sl = slice(L - len(p), L) if side == "left" else slice(0, len(p))
-            ids[b, sl] = torch.tensor(p, dtype=torch.long)
-            mask[b, sl] = 1
+        # the padded rows as one flat list through numpy (row-by-row tensor assignment, or torch.tensor of nested
+        # lists, is several times slower)
+        flat, bits, pad = [], [], [self.encoder.pad_token_id]
+        for p in prompts:
+            n = L - len(p)
+            flat += (pad * n + list(p)) if side == "left" else (list(p) + pad * n)
+            bits += ([0] * n + [1] * len(p)) if side == "left" else ([1] * len(p) + [0] * n)
+        ids = torch.from_numpy(np.array(flat, dtype=np.int64).reshape(len(prompts), L))
+        mask = torch.from_numpy(np.array(bits, dtype=np.int64).reshape(len(prompts), L))
         extra, px = {}, None
         if images:
             extra = dict(self._image_inputs(images) if image_inputs is None else image_inputs)
@@ -586,8 +619,7 @@ class EOS(lmms):
             if conversations[k] is None:
                 conversations[k] = [it.conversation() for it in batch]
             convs = conversations[k]
-            encoded = [self._prompt(turns, visuals, where=f"{it.task} doc {it.doc_id}")
-                       for it, (turns, visuals) in zip(batch, convs)]
+            encoded = self._prompts(batch, convs)
             prompts = [ids for ids, _ in encoded]
             image_inputs = None
             if self._images(convs):
@@ -643,9 +675,12 @@ class EOS(lmms):
             batch = items[s:s + n]
             t0 = time.perf_counter()
             seqs, prompt_lens, answers, images, videos = [], [], [], [], []
+            convs = []
             for i, task, doc_id, cont, conv in batch:
                 turns, visuals = conv()
-                prompt, answer, video = self._answer(turns + [("gpt", cont)], visuals, where=f"{task} doc {doc_id}")
+                convs.append((turns + [("gpt", cont)], visuals))
+            scored = self._answers([f"{task} doc {doc_id}" for _, task, doc_id, _, _ in batch], convs)
+            for (prompt, answer, video), (_, visuals) in zip(scored, convs):
                 seqs.append(prompt + answer)
                 prompt_lens.append(len(prompt))
                 answers.append(answer)
