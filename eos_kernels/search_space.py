@@ -55,6 +55,12 @@ def _logit(p: float) -> float:
     return math.log(p) - math.log1p(-p)
 
 
+def _sharpen(g: Tensor, sharpness: float) -> Tensor:
+    """σ(logit(g) / λ) (see :func:`eos_kernels.search.relaxed.sharpen_gates`)."""
+    g = g.clamp(1e-12, 1 - 1e-12)
+    return torch.sigmoid((torch.log(g) - torch.log1p(-g)) / sharpness)
+
+
 def _softplus_inv(y: float) -> float:
     # log(exp(y) - 1), stable for small and large y
     return y + math.log(-math.expm1(-y))
@@ -320,6 +326,8 @@ class SearchSpace(nn.Module):
         *,
         name: str | None = None,
         fractions: bool = False,
+        sharpness: float = 1.0,
+        last_layer: bool = True,
     ) -> Theta:
         """Deterministic :class:`Theta` from the current state.
 
@@ -335,8 +343,15 @@ class SearchSpace(nn.Module):
         (equation 11) at *any* visual count, for models whose images give
         different counts (LLaVA-NeXT, Qwen2(.5)-VL). ``num_visual_tokens`` is
         then only checked against K_min.
+
+        ``sharpness`` λ < 1 (the relaxed search's annealed gates,
+        :mod:`eos_kernels.search.relaxed`): the kept share of a selected layer
+        is ``1 − ĝ c`` with ``ĝ = σ(logit(g) / λ)``, the share its relaxed
+        forward keeps (λ = 1: ĝ = g, equation 11). ``last_layer=False`` never
+        selects the last layer (a reducer there removes nothing that runs).
         """
         thr = check_real("gate_threshold", gate_threshold, low=0.0, high=1.0)
+        sharpness = check_real("sharpness", sharpness, low=0.0, high=1.0, low_open=True)
         if max_reducers is not None:
             max_reducers = check_int("max_reducers", max_reducers, 0)
         n = self.num_visual_tokens if num_visual_tokens is None else check_int("num_visual_tokens", num_visual_tokens, 1)
@@ -347,22 +362,26 @@ class SearchSpace(nn.Module):
         # depend on the device (theta.json written during a GPU search equals the result)
         src = self if self.w_g.device.type == "cpu" else copy.deepcopy(self).cpu()
         with torch.no_grad():
-            g = src.gates().double().tolist()
+            gates = src.gates().double()
+            g = gates.tolist()
+            # the gate that scales the kept share: g itself (equation 11), or its sharpened form
+            g_keep = g if sharpness == 1.0 else _sharpen(gates, sharpness).tolist()
             c = src.discard().double().tolist()
             ops = {"gamma": src.gamma().tolist(), "tau": src.tau().tolist(), "theta": src.theta().tolist(),
                    "rho": src.rho().tolist(), "nu": src.nu().tolist()}
-        active = [l for l in range(self.num_layers) if g[l] > thr]
+        selectable = range(self.num_layers if last_layer else self.num_layers - 1)
+        active = [l for l in selectable if g[l] > thr]
         active.sort(key=lambda l: (-g[l], l))
         if max_reducers is not None:
             active = active[:max_reducers]
         reducers, incoming = [], n
         for l in sorted(active):
             if fractions:
-                keep = min(1.0, max(float(1.0 - g[l] * c[l]), 1e-12))
+                keep = min(1.0, max(float(1.0 - g_keep[l] * c[l]), 1e-12))
                 reducers.append(Reducer(l, keep, **{key: ops[key][l] for key in ops},
                                         beta=self.beta, k_min=self.k_min, norm=self.norm))
                 continue
-            kept = min(incoming, max(self.k_min, math.floor((1.0 - g[l] * c[l]) * incoming)))
+            kept = min(incoming, max(self.k_min, math.floor((1.0 - g_keep[l] * c[l]) * incoming)))
             reducers.append(Reducer(l, kept, **{key: ops[key][l] for key in ops},
                                     beta=self.beta, k_min=self.k_min, norm=self.norm))
             incoming = kept
