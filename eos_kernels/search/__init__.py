@@ -20,7 +20,12 @@ bf16 autocast on CUDA.
 
 The search forward (decisions the paper leaves open)
 ----------------------------------------------------
-1. **Which layers reduce, and how much.** At every forward the search space is
+``search_forward`` picks between two forwards. **"relaxed"** (the default,
+decision 7, ours) lets the gradient reach every decision of Θ; **"hard"** is
+the paper's forward as we read it (decisions 1-2), kept for comparison and for
+its local moves (decision 6). Decisions 3-5 hold for both.
+
+1. **Which layers reduce, and how much (hard forward).** At every forward the search space is
    exported with the deployment rule (:meth:`SearchSpace.export`): layers with
    ``g_l > gate_threshold`` (0.5), at most ``max_reducers`` (C) of them, the
    strongest gates first; K_l from equation 11 (hard top-K, ``floor((1 − g_l
@@ -33,7 +38,7 @@ The search forward (decisions the paper leaves open)
    the same ``_reduce`` as deployment) and :func:`~eos_kernels.eos_reduce`
    (``--impl``: fused Triton autograd kernels on CUDA with "auto", the PyTorch
    reference on the CPU), so the task loss reaches Ω through the operator.
-2. **Straight-through keep probability (equation 12).** The reduced anchors
+2. **Straight-through keep probability (equation 12, hard forward).** The reduced anchors
    are multiplied by ``p_i / sg(p_i)`` (forward value exactly 1), with
    ``p_i = SearchSpace.keep_probability(z, l, K_l)`` gathered at the anchors.
    Importance scores are attention probabilities (~1/N), so equation 12 is
@@ -69,9 +74,8 @@ The search forward (decisions the paper leaves open)
    each sample's prompt (the tokens before its first answer token) with
    ``patching.prompt_lengths``, so the search sees the deployed selection.
 
-6. **Local moves (not in the paper; off by default, on in ``eos-search
-   --demo``).** Two parts of Θ get no useful gradient from the search forward,
-   as the built-in demo shows (``eos-search --demo --local-moves-every 0``):
+6. **Local moves (not in the paper; off by default; hard forward only).** Two parts of Θ get no useful gradient from the search forward,
+   as the built-in demo shows (``eos-search --demo --search-forward hard``):
    (a) a layer that does not reduce is absent from the forward, so the task
    loss never reaches its gate -- gates outside the warm-start slots stay at
    ``off_gate`` (0.01) for good, the penalties being zero at a feasible warm
@@ -95,6 +99,58 @@ The search forward (decisions the paper leaves open)
    over what the gradient cannot see, so the exported Θ can put a reducer
    on a layer the warm start did not. With ``local_moves_every = 0`` the
    search is the paper's.
+
+7. **The relaxed forward (ours; the default).** Decisions 1-2 leave the
+   gradient blind where it matters (decision 6 says why): a layer that does not
+   reduce is absent from the forward, and the straight-through factor reaches
+   g, c only as a rescaling of the kept anchors. The relaxed forward
+   (:mod:`eos_kernels.search.relaxed`, equations there) removes nothing: every
+   visual token keeps a *presence* P in (0, 1], every layer but the last keeps
+   the share ``1 − c_l`` of the presence entering it by a soft top-K on its
+   importance (temperature T), and its gate mixes that in (``P ← P (1 − ĝ (1 −
+   κ))``); later layers attend to each visual key with the bias ``log P`` (a
+   removed token influences the text only as a key/value, so P → 0 is a removal,
+   P = 1 is no change), and the operator runs softly (every token an anchor of
+   weight P, a candidate of the mass it loses). So the loss is a smooth function
+   of every layer's g and c and of Ω (checked against finite differences,
+   ``tests/test_search_relaxed.py``); at T → 0 with hard gates it *is* the
+   deployed forward (tested). The schedule:
+
+   - steps ``[0, sharpen_from)`` of the relaxed part: deterministic gates ĝ = g;
+     the budget and FLOPs see the *effective* count (Σ P)² / Σ P², so dimming
+     every token a little (c → 1 at a partial gate) earns no budget;
+   - then binary-concrete gates, one sample per layer and sample, on with
+     probability g, their temperature λ falling geometrically to
+     ``sharpness_end``: a deterministic gate can sit at g = 1/2 where a
+     part-strength layer costs little, and would deploy as a coin flip; a
+     sampled one shows the forward the layer wholly on or off; the penalties
+     take the expectation (equation 13's N̄, ``1 − g c`` per layer);
+   - T falls geometrically from ``temperature_start`` to ``temperature_end``
+     over the relaxed steps;
+   - the last ``hard_finish`` share of the steps (25 %) runs the hard forward
+     (decisions 1-2) on the structure reached, with g and c frozen (their
+     gradients dropped, not zeroed: AdamW would still move them): Ω finishes
+     on the exact deployed forward.
+
+   Departures from the paper, all ours: every layer's keep decision is in the
+   forward (the paper's holds the active layers only); equation 12's
+   straight-through factor is replaced by the soft top-K; the gate enters the
+   forward as a mixture, then as a sample; the last layer never reduces (a
+   reducer there removes nothing that runs: the search never activates it);
+   T_g defaults to 4 (the gates must be able to move in a few hundred steps);
+   **and the cost**: the paper's objective bounds the final count and the
+   number of active layers, and a gradient that reaches every layer finds that
+   a reducer just before the last meets any final budget at no cost in
+   accuracy -- and saves nothing (the built-in demo's search walks there). So
+   the relaxed search also bounds the estimated prefill FLOPs ratio
+   (``Theta.token_report``'s formula on the expected chain) by ``max_flops``,
+   a one-sided penalty of weight ``lambda_flops`` (100: a wall); by default
+   ("auto") at the warm start's ratio plus half of what the warm start saves.
+   The exported Θ keeps, at each selected layer, the share its relaxed forward
+   kept (``1 − ĝ c`` with the final λ; ``SearchSpace.export(sharpness=...)``).
+   Cost: the relaxed forward runs at full length with a float attention mask and
+   one [N, N] similarity per layer and sample (measured per step against the
+   hard one in ``bench/test_bench_search_step.py``).
 
 Defaults (:class:`SearchConfig`)
 --------------------------------

@@ -14,7 +14,7 @@ import json
 import os
 import sys
 
-from eos_kernels.search.config import DTYPES, IMPLS, SearchConfig
+from eos_kernels.search.config import DTYPES, FORWARDS, IMPLS, SearchConfig
 from eos_kernels.search.output import output_dir
 
 __all__ = ["main", "build_parser"]
@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lambda-align", type=float, help=f"λ_a, hidden-state alignment (default {d.lambda_align})")
     g.add_argument("--lambda-budget", type=float, help=f"λ_b, budget penalty (default {d.lambda_budget})")
     g.add_argument("--lambda-layers", type=float, help=f"λ_c, active-layer penalty (default {d.lambda_layers})")
+    g.add_argument("--max-flops", metavar="R|auto|none", help="cap on the estimated prefill FLOPs ratio of the "
+                   "searched Θ (relaxed forward; default auto: the warm start's plus half of what it saves)")
+    g.add_argument("--lambda-flops", type=float, help=f"weight of the FLOPs cap (default {d.lambda_flops})")
     g.add_argument("--align-layers", type=int, nargs="+", metavar="L",
                    help="decoder layers (0-indexed) whose outputs are aligned (default: every round(L/8)-th: "
                         "4 8 ... 28 for 32 layers)")
@@ -71,6 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam-betas", type=float, nargs=2, help="(default 0.9 0.999)")
     g.add_argument("--adam-eps", type=float, help=f"(default {d.adam_eps})")
     g.add_argument("--seed", type=int, help=f"(default {d.seed})")
+    g = p.add_argument_group("the search forward (eos_kernels.search, decisions 1-2 and 7)")
+    g.add_argument("--search-forward", choices=FORWARDS, help="relaxed (default: every layer's keep decision enters "
+                   "softly, so the gradient reaches every gate, count and operator) or hard (the paper's)")
+    g.add_argument("--temperature-start", type=float, help=f"soft top-K temperature at the first step, nats of the "
+                   f"score (default {d.temperature_start})")
+    g.add_argument("--temperature-end", type=float, help=f"... at the last step (default {d.temperature_end})")
+    g.add_argument("--sharpen-from", type=float, help=f"share of the relaxed steps after which the gates are "
+                   f"binary-concrete samples sharpening towards the deployed 0/1 (default {d.sharpen_from})")
+    g.add_argument("--sharpness-end", type=float, help=f"gate temperature λ at the last relaxed step (default "
+                   f"{d.sharpness_end})")
+    g.add_argument("--hard-finish", type=float, help=f"share of the steps, at the end, on the paper's hard forward "
+                   f"with the layers and counts frozen: Ω finishes on the deployed forward (default {d.hard_finish})")
     g = p.add_argument_group("search space and warm start (equations 10-12, §2.6)")
     g.add_argument("--init-layers", type=int, nargs="+", metavar="L",
                    help="reducer slots that start active (default: 2 6 15 scaled to the depth)")
@@ -80,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--off-discard", type=float, help=f"initial c elsewhere (default {d.off_discard})")
     for name in ("gamma0", "tau0", "theta0", "rho0", "nu0"):
         g.add_argument(f"--{name}", type=float, help=f"(default {getattr(d, name)})")
-    g.add_argument("--gate-temperature", type=float, help="T_g (default 1)")
+    g.add_argument("--gate-temperature", type=float, help="T_g (default: 4 with the relaxed forward, 1 with the "
+                   "hard one)")
     g.add_argument("--keep-temperature", type=float, help="T_c (default 1)")
     g.add_argument("--alpha", type=float, help=f"α of equation 12, on log-scores (default {d.alpha})")
     g.add_argument("--beta", type=float, help=f"operator gate sharpness β (default {d.beta})")

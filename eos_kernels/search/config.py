@@ -38,6 +38,8 @@ PAPER_NUM_LAYERS = 32
 PAPER_INIT_LAYERS = (2, 6, 15)
 
 IMPLS = ("auto", "triton", "torch")
+#: the search forward: the relaxed one (decision 7, every keep decision soft) or the paper's hard one (decisions 1-2)
+FORWARDS = ("relaxed", "hard")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 # fields that only steer one invocation: they may differ between a run and its --resume
@@ -83,6 +85,33 @@ class SearchConfig:
     adam_eps, seed, micro_batch_size (per-rank micro-batches with gradient
     accumulation; None: the whole per-rank batch at once).
 
+    The search forward (:mod:`eos_kernels.search`, decisions 1-2 and 7):
+        search_forward: "relaxed" (default; every layer's keep decision enters
+            the forward softly, :mod:`eos_kernels.search.relaxed`) or "hard"
+            (the paper's: hard top-K at the layers whose gate is above the
+            threshold, equation 12's straight-through factor).
+        temperature_start, temperature_end: T of the relaxed soft top-K (nats of
+            the importance score), annealed geometrically over the steps.
+        sharpen_from, sharpness_end: from this share of the relaxed steps on,
+            the gates are binary-concrete samples per sample (on with
+            probability g) of temperature λ falling geometrically from 1 to
+            ``sharpness_end``, so that the forward ends at the deployed
+            structure (ĝ → 1[g > 1/2]).
+        hard_finish: share of the steps, at the end, run with the paper's hard
+            forward on the structure the relaxed steps reached (layers and
+            counts frozen), so that the operator parameters Ω finish on the
+            exact deployed forward (0: relaxed to the end). Relaxed only.
+        max_flops: a cap on the estimated prefill FLOPs ratio of the searched Θ
+            (``Theta.token_report``'s formula on the relaxed forward's expected
+            token chain), as a one-sided penalty weighted by lambda_flops (a
+            wall: 100). "auto" (default, relaxed forward): the warm start's ratio
+            plus half of what it saves, ``F_ws + (1 - F_ws) / 2``; None: no cap.
+            Why a cap at all: the paper's objective bounds only the final count
+            and the number of active layers, and a gradient that reaches every
+            layer finds that a reducer just before the last layer meets any
+            final budget at no cost in accuracy -- and saves nothing. The hard
+            forward cannot move a reducer, so "auto" means no cap there.
+
     Search space (equations 10-12, :class:`~eos_kernels.search_space.SearchSpace`):
         init_layers: the reducer slots that start active (default: 2, 6, 15
             scaled to the model's depth, the first ``max_reducers`` of them).
@@ -90,7 +119,9 @@ class SearchConfig:
         init_discard: initial c at the slots; None: the warm start that meets
             the budget (:func:`warm_start_discard`). off_discard: c elsewhere.
         gamma0, tau0, theta0, rho0, nu0: initial operator values.
-        gate_temperature, keep_temperature: T_g, T_c. alpha: α of eq. 12 (on
+        gate_temperature, keep_temperature: T_g, T_c (None: T_g = 4 with the
+            relaxed forward, whose gates must be able to move, 1 with the hard
+            one, the paper's). alpha: α of eq. 12 (on
             log-scores). beta: the operator's gate sharpness. k_min: K_min.
         gate_threshold: a layer reduces when g > this (search and export).
 
@@ -135,6 +166,15 @@ class SearchConfig:
     lambda_budget: float = 10.0
     lambda_layers: float = 10.0
     align_layers: list[int] | None = None
+    lambda_flops: float = 100.0
+    max_flops: float | str | None = "auto"
+    # the search forward
+    search_forward: str = "relaxed"
+    temperature_start: float = 0.5
+    temperature_end: float = 0.05
+    sharpen_from: float = 0.35
+    sharpness_end: float = 0.02
+    hard_finish: float = 0.25
     # optimisation
     steps: int = 4000
     batch_size: int = 4
@@ -157,7 +197,7 @@ class SearchConfig:
     theta0: float = 0.0
     rho0: float = 0.0
     nu0: float = 0.0
-    gate_temperature: float = 1.0
+    gate_temperature: float | None = None
     keep_temperature: float = 1.0
     alpha: float = 10.0
     beta: float = 10.0
@@ -326,8 +366,32 @@ class SearchConfig:
         need_str("output")
         need_real("budget", lo=0.0, lo_open=True, optional=True)
         need_int("max_reducers", lo=1)
-        for name in ("lambda_ce", "lambda_align", "lambda_budget", "lambda_layers"):
+        for name in ("lambda_ce", "lambda_align", "lambda_budget", "lambda_layers", "lambda_flops"):
             need_real(name, lo=0.0)
+        if isinstance(self.max_flops, str):  # the command line's spelling
+            word = self.max_flops.strip().lower()
+            if word in ("none", "auto"):
+                self.max_flops = None if word == "none" else "auto"
+            else:
+                try:
+                    self.max_flops = float(word)
+                except ValueError:
+                    raise ValueError(f"max_flops must be a number in (0, 1], 'auto' or 'none', got "
+                                     f"{self.max_flops!r}") from None
+        if self.max_flops != "auto":
+            need_real("max_flops", lo=0.0, hi=1.0, lo_open=True, optional=True)
+        need_str("search_forward", choices=FORWARDS)
+        if self.max_flops not in (None, "auto") and self.search_forward != "relaxed":
+            raise ValueError("max_flops needs search_forward='relaxed' (the hard forward has no expected FLOPs "
+                             "that depend on every layer's decision)")
+        need_real("temperature_start", lo=0.0, lo_open=True)
+        need_real("temperature_end", lo=0.0, lo_open=True)
+        if self.temperature_end > self.temperature_start:
+            raise ValueError(f"temperature_end ({self.temperature_end}) must be <= temperature_start "
+                             f"({self.temperature_start}): the soft top-K anneals towards the hard one")
+        need_real("sharpen_from", lo=0.0, hi=1.0, hi_open=True)
+        need_real("hard_finish", lo=0.0, hi=1.0, hi_open=True)
+        need_real("sharpness_end", lo=0.0, hi=1.0, lo_open=True)
         need_int_list("align_layers")
         need_int("steps", lo=1)
         need_int("batch_size", lo=1)
@@ -351,7 +415,8 @@ class SearchConfig:
             need_real(name, lo=0.0, hi=1.0)
         need_real("tau0", lo=0.0, lo_open=True)
         need_real("theta0", lo=-1.0, hi=1.0)
-        for name in ("gate_temperature", "keep_temperature", "alpha", "beta"):
+        need_real("gate_temperature", lo=0.0, lo_open=True, optional=True)
+        for name in ("keep_temperature", "alpha", "beta"):
             need_real(name, lo=0.0, lo_open=True)
         need_int("k_min", lo=1)
         need_real("gate_threshold", lo=0.0, hi=1.0, lo_open=True, hi_open=True)
@@ -359,6 +424,9 @@ class SearchConfig:
         need_int("local_moves_samples", lo=1)
         need_real("local_moves_margin", lo=0.0)
         need_real("local_moves_factor", lo=1.0, lo_open=True)
+        if self.local_moves_every and self.search_forward != "hard":
+            raise ValueError("local_moves_every needs search_forward='hard': the local moves probe the paper's hard "
+                             "forward (decision 6); the relaxed forward reaches every layer by its gradient")
         need_str("impl", choices=IMPLS)
         need_str("device")
         need_str("dtype", choices=DTYPES)
@@ -379,6 +447,13 @@ class SearchConfig:
             self.eval = list(self.eval)
         need_int("eval_limit", lo=1, optional=True)
         need_int("max_new_tokens", lo=1)
+
+    @property
+    def resolved_gate_temperature(self) -> float:
+        """T_g: the option, else 4 for the relaxed forward and 1 (the paper's) for the hard one."""
+        if self.gate_temperature is not None:
+            return self.gate_temperature
+        return 4.0 if self.search_forward == "relaxed" else 1.0
 
     def require(self, *names: str) -> None:
         missing = [n for n in names if getattr(self, n) is None]

@@ -27,6 +27,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from eos_kernels.search.annealing import Annealing
 from eos_kernels.search.config import (
     SearchConfig,
     default_align_layers,
@@ -126,6 +127,7 @@ class _Search:
         self.model = None
         self.patched = False
         self.capture = None
+        self.relaxed = None
         self.log_file = None
         self.saved_flags = None
         self.bar = None
@@ -232,6 +234,9 @@ class _Search:
         for x in self.init_layers:
             if x >= L:
                 raise ValueError(f"init_layers: layer {x} does not exist in a model with {L} layers")
+        if cfg.search_forward == "relaxed" and L - 1 in self.init_layers:
+            raise ValueError(f"init_layers: layer {L - 1} is the model's last; a reducer there removes nothing that "
+                             "runs (the relaxed search never places one there)")
         self.init_discard = (cfg.init_discard if cfg.init_discard is not None else
                              warm_start_discard(cfg.budget, n0, len(self.init_layers), cfg.init_gate))
 
@@ -240,10 +245,17 @@ class _Search:
                                   cfg.attn_implementation, processor=False)
             self.adapter.check_model(model)
         self.model = model
+        self.text_sizes = self.adapter.text_sizes(model)
+        if cfg.max_flops not in (None, "auto") and self.text_sizes is None:
+            raise ValueError(f"max_flops: the FLOPs estimate needs the decoder's hidden and intermediate sizes, "
+                             f"which {type(model).__name__}'s text config does not give")
         self.saved_flags = ([p.requires_grad for p in model.parameters()], model.training)
         model.requires_grad_(False)
         model.eval()
         self.sampler = BatchSampler(len(self.data), cfg.batch_size, cfg.seed)
+        # the prefill-FLOPs estimate of Theta.token_report, on the expected chain of the relaxed search
+        prompt_text = [e.prompt_length - e.num_visual_tokens for e in self.data.examples]
+        self.text_tokens = int(round(sum(prompt_text) / len(prompt_text)))
         self.processor = processor
         self.probe_indices = list(range(min(cfg.local_moves_samples, len(self.data))))
 
@@ -252,12 +264,14 @@ class _Search:
         random.seed(cfg.seed)
         self.space_kwargs = dict(
             num_layers=L, num_visual_tokens=n0, init_layers=tuple(self.init_layers),
-            gate_temperature=cfg.gate_temperature, keep_temperature=cfg.keep_temperature,
+            gate_temperature=cfg.resolved_gate_temperature, keep_temperature=cfg.keep_temperature,
             gamma0=cfg.gamma0, tau0=cfg.tau0, theta0=cfg.theta0, rho0=cfg.rho0, nu0=cfg.nu0,
             init_gate=cfg.init_gate, init_discard=self.init_discard, off_gate=cfg.off_gate,
             off_discard=cfg.off_discard, k_min=cfg.k_min, beta=cfg.beta, alpha=cfg.alpha,
         )
         self.space = SearchSpace(**self.space_kwargs).to(self.device)
+        self.annealing = Annealing(cfg, L)
+        self.max_flops = self._flops_cap()
         self.params = list(self.space.parameters())
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=tuple(cfg.adam_betas),
                                            eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
@@ -286,7 +300,48 @@ class _Search:
     def _export(self):
         name = f"eos-search-B{self.config.budget:g}"
         return self.space.export(self.config.gate_threshold, self.config.max_reducers, self.n0, name=name,
-                                 fractions=self.fixed_count is None)
+                                 fractions=self.fixed_count is None, sharpness=self.annealing.sharpness(self.step),
+                                 last_layer=self.config.search_forward == "hard")
+
+    # ---------------------------------------------------------------- the relaxed forward (decision 7)
+    def _enter_hard_finish(self) -> None:
+        """From the relaxed forward to the paper's hard one on the structure reached (decision 7's finish)."""
+        from eos_kernels.patching import patch_model
+
+        self.relaxed.remove()
+        self.relaxed = None
+        self.plan.export_kwargs = {"sharpness": self.annealing.sharpness(self.annealing.relaxed_steps),
+                                   "last_layer": False}
+        patch_model(self.model, None, self.adapter, plan=self.plan)
+        self.patched = True
+        # the layer capture must see each layer's output after the patch's own hooks: registered again
+        self.capture.remove()
+        from eos_kernels.search.objective import LayerCapture
+
+        self.capture = LayerCapture(self.adapter.decoder_layers(self.model), self.align_layers)
+
+    def _flops_cap(self) -> float | None:
+        """The FLOPs cap of the relaxed search: ``max_flops``, or for "auto" the warm start's ratio plus half of
+        what it saves (None for the hard forward or without the decoder's sizes)."""
+        cfg = self.config
+        if cfg.search_forward != "relaxed" or cfg.max_flops is None:
+            return None
+        if cfg.max_flops != "auto":
+            return float(cfg.max_flops)
+        if self.text_sizes is None:
+            return None
+        hidden, ffn = self.text_sizes
+        warm = self.space.export(cfg.gate_threshold, cfg.max_reducers, self.n0, last_layer=False)
+        ratio = warm.token_report(self.n0, self.num_layers, self.text_tokens, hidden_size=hidden,
+                                  intermediate_size=ffn)["prefill_flops_ratio"]
+        return ratio + (1.0 - ratio) / 2.0
+
+    def _flops_ratio(self, chain):
+        from eos_kernels.theta import prefill_flops
+
+        hidden, ffn = self.text_sizes
+        reduced, full = prefill_flops(list(chain), self.text_tokens, hidden, ffn)
+        return reduced / full
 
     def _checkpoint(self):
         self.saved_step = self.step
@@ -346,9 +401,28 @@ class _Search:
         sse = torch.zeros(len(self.align_layers), dtype=torch.float64)
         report = None
         soft = {}
+        if self.relaxed is not None and not self.annealing.relaxed(self.step):
+            self._enter_hard_finish()
+        relaxed = self.relaxed is not None
+        finishing = cfg.search_forward == "relaxed" and not relaxed  # layers and counts stay as they are
+        noise = None
+        if relaxed:  # decision 7: this step's annealing, and binary-concrete gates while they sharpen
+            self.relaxed.temperature = self.annealing.temperature(self.step)
+            self.relaxed.sharpness = self.annealing.sharpness(self.step)
+            if self.annealing.stochastic(self.step):
+                noise = self.annealing.gate_noise(self.step, len(indices))[:, dist.rank * self.local_batch:]
+        kept = {}
+        offset = 0
         for mb in micro:
-            terms = objective.data_terms(model, mb, self.capture, autocast=self.autocast, align=use_align,
-                                         adapter=self.adapter)
+            if relaxed:
+                mb_noise = None if noise is None else noise[:, offset:offset + len(mb)].to(self.device)
+                offset += len(mb)
+                terms = objective.relaxed_data_terms(model, mb, self.capture, self.relaxed, autocast=self.autocast,
+                                                     align=use_align, adapter=self.adapter, gate_noise=mb_noise)
+                kept = terms["kept"]
+            else:
+                terms = objective.data_terms(model, mb, self.capture, autocast=self.autocast, align=use_align,
+                                             adapter=self.adapter)
             loss = cfg.lambda_ce * terms["ce_sum"] / max(g_answer, 1.0)
             if use_align:
                 per_layer = torch.stack([terms["align_sse"][i] for i in self.align_layers])
@@ -358,7 +432,7 @@ class _Search:
                 loss.backward()
             ce_sum += terms["ce_sum"].detach().double().cpu()
             report = terms["report"]
-            soft = {k: float(v) for k, v in self.plan.soft_kept.items()}
+            soft = kept if relaxed else {k: float(v) for k, v in self.plan.soft_kept.items()}
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -377,24 +451,45 @@ class _Search:
         ce = float(ce_sum) / max(g_answer, 1.0)
         align = float(sse.sum()) / (len(self.align_layers) * max(g_text, 1.0) * hidden) if use_align else 0.0
 
-        pen = objective.penalty_terms(space, cfg.budget, cfg.max_reducers)
-        pen_loss = cfg.lambda_budget * pen["budget"] + cfg.lambda_layers * pen["layers"]
-        pen_loss.backward()
+        if finishing:  # only Ω trains: the penalties of the frozen g, c are constants
+            zero = torch.zeros((), device=self.device)
+            pen = {"budget": zero, "layers": zero, "flops": zero, "expected_flops": None,
+                   "expected_tokens": torch.tensor(float(self._export().token_report(self.n0, self.num_layers)["final"]))}
+        elif relaxed:
+            pen = objective.relaxed_penalty_terms(space, self.relaxed.sharpness, cfg.budget, cfg.max_reducers,
+                                                  flops=(self.max_flops, self._flops_ratio)
+                                                  if self.text_sizes is not None else None,
+                                                  stochastic=noise is not None)
+        else:
+            pen = objective.penalty_terms(space, cfg.budget, cfg.max_reducers)
+            pen["flops"] = torch.zeros(())
+        pen_loss = cfg.lambda_budget * pen["budget"] + cfg.lambda_layers * pen["layers"] \
+            + cfg.lambda_flops * pen["flops"]
+        if pen_loss.requires_grad:
+            pen_loss.backward()
         budget_term, layers_term = float(pen["budget"].detach()), float(pen["layers"].detach())
+        flops_term = float(pen["flops"].detach())
         total = (cfg.lambda_ce * ce + cfg.lambda_align * align + cfg.lambda_budget * budget_term
-                 + cfg.lambda_layers * layers_term)
+                 + cfg.lambda_layers * layers_term + cfg.lambda_flops * flops_term)
         step_no = self.step + 1
         if not math.isfinite(total):
             raise NonFiniteLossError(
                 f"non-finite loss at step {step_no} (ce={ce!r}, align={align!r}, budget={budget_term!r}, "
                 f"layers={layers_term!r})")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip))
+        if finishing:  # None, not zero: AdamW's moments would still move a zero-gradient parameter
+            self.space.w_g.grad = None
+            self.space.w_c.grad = None
+        grad_norm = float(torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None],
+                                                          cfg.grad_clip))
         if not math.isfinite(grad_norm):
             raise NonFiniteLossError(f"non-finite gradient at step {step_no} (norm {grad_norm!r}, loss {total!r})")
         lr = self.optimizer.param_groups[0]["lr"]
-        schedule = self.plan.last_schedule if report is not None and report.stages else []
-        if self.fixed_count is None and schedule:  # samples differ: log the rule at N_0
-            schedule = self.plan.export(self.n0).schedule(self.n0)
+        if relaxed:  # the structure the relaxed forward is heading to: the Θ that would be deployed now
+            schedule = self._export().schedule(self.n0)
+        else:
+            schedule = self.plan.last_schedule if report is not None and report.stages else []
+            if self.fixed_count is None and schedule:  # samples differ: log the rule at N_0
+                schedule = self.plan.export(self.n0).schedule(self.n0)
         deployed = schedule[-1][2] if schedule else self.n0
         record = {
             "step": step_no,
@@ -402,6 +497,7 @@ class _Search:
             "align": align,
             "budget": budget_term,
             "layers": layers_term,
+            "flops": flops_term,
             "total": total,
             "expected_tokens": float(pen["expected_tokens"].detach()),
             "deployed_tokens": deployed,
@@ -416,6 +512,14 @@ class _Search:
             "samples": indices,
             "local_moves": moves,
         }
+        if finishing:
+            record.update(forward="hard-finish")
+        if relaxed:
+            expected = pen["expected_flops"]
+            record.update(forward="relaxed", temperature=self.relaxed.temperature, sharpness=self.relaxed.sharpness,
+                          concrete_gates=noise is not None,
+                          expected_flops=float(expected.detach()) if expected is not None else None,
+                          max_flops=self.max_flops)
         return record, next_state, t0
 
     def _commit(self, record, next_state, t0):
@@ -448,8 +552,13 @@ class _Search:
         stop = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
         plots = []
         try:
-            patch_model(self.model, None, self.adapter, plan=self.plan)
-            self.patched = True
+            if cfg.search_forward == "relaxed":
+                from eos_kernels.search.relaxed import RelaxedForward
+
+                self.relaxed = RelaxedForward(self.space, self.adapter).install(self.model)
+            else:
+                patch_model(self.model, None, self.adapter, plan=self.plan)
+                self.patched = True
             # registered after the patch hooks: they see each layer's output after its reduction
             self.capture = LayerCapture(self.adapter.decoder_layers(self.model), self.align_layers)
             self._open_log()
@@ -505,6 +614,9 @@ class _Search:
         if self.capture is not None:
             self.capture.remove()
             self.capture = None
+        if self.relaxed is not None:
+            self.relaxed.remove()
+            self.relaxed = None
         if self.patched:
             unpatch_model(self.model)
             self.patched = False

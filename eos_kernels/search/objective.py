@@ -26,8 +26,8 @@ from torch.nn import functional as F
 from eos_kernels.patching import ReductionPlan, get_report, prompt_lengths, suspended
 from eos_kernels.search_space import SearchSpace
 
-__all__ = ["SearchPlan", "LayerCapture", "data_terms", "penalty_terms", "forward_inputs", "visual_positions",
-           "LOG_SCORE_FLOOR"]
+__all__ = ["SearchPlan", "LayerCapture", "data_terms", "relaxed_data_terms", "penalty_terms", "relaxed_penalty_terms",
+           "forward_inputs", "visual_positions", "LOG_SCORE_FLOOR"]
 
 #: Scores are clamped to at least this before the log of equation 12 (attention probabilities may underflow).
 LOG_SCORE_FLOOR = 1e-30
@@ -73,6 +73,8 @@ class SearchPlan(ReductionPlan):
         self._soft_sum: dict[int, torch.Tensor] = {}
         self._soft_n: dict[int, int] = {}
         self._fresh = True
+        #: extra arguments of SearchSpace.export: the relaxed search's hard finish deploys its sharpened gates
+        self.export_kwargs: dict = {}
 
     def new_forward(self) -> None:
         """Start the bookkeeping of a new forward (:func:`data_terms` calls it before each reduced forward)."""
@@ -80,7 +82,8 @@ class SearchPlan(ReductionPlan):
 
     def export(self, num_visual_tokens: int | None = None, name: str | None = None):
         """The Θ the search would deploy now (the rule of every search forward)."""
-        return self.space.export(self.gate_threshold, self.max_reducers, num_visual_tokens, name=name)
+        return self.space.export(self.gate_threshold, self.max_reducers, num_visual_tokens, name=name,
+                                 **self.export_kwargs)
 
     def schedule(self, num_visual_tokens: int):
         # asked once per distinct visual count at the start of every prefill, before any `finish`:
@@ -310,6 +313,81 @@ def data_terms(model: nn.Module, batch, capture: LayerCapture | None, *, autocas
         "hidden_size": hidden_size,
         "report": report,
     }
+
+
+def relaxed_data_terms(model: nn.Module, batch, capture: LayerCapture | None, relaxed, *, autocast=None,
+                       align: bool = True, adapter=None, gate_noise: torch.Tensor | None = None) -> dict:
+    """:func:`data_terms` of the relaxed forward (:mod:`eos_kernels.search.relaxed`, installed as ``relaxed``).
+
+    The same sums: answer CE, and the squared alignment errors at the text
+    positions against a no-grad forward of the stock model (the relaxed hooks
+    idle). Nothing is removed while relaxed, so text positions are the same in
+    both forwards. ``gate_noise`` [num_layers, B]: this batch's binary-concrete
+    gate noise (None: deterministic gates). ``report`` is None; ``kept`` holds
+    each layer's mean Σ of the presences leaving it (the relaxed kept count, for
+    the log)."""
+    from eos_kernels.patching.hooks import _rating_rows
+
+    ctx = autocast if autocast is not None else contextlib.nullcontext
+    ids, mask, labels = batch.input_ids, batch.attention_mask, batch.labels
+    visual = visual_positions(model, ids, adapter)
+    real = mask.bool()
+    text = real & ~visual
+    real_or_none = None if bool(real.all()) else real
+    rows = _rating_rows(visual, real_or_none, batch.prompt_lengths)
+    inputs = forward_inputs(model, batch)
+    reference = {}
+    if align and capture is not None and capture.indices:
+        with torch.no_grad(), capture.capturing() as out, ctx():
+            model(**inputs, use_cache=False, logits_to_keep=1)
+        reference = {i: out[i][text] for i in capture.indices}
+    keep = _answer_positions(labels)
+    grab = capture.capturing() if reference else contextlib.nullcontext({})
+    with relaxed.active(visual, rows, real_or_none, gate_noise) as state, grab as out, ctx():
+        logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
+    targets = labels[:, keep + 1]
+    ce_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                             ignore_index=-100, reduction="sum")
+    sse = {i: (out[i][text].float() - ref.float()).pow(2).sum() for i, ref in reference.items()}
+    hidden_size = next(iter(reference.values())).shape[-1] if reference else 0
+    return {
+        "ce_sum": ce_sum,
+        "answer_tokens": int((targets != -100).sum()),
+        "align_sse": sse,
+        "text_tokens": int(text.sum()),
+        "hidden_size": hidden_size,
+        "report": None,
+        "kept": {layer: float(k.mean()) for layer, k in state.kept.items()},
+    }
+
+
+def relaxed_penalty_terms(space: SearchSpace, sharpness: float, budget: float, max_reducers: float,
+                          flops=None, stochastic: bool = False) -> dict:
+    """The one-sided penalties of the relaxed search, on its expected token chain
+    (:func:`~eos_kernels.search.relaxed.expected_chain`): ``budget`` on the tokens entering the last layer,
+    ``layers`` on the expected number of active layers among those that can reduce (Σ ĝ, or Σ g with
+    binary-concrete gates), and, with ``flops`` = ``(cap, ratio_fn)``, the estimated prefill FLOPs ratio
+    ``ratio_fn(chain)`` over ``cap`` (0 without a cap)."""
+    from eos_kernels.search.relaxed import expected_chain, sharpen_gates
+
+    chain = expected_chain(space, sharpness, space.num_visual_tokens, stochastic)
+    tokens = chain[-1]
+    gates = space.gates() if stochastic else sharpen_gates(space.gates(), sharpness)
+    active = gates[:-1].sum()
+    out = {
+        "budget": space.budget_penalty(budget, tokens=tokens),
+        "layers": torch.relu(active - max_reducers) ** 2,
+        "expected_tokens": tokens,
+        "flops": torch.zeros((), dtype=chain.dtype, device=chain.device),
+        "expected_flops": None,
+    }
+    if flops is not None:
+        cap, ratio_fn = flops
+        ratio = ratio_fn(chain)
+        out["expected_flops"] = ratio
+        if cap is not None:
+            out["flops"] = torch.relu(ratio / cap - 1.0) ** 2
+    return out
 
 
 def penalty_terms(space: SearchSpace, budget: float, max_reducers: float) -> dict:
