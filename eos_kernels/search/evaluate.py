@@ -90,7 +90,8 @@ def _model_sizes(model) -> dict:
 
 
 @torch.no_grad()
-def _evaluate_one(model, processor, data, theta: Theta, batch_size: int, max_new_tokens: int, device) -> dict:
+def _evaluate_one(model, processor, data, theta: Theta, batch_size: int, max_new_tokens: int, device,
+                  answer_ce: bool = True) -> dict:
     from eos_kernels.integrations.auto import adapter_for
     from eos_kernels.patching import get_report, patch_model, unpatch_model
     from eos_kernels.search.objective import data_terms, forward_inputs
@@ -105,7 +106,7 @@ def _evaluate_one(model, processor, data, theta: Theta, batch_size: int, max_new
     try:
         # teacher-forced answer CE
         ce_sum, n_tok = 0.0, 0
-        for s in range(0, len(data), batch_size):
+        for s in range(0, len(data), batch_size) if answer_ce else ():
             batch = data.collate(range(s, min(len(data), s + batch_size))).to(device, dtype)
             terms = data_terms(model, batch, None, align=False, adapter=adapter)
             ce_sum += float(terms["ce_sum"])
@@ -151,7 +152,7 @@ def _evaluate_one(model, processor, data, theta: Theta, batch_size: int, max_new
         "answers": len(items),
         "accuracy": correct / len(items) if items else math.nan,
         "correct": correct,
-        "answer_ce": ce_sum / max(n_tok, 1),
+        "answer_ce": ce_sum / max(n_tok, 1) if answer_ce else None,
         "answer_tokens": n_tok,
         "tokens": tokens,
         "measured_final": measured,
@@ -173,7 +174,8 @@ def format_table(results: Sequence[Mapping[str, Any]]) -> str:
 
 
 def evaluate(config: SearchConfig | Mapping[str, Any] | None = None, thetas: Sequence[str | Theta] | None = None,
-             *, model=None, processor=None, dataset=None, write: bool = True, **overrides) -> dict:
+             *, model=None, processor=None, dataset=None, write: bool = True, answer_ce: bool = True,
+             **overrides) -> dict:
     """Accuracy and token report of each Θ on ``config.data`` (the held-out split).
 
     Args:
@@ -254,7 +256,8 @@ def evaluate(config: SearchConfig | Mapping[str, Any] | None = None, thetas: Seq
     results = []
     try:
         for spec, theta in resolved:
-            r = _evaluate_one(model, processor, data, theta, config.batch_size, config.max_new_tokens, device)
+            r = _evaluate_one(model, processor, data, theta, config.batch_size, config.max_new_tokens, device,
+                              answer_ce)
             r["spec"] = spec
             results.append(r)
     finally:
