@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from eos_kernels.demo import task
+from eos_kernels.demo.baselines import FAMILIES
 
 pytest.importorskip("transformers")
 
@@ -188,39 +189,75 @@ def test_shipped_model_loads_offline_and_needs_its_visual_tokens(tmp_path, monke
 
 
 # ----------------------------------------------------------------------------- eos-search --demo
-def test_short_demo_run_writes_theta_log_plots_and_table(tmp_path, capsys):
-    """The --demo pipeline (search with a round of local moves, baselines at two budgets, held-out evaluation,
-    outputs) on the shipped model, shortened: 3 search steps, 12 held-out questions."""
+def test_short_demo_run_matched_cost_protocol(tmp_path, capsys, monkeypatch):
+    """The --demo pipeline on the shipped model, shortened (one budget, 3 search steps, 16 tuning and 12 held-out
+    questions, in this process): tuning reads only the search split, the held-out split is read once per
+    configuration, FLOPs ratios are Theta.token_report's, every reported Θ is its own file, prefill times warm up."""
     from eos_kernels import Theta
+    from eos_kernels.demo import workers
     from eos_kernels.search.cli import main
 
+    tuned, evaluated = [], []
+    real_tune, real_eval = workers._tune, workers._evaluate
+
+    def spy_tune(thetas, indices, batch_size):
+        tuned.append((len(thetas), list(indices)))
+        return real_tune(thetas, indices, batch_size)
+
+    def spy_eval(theta, batch_size, max_new_tokens):
+        evaluated.append(theta["name"])
+        return real_eval(theta, batch_size, max_new_tokens)
+
+    monkeypatch.setattr(workers, "_tune", spy_tune)
+    monkeypatch.setattr(workers, "_evaluate", spy_eval)
+    search_ds = {}
+    from eos_kernels.search import scoring
+
+    real_batches = scoring.ScoringBatches
+
+    class SpyBatches(real_batches):
+        def __init__(self, data, indices, batch_size, device, dtype):
+            search_ds.setdefault("paths", set()).add(data.path)
+            super().__init__(data, indices, batch_size, device, dtype)
+
+    monkeypatch.setattr(scoring, "ScoringBatches", SpyBatches)
     out = tmp_path / "demo"
-    rc = main(["--demo", "--steps", "3", "--search-images", "16", "--eval-images", "12", "--output", str(out),
-               "--no-progress", "--threads", "1", "--local-moves-every", "2"])
-    assert rc == 0
-    theta = Theta.from_json(str(out / "theta.json"))
-    log = [json.loads(line) for line in open(out / "log.jsonl")]
-    assert len(log) == 3
-    assert log[0]["local_moves"] is None and log[2]["local_moves"]["tried"]  # a round before step 3
-    moves = {(c["kind"], c.get("from"), c.get("to")) for c in log[2]["local_moves"]["tried"]}
-    assert ("move", 1, 0) in moves and ("move", 4, 5) in moves  # warm-start slots 1, 2, 4 may move to free layers
-    for png in ("trajectories.png", "profile.png", "loss.png", "accuracy_vs_tokens.png"):
-        assert (out / png).stat().st_size > 0
+    rc = main(["--demo", "--budgets", "8", "--steps", "3", "--search-images", "16", "--eval-images", "12",
+               "--tune-questions", "16", "--output", str(out), "--no-progress", "--threads", "1", "--workers", "1",
+               "--eval-batch-size", "8"])
+    assert rc == 0, capsys.readouterr().err
     summary = json.load(open(out / "demo_results.json"))
-    rows = summary["results"]
-    assert [r["family"] for r in rows[:11]] == ["full"] + 2 * ["fastv", "sparsevlm-style", "merge", "pool",
-                                                               "eos-searched"]
-    assert [r["family"] for r in rows[11:]] in ([], ["eos-searched"])  # the search's own schedule, if different
-    assert all(r["answers"] == 12 and r["prefill_ms"] > 0 for r in rows)
-    assert all(r["tokens"]["final"] <= r["budget"] for r in rows[1:])
-    def ops(reducers):  # layers and operators; the retain schedule may be rescaled to the budget
-        return [{k: v for k, v in r.items() if k != "keep"} for r in reducers]
-    want = ops(theta.to_dict()["reducers"])
-    assert ops(rows[5]["theta_config"]["reducers"]) == want and ops(rows[10]["theta_config"]["reducers"]) == want
-    assert len(summary["search_parameters"]) == 8 and "g" in summary["search_parameters"][0]
+    # tuning: the search split only, its first 16 questions
+    assert search_ds["paths"] == {str(out / "data" / "search.json")}
+    assert all(ix == list(range(16)) for _, ix in tuned)
+    assert summary["baselines_tuned"] + 2 == sum(n for n, _ in tuned)  # and the searched Θ and its prune twin
+    # the held-out split: once per configuration, every configuration reported
+    assert len(evaluated) == len(set(evaluated)) == len(summary["results"])
+    assert {r["config"] for r in summary["results"]} == set(evaluated)
+    L, n, text = summary["num_layers"], summary["num_visual_tokens"], summary["text_tokens"]
+    for r in summary["results"]:
+        theta = Theta.from_json(str(out / r["theta_file"]))  # every reported Θ in its own file, named as in the table
+        assert theta.to_dict() == r["theta_config"] and theta.name == r["config"]
+        rep = theta.token_report(n, L, text, hidden_size=128, intermediate_size=256)
+        assert r["tokens"]["prefill_flops_ratio"] == pytest.approx(rep["prefill_flops_ratio"], rel=1e-12)
+        assert r["flops"] == pytest.approx(rep["prefill_flops_ratio"], rel=1e-12)
+        assert r["answers"] == 12 and 0 <= r["accuracy"] <= 1
+        if r["family"] not in ("full", "eos-searched", "prune-at-searched"):
+            assert r["tuning_accuracy"] is not None and r["tokens"]["final"] <= 8
+    (cmp,) = summary["comparison"]
+    assert cmp["budget"] == 8 and cmp["searched"] == "eos-searched@8" and set(cmp["matched"]) == set(FAMILIES)
+    timed = [r for r in summary["results"] if r["prefill_ms"] is not None]
+    assert {r["config"] for r in timed} >= {"full", "eos-searched@8"} and all(r["prefill_ms"] > 0 for r in timed)
+    log = [json.loads(line) for line in open(out / "searches" / "eos-searched-B8" / "log.jsonl")]
+    assert len(log) == 3 and all(rec["forward"] == "relaxed" for rec in log)
+    assert (out / "accuracy_vs_flops.png").stat().st_size > 0
     md = open(out / "demo_results.md").read()
-    assert "| configuration |" in md and "Where the search ended" in md
+    assert "| budget | searched Θ" in md and "Where the search for eos-searched@8 ended" in md
     assert "eos-searched@8" in capsys.readouterr().out
+    # a second run into the same folder is refused, naming --overwrite; the results are left as they were
+    before = (out / "demo_results.json").read_bytes()
+    assert main(["--demo", "--budgets", "8", "--steps", "1", "--output", str(out), "--no-progress"]) == 2
+    assert "--overwrite" in capsys.readouterr().err and (out / "demo_results.json").read_bytes() == before
 
 
 # ----------------------------------------------------------------------------- eos-search --output
@@ -255,3 +292,28 @@ def test_output_that_is_not_writable_is_a_clear_error(tmp_path, capsys, monkeypa
     rc = cli.main(["--model", str(tmp_path), "--data", "x.json", "--budget", "8", "--output", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 2 and "not writable" in err and "Traceback" not in err
+
+
+def test_worker_processes_give_the_results_of_this_process(tmp_path):
+    """The demo's jobs in two spawned single-threaded processes equal the same jobs run here (one thread):
+    tuning scores and a held-out evaluation of a few configurations."""
+    from eos_kernels import Theta
+    from eos_kernels.demo.workers import Jobs, Setup
+
+    search = task.generate_split(str(tmp_path), "search", 12, seed=1)
+    held = task.generate_split(str(tmp_path), "eval", 8, seed=1)
+    setup = Setup(model=None, device="cpu", dtype="auto", search_json=search, eval_json=held, image_folder=None,
+                  impl="torch")
+    thetas = [Theta(name="none").to_dict(), Theta.fastv(2, 8, name="f").to_dict(),
+              Theta.pool(None, (2, 4), schedule=(20, 6), num_visual_tokens=64, num_layers=8, name="p").to_dict()]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with Jobs(setup, 1) as here:
+            local = (here.tune(thetas, range(12), 6, chunk=2), here.evaluate(thetas[1:2], 4, 3))
+        with Jobs(setup, 2) as pool:
+            remote = (pool.tune(thetas, range(12), 6, chunk=2), pool.evaluate(thetas[1:2], 4, 3))
+    finally:
+        torch.set_num_threads(threads)
+    assert local[0] == remote[0]
+    assert local[1][0]["accuracy"] == remote[1][0]["accuracy"] and local[1][0]["tokens"] == remote[1][0]["tokens"]

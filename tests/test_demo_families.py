@@ -18,7 +18,8 @@ pytest.importorskip("transformers")
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from eos_kernels.demo.run import FAMILIES, main  # noqa: E402
+from eos_kernels.demo.baselines import FAMILIES  # noqa: E402
+from eos_kernels.demo.run import main  # noqa: E402
 from eos_kernels.theta import Theta  # noqa: E402
 
 from _tiny_families import (  # noqa: E402
@@ -30,8 +31,8 @@ from _tiny_qwen3_vl import save_tiny_qwen3  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-SHORT = ["--steps", "2", "--batch-size", "2", "--eval-batch-size", "4", "--local-moves-every", "1",
-         "--max-new-tokens", "2", "--no-progress", "--impl", "torch"]
+SHORT = ["--steps", "2", "--batch-size", "2", "--eval-batch-size", "4", "--tune-questions", "4",
+         "--max-new-tokens", "2", "--no-progress", "--impl", "torch", "--workers", "1"]
 
 
 def _ragged_data(root, n, seed):
@@ -50,25 +51,28 @@ def _check_results(out, model_class, n_expected=None, vary=True):
     n = res["num_visual_tokens"]
     if n_expected is not None:
         assert n == n_expected
-    assert os.path.isfile(os.path.join(out, "theta.json")) and os.path.isfile(os.path.join(out, "demo_results.md"))
+    assert os.path.isfile(os.path.join(out, "demo_results.md"))
     rows = res["results"]
     fams = {r["family"] for r in rows}
-    assert fams >= {"full", *FAMILIES}, fams
-    budgets = {r["budget"] for r in rows if r["family"] != "full"}
-    assert {res["budget"], res["second_budget"]} <= budgets
+    assert {"full", "eos-searched"} <= fams and fams & set(FAMILIES), fams
+    assert {r["budget"] for r in rows if r["family"] == "eos-searched"} == set(res["budgets"])
     for r in rows:
-        assert 0.0 <= r["accuracy"] <= 1.0 and r["prefill_ms"] > 0
+        assert 0.0 <= r["accuracy"] <= 1.0
         theta = Theta.from_dict(r["theta_config"])
+        assert Theta.from_json(os.path.join(out, r["theta_file"])) == theta
         # deployed as fractions of the schedule at N0 (a fixed count: as counts), so the reported schedule is
         # the one at N0
         assert all(red.is_fraction == vary for red in theta), r["config"]
         assert [list(s) for s in theta.schedule(n)] == r["tokens"]["schedule"]
         if len(theta):  # each image keeps its share of its own tokens
             assert r["measured_final"] == theta.schedule(first)[-1][2], (r["config"], first, n)
-        if r["family"] != "full" and r["budget"] is not None and not r["config"].startswith("eos-searched-as"):
+        if r["family"] != "full":
             assert r["tokens"]["final"] <= r["budget"], r["config"]
-    # the searched Θ is a fraction Θ too (counts vary), and the table's @budget row is it rescaled
-    assert all(isinstance(red["keep"], float) == vary for red in res["searched_theta"]["reducers"])
+    assert all(r["prefill_ms"] > 0 for r in rows if r["config"] in ("full", *(f"eos-searched@{b}" for b in
+                                                                           res["budgets"])))
+    # the searched Θ is a fraction Θ too where counts vary
+    for info in res["searches"].values():
+        assert all(isinstance(red["keep"], float) == vary for red in info["searched_theta"]["reducers"])
     return res
 
 
@@ -144,6 +148,8 @@ def test_demo_driver_rejects_bad_options_before_searching(tmp_path, capsys):
                       (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
                       (["--lr", "nan"], "--lr must be a finite number > 0"),
                       (["--local-moves-every", "-1"], "--local-moves-every must be >= 0"),
+                      (["--local-moves-every", "2"], "--local-moves-every needs --search-forward hard"),
+                      (["--workers", "0"], "--workers must be >= 1"),
                       (["--budget", "0"], "--budget must be >= 1")):
         assert main(["--demo", "--model", model, "--data", data, "--eval-data", data, "--output", out]
                     + SHORT + bad) == 2, bad
@@ -153,7 +159,7 @@ def test_demo_driver_rejects_bad_options_before_searching(tmp_path, capsys):
     assert main(["--demo", "--model", model, "--data", data, "--eval-data", data, "--budget", "100000",
                  "--output", out] + SHORT) == 2
     err = capsys.readouterr().err
-    assert "must be in 1.." in err and "mean" in err
+    assert "must be in 1.." in err and "mean" in err, err
     assert main(["--demo", "--model", str(tmp_path / "no-model"), "--output", out,
                  "--search-images", "2", "--eval-images", "2"] + SHORT) == 2
     assert "not a local Hugging Face checkpoint" in capsys.readouterr().err
@@ -161,21 +167,23 @@ def test_demo_driver_rejects_bad_options_before_searching(tmp_path, capsys):
 
 
 def test_defaults_follow_the_model():
-    """The demo's tuned search on the built-in model; eos-search's own defaults on a --model checkpoint."""
-    from eos_kernels.demo.run import _resolve_defaults, build_parser
+    """The demo's grid and search on the built-in model; eos-search's own defaults on a --model checkpoint."""
+    from eos_kernels.demo.run import DEMO_BUDGETS, QUICK_BUDGETS, _resolve_defaults, build_parser
     from eos_kernels.search import SearchConfig
 
     d = SearchConfig()
     builtin = build_parser().parse_args(["--demo"])
     _resolve_defaults(builtin, 64)
-    assert (builtin.budget, builtin.second_budget, builtin.steps, builtin.batch_size, builtin.lr,
-            builtin.local_moves_every) == (8, 16, 300, 8, 2e-2, 20)
+    assert (tuple(builtin.budgets), builtin.steps, builtin.batch_size, builtin.lr) == (DEMO_BUDGETS, 200, 8, 3e-2)
+    quick = build_parser().parse_args(["--demo", "--quick"])
+    _resolve_defaults(quick, 64)
+    assert tuple(quick.budgets) == QUICK_BUDGETS and quick.steps < builtin.steps
     own = build_parser().parse_args(["--demo", "--model", "m", "--budget", "40"])
     _resolve_defaults(own, 64)
-    assert (own.budget, own.second_budget, own.steps, own.batch_size, own.lr, own.local_moves_every) == \
-        (40, 64, d.steps, d.batch_size, d.lr, d.local_moves_every)
-    given = build_parser().parse_args(["--demo", "--model", "m", "--budget", "4", "--steps", "7", "--lr", "0.5"])
+    assert (own.budgets, own.steps, own.batch_size, own.lr, own.workers) == ([40], d.steps, d.batch_size, d.lr, 1)
+    given = build_parser().parse_args(["--demo", "--model", "m", "--budgets", "8", "4", "--budget", "4",
+                                       "--second-budget", "12", "--steps", "7", "--lr", "0.5"])
     _resolve_defaults(given, 64)
-    assert (given.second_budget, given.steps, given.lr) == (8, 7, 0.5)
-    with pytest.raises(ValueError, match="--model needs --budget"):
+    assert (given.budgets, given.steps, given.lr) == ([4, 8, 12], 7, 0.5)
+    with pytest.raises(ValueError, match="--model needs --budgets"):
         _resolve_defaults(build_parser().parse_args(["--demo", "--model", "m"]), 64)

@@ -14,10 +14,16 @@
   ``eos_kernels/demo/checkpoint/`` (loaded offline with ``from_pretrained``;
   ``training_report.json`` there holds its measured held-out accuracies, full
   and pruned, and every training run's command, time and seed).
-- :mod:`eos_kernels.demo.run`: ``eos-search --demo`` (search at 8 of 64
-  visual tokens on 2 CPU cores, then the full model, FastV-, SparseVLM-,
-  merge- and pool-style baselines and the searched Θ at 8 and 16 tokens on the
-  held-out split; table, Θ, log and plots).
+- :mod:`eos_kernels.demo.run`: ``eos-search --demo``, the matched-cost
+  comparison: a search at each budget of a grid (4, 8, 16, 32 of 64 visual
+  tokens), every baseline family tuned over its placements on the search split
+  (:mod:`~eos_kernels.demo.baselines`, :mod:`~eos_kernels.search.scoring`),
+  the held-out split read once per configuration, and per budget which
+  baselines the searched Θ dominates and which dominate it
+  (:mod:`~eos_kernels.demo.compare`, :mod:`~eos_kernels.demo.frontier`);
+  tables, one JSON per reported Θ and the accuracy-FLOPs plot
+  (:mod:`~eos_kernels.demo.report`); the jobs run in two single-threaded
+  worker processes (:mod:`~eos_kernels.demo.workers`).
 - ``scripts/train_demo.py`` trains the model (``train``, resumable) and writes
   the checkpoint (``export``).
 

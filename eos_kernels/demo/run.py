@@ -1,49 +1,40 @@
-"""``eos-search --demo``: the whole method on a laptop CPU, no GPU and no download -- or on your model and data.
+"""``eos-search --demo``: the search against tuned baselines at matched cost, on a laptop CPU -- or on your model.
 
 By default on the shipped demo model (:mod:`eos_kernels.demo.build`, 8
 decoder layers, 64 visual tokens, one per grid cell) and the synthetic task
 (:mod:`eos_kernels.demo.task`). ``--model DIR`` runs the same comparison on
-any supported checkpoint (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision,
-Qwen2-VL, Qwen2.5-VL, InternVL, Gemma 3: the class from its config), ``--data SEARCH.json
---eval-data HELDOUT.json`` on your own LLaVA-format data instead of the
-synthetic task (prompts rendered with the checkpoint's chat template, as
-``eos-search`` does). The driver:
+any supported checkpoint (the class from its config), ``--data SEARCH.json
+--eval-data HELDOUT.json`` on your own LLaVA-format data. The driver:
 
-1. writes a search split and a held-out eval split (deterministic by seed),
-   unless ``--data`` / ``--eval-data`` are given;
-2. runs the differentiable search (:func:`eos_kernels.search.run`, progress
-   bar) at an aggressive budget: ``--budget`` visual tokens leave the last
-   layer (default 8, 1/8 of the demo model's 64);
-3. evaluates on the held-out split, at the search budget and at a second
-   budget (``--second-budget``, default 16 = 1/4): the full model; FastV-style
-   pruning (one prune layer, the first warm-start slot); SparseVLM-style
-   multi-layer pruning at the warm-start slots (SparseVLM v2's keep ratios,
-   rescaled to the budget); the merge (ToMe) and pool corners with the same
-   layers and schedule; and the searched Θ -- at the search budget as searched
-   -- at the search budget and at the second budget by :meth:`Theta.rescale`
-   of the same Θ (same layers and operators, retain schedule scaled so that
-   at most the budget leaves the last layer), and, when it differs, with the
-   search's own schedule (the one-sided budget penalty of equation 13 lets a
-   search end below its budget).
-   For each: accuracy (greedy generation, exact match after normalisation),
-   the token report (final, mean leaving, mean processed, prefill FLOPs
-   ratio) and the measured prefill time;
-4. prints the table and where each layer's gate, discard and operator
-   parameters started and ended; writes ``demo_results.json`` /
-   ``demo_results.md`` and ``accuracy_vs_tokens.png`` beside the search's
-   ``theta.json``, ``log.jsonl``, ``trajectories.png``, ``profile.png`` and
-   ``loss.png``.
+1. writes a search split and a held-out split (deterministic by seed) unless
+   ``--data`` / ``--eval-data`` are given;
+2. runs the search (:func:`eos_kernels.search.run`, gradient only, eos-search's
+   default forward) once per budget of the grid (``--budgets``; built-in model:
+   4, 8, 16, 32 final visual tokens of 64), each into ``searches/B<budget>/``;
+3. tunes every baseline family (:mod:`eos_kernels.demo.baselines`: FastV at
+   each layer; SparseVLM-style, merge and pool schedules at every set of one to
+   three layers) on the *search* split: one exact-match score per placement
+   (:mod:`eos_kernels.search.scoring`);
+4. scores on the *held-out* split, once each: the full model, each searched Θ,
+   the searched layers and counts with the prune corner (what the operator
+   adds), each family's matched baseline (its best tuned placement at no more
+   final tokens and estimated prefill FLOPs than the searched Θ) and each
+   family's tuning frontier (:mod:`eos_kernels.demo.compare`);
+5. reports, per budget, the table (held-out accuracy, tuning accuracy, token
+   counts, the FLOPs ratio of ``Theta.token_report``, the measured prefill time:
+   warm-up first, then the median of repeats) and which baselines the searched Θ
+   dominates (higher accuracy at no more FLOPs) and which dominate it; a plot of
+   held-out accuracy against FLOPs with each family's frontier; every reported Θ
+   in ``thetas/<name>.json``, named as in the tables; ``demo_results.{json,md}``.
 
 Where images give different visual counts (LLaVA-NeXT, LLaVA-OneVision,
-Qwen2(.5)-VL), budgets and the token report are at N0 = the held-out images'
-mean count, and every reducing Θ is deployed as fractions of its schedule at
-N0 (:meth:`Theta.as_fractions`), so each image keeps the same share of its
-own tokens; the search exports fractions there too.
+Qwen2(.5)-VL, InternVL), budgets and the token report are at N0 = the held-out
+images' mean count, and every reducing Θ is deployed as fractions of its
+schedule at N0 (:meth:`Theta.as_fractions`).
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -53,15 +44,27 @@ import time
 
 import torch
 
+from eos_kernels.demo.baselines import FAMILIES, Candidate, placements, prune_at, tune
 from eos_kernels.theta import Theta
 
-#: final visual tokens of the demo (1/8 of the demo model's 64) and the second budget (1/4)
-DEMO_BUDGET = 8
-SECOND_BUDGET = 16
-FAMILIES = ("fastv", "sparsevlm-style", "merge", "pool", "eos-searched")
-#: the search's settings tuned for the built-in model (300 steps in ~1 min on 2 CPU cores); a --model checkpoint
-#: gets eos-search's own defaults (the paper's table 5) for what is not given
-_DEMO_SEARCH = {"steps": 300, "batch_size": 8, "lr": 2e-2, "local_moves_every": 20}
+__all__ = ["main", "build_parser", "run_demo", "prefill_seconds", "FAMILIES", "DEMO_BUDGETS", "QUICK_BUDGETS"]
+
+#: the budget grid on the built-in model (final visual tokens of its 64), and the --quick one
+DEMO_BUDGETS = (4, 8, 16, 32)
+QUICK_BUDGETS = (8, 16)
+#: the search's settings on the built-in model (eos-search's own defaults on a --model checkpoint)
+_DEMO_SEARCH = {"steps": 200, "batch_size": 8, "lr": 3e-2}
+_QUICK_SEARCH = {"steps": 80, "batch_size": 8, "lr": 5e-2}
+#: search split questions that tune the baselines, and held-out questions (built-in model; --quick)
+_SIZES = {"tune": 200, "search_images": 400, "eval_images": 500}
+#: the first round of the baselines' successive halving: every placement on this many tuning questions
+_FIRST_ROUND = 50
+_QUICK_SIZES = {"tune": 100, "search_images": 200, "eval_images": 200}
+#: what the demo writes beside the searches (the synthetic splits in data/ are regenerated inputs, not results)
+_RESULT_FILES = ("demo_results.json", "demo_results.md", "accuracy_vs_flops.png", "searches", "thetas")
+#: the other searches --compare-searches runs at each budget: the paper's hard forward, with and without local moves
+_VARIANTS = {"paper-search": {"search_forward": "hard", "local_moves_every": 0},
+             "paper+local-moves": {"search_forward": "hard", "local_moves_every": 20}}
 
 
 def _search_defaults() -> dict:
@@ -69,26 +72,6 @@ def _search_defaults() -> dict:
 
     d = SearchConfig()
     return {key: getattr(d, key) for key in _DEMO_SEARCH}
-_OPS = ("gamma", "tau", "theta", "rho", "nu")
-#: what the demo writes beside the search's files (the synthetic splits in data/ are regenerated, not results)
-_RESULT_FILES = ("demo_results.json", "demo_results.md", "accuracy_vs_tokens.png")
-
-
-def baselines(budget: int, layers, num_visual_tokens: int, num_layers: int) -> list[Theta]:
-    """FastV-, SparseVLM-, ToMe- and Pool-style Θ with (at most) ``budget`` final visual tokens."""
-    kw = dict(count="final", num_visual_tokens=num_visual_tokens, num_layers=num_layers)
-    merge = Theta.tome(budget, layers, name=f"merge@{budget}", **kw)
-    pool = Theta.pool(budget, layers, name=f"pool@{budget}", **kw)
-    prune = Theta([dataclasses.replace(r, gamma=0.0, tau=1.0, theta=0.0, rho=0.0, nu=0.0) for r in merge],
-                  name=f"sparsevlm-style@{budget}")
-    fastv = Theta.fastv(layers[0], budget, name=f"fastv@{budget}")
-    return [fastv, prune, merge, pool]
-
-
-def searched_at(searched: Theta, budget: int, n: int, L: int) -> Theta:
-    """The searched Θ deployed at ``budget`` final tokens: same layers and operators, retain schedule rescaled
-    (:meth:`Theta.rescale`, ``count="final"``), as the paper deploys one Θ at several budgets."""
-    return searched.rescale(budget, "final", num_visual_tokens=n, num_layers=L, name=f"eos-searched@{budget}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,28 +89,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-data", metavar="JSON", default=None, help="LLaVA-format held-out split (with --data)")
     p.add_argument("--image-folder", metavar="DIR", default=None,
                    help="folder the image paths of --data/--eval-data are relative to (default: each file's folder)")
-    p.add_argument("--budget", type=int, default=None,
-                   help=f"final visual tokens (built-in model: default {DEMO_BUDGET}; required with --model)")
-    p.add_argument("--second-budget", type=int, default=None,
-                   help=f"second evaluation budget, the searched Θ rescaled (default {SECOND_BUDGET} on the built-in "
-                        "model, else twice --budget, at most the visual tokens)")
+    p.add_argument("--budgets", type=int, nargs="+", default=None, metavar="B",
+                   help=f"final visual tokens to search and compare at (built-in model: {' '.join(map(str, DEMO_BUDGETS))};"
+                        f" --quick: {' '.join(map(str, QUICK_BUDGETS))}; with --model give --budgets or --budget)")
+    p.add_argument("--budget", type=int, default=None, help="a budget (joins --budgets)")
+    p.add_argument("--second-budget", type=int, default=None, help="another budget (joins --budgets)")
+    p.add_argument("--quick", action="store_true",
+                   help="built-in model: budgets 8 and 16, shorter searches, fewer questions (a few minutes); the "
+                        "README's table comes from the full run")
     p.add_argument("--steps", type=int, default=None,
-                   help=f"search steps (default {_DEMO_SEARCH['steps']} on the built-in model, else eos-search's "
-                        f"{search['steps']})")
+                   help=f"search steps per budget (built-in model: {_DEMO_SEARCH['steps']}, --quick "
+                        f"{_QUICK_SEARCH['steps']}; else eos-search's {search['steps']})")
     p.add_argument("--batch-size", type=int, default=None,
-                   help=f"search batch (default {_DEMO_SEARCH['batch_size']}, else eos-search's "
+                   help=f"search batch (built-in model: {_DEMO_SEARCH['batch_size']}, else eos-search's "
                         f"{search['batch_size']})")
     p.add_argument("--lr", type=float, default=None,
-                   help=f"search learning rate (default {_DEMO_SEARCH['lr']:g}, else eos-search's "
-                        f"{search['lr']:g})")
-    p.add_argument("--local-moves-every", type=int, default=None,
-                   help="local moves of the search every N steps (eos_kernels.search, decision 6; 0: off; default "
-                        f"{_DEMO_SEARCH['local_moves_every']} on the built-in model, else eos-search's "
-                        f"{search['local_moves_every']})")
+                   help=f"search learning rate (built-in model: {_DEMO_SEARCH['lr']:g}, --quick "
+                        f"{_QUICK_SEARCH['lr']:g}; else eos-search's {search['lr']:g})")
+    p.add_argument("--search-forward", choices=("relaxed", "hard"), default="relaxed",
+                   help="the searched Θ's forward (eos_kernels.search: relaxed, the default, or the paper's hard one)")
+    p.add_argument("--local-moves-every", type=int, default=0,
+                   help="local moves of a hard search every N steps (decision 6; default 0: off, gradient only)")
+    p.add_argument("--compare-searches", action="store_true",
+                   help="also run the paper's hard search, gradient only and with local moves every 20 steps, at "
+                        "each budget, and report them beside the default search")
     p.add_argument("--search-images", type=int, default=None,
-                   help="images of the synthetic search split (default 400; not with --data)")
+                   help=f"images of the synthetic search split (default {_SIZES['search_images']}; not with --data)")
     p.add_argument("--eval-images", type=int, default=None,
-                   help="held-out questions of the synthetic task (default 500; not with --eval-data)")
+                   help=f"held-out questions of the synthetic task (default {_SIZES['eval_images']}; not with "
+                        "--eval-data)")
+    p.add_argument("--tune-questions", type=int, default=None,
+                   help=f"search-split questions that tune the baselines (default {_SIZES['tune']}, at most the split)")
     p.add_argument("--eval-batch-size", type=int, default=50, help="held-out evaluation batch (default 50)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="generated answer tokens (default: 3 on the synthetic task, eos-search's default on --data)")
@@ -139,16 +131,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="weights of a --model checkpoint (default auto: bfloat16 on CUDA, float32 on the CPU); "
                         "the built-in model runs in float32")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes that run the searches and evaluations (one torch thread each; default: 2 on a "
+                        "CPU with 2+ cores for the built-in model, else 1, in this process)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads of this process (default: torch's)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p
 
 
 # ----------------------------------------------------------------------------- measurements
 @torch.no_grad()
-def prefill_seconds(model, data, theta: Theta, batch_size: int = 50, batches: int = 2, repeats: int = 3) -> float:
-    """Median wall time of one prefill forward (prompt only, ``logits_to_keep=1``) per prompt, in seconds
-    (any supported family; CUDA synchronised)."""
+def prefill_seconds(model, data, theta: Theta, batch_size: int = 50, batches: int = 1, repeats: int = 5) -> float:
+    """Median wall time of one prefill forward (prompt only, ``logits_to_keep=1``) per prompt, in seconds, after a
+    warm-up forward of the same configuration (any supported family; CUDA synchronised)."""
     from eos_kernels.integrations.auto import adapter_for
     from eos_kernels.patching import patch_model, unpatch_model
     from eos_kernels.search.objective import forward_inputs
@@ -171,7 +166,8 @@ def prefill_seconds(model, data, theta: Theta, batch_size: int = 50, batches: in
                                      pixel_values=to(px), image_inputs={k: to(v) for k, v in extra.items()}))
     patch_model(model, theta, adapter_for(model))
     try:
-        model(**chunks[0], use_cache=False, logits_to_keep=1)  # warm-up
+        for inputs in chunks:  # warm-up: allocations and lazy initialisation stay out of the measurement
+            model(**inputs, use_cache=False, logits_to_keep=1)
         times = []
         for _ in range(repeats):
             sync()
@@ -185,129 +181,30 @@ def prefill_seconds(model, data, theta: Theta, batch_size: int = 50, batches: in
     return statistics.median(times)
 
 
-def parameter_table(log_path: str, space, theta: Theta) -> list[dict]:
-    """Per layer: every searched value at the first step's forward (the init) and at the end."""
-    with open(log_path, encoding="utf-8") as f:
-        first = json.loads(f.readline())
-    with torch.no_grad():
-        end = {k: v.double().tolist() for k, v in space.constrained_values().items()}
-    keep = {r.layer: r.keep for r in theta.reducers}
-    rows = []
-    for layer in range(len(end["g"])):
-        row = {"layer": layer, "reducer": layer in keep, "keep": keep.get(layer)}
-        moved = False
-        for k in ("g", "c") + _OPS:
-            row[k] = [first[k][layer], end[k][layer]]
-            moved |= abs(end[k][layer] - first[k][layer]) > 1e-3
-        row["moved"] = moved
-        rows.append(row)
-    return rows
-
-
-# ----------------------------------------------------------------------------- formatting
-def _fmt_row(r):
-    t = r["tokens"]
-    ms = r["prefill_ms"]
-    return (r["config"], str(r["budget"]) if r["budget"] else "-", f"{r['accuracy']:.3f}",
-            str(t["final"]), f"{t['mean_leaving']:.2f}", f"{t['mean_processed']:.2f}",
-            f"{t['prefill_flops_ratio']:.3f}", f"{ms:.2f}" if ms is not None else "-",
-            " ".join(f"L{s[0]}:{s[1]}->{s[2]}" for s in t["schedule"]) or "-")
-
-
-_HEADER = ("configuration", "budget", "accuracy", "final", "mean leaving", "mean processed", "FLOPs ratio",
-           "prefill ms/prompt", "schedule (layer:in->kept)")
-
-
-def format_table(rows) -> str:
-    body = [_HEADER] + [_fmt_row(r) for r in rows]
-    widths = [max(len(b[i]) for b in body) for i in range(len(_HEADER))]
-    return "\n".join("  ".join(c.ljust(w) if j in (0, 8) else c.rjust(w) for j, (c, w) in enumerate(zip(b, widths)))
-                     for b in body)
-
-
-def markdown_table(rows) -> str:
-    out = ["| " + " | ".join(_HEADER) + " |", "|" + "---|" * len(_HEADER)]
-    out += ["| " + " | ".join(_fmt_row(r)) + " |" for r in rows]
-    return "\n".join(out)
-
-
-def format_parameters(rows, markdown: bool = False) -> str:
-    def pair(v, digits=3):
-        return f"{v[0]:.{digits}f} -> {v[1]:.{digits}f}"
-
-    header = ("layer", "reducer (keep)", "g", "c", "gamma", "tau", "theta", "rho", "nu", "moved")
-    body = [header]
-    for r in rows:
-        keep = r["keep"]
-        keep = f"{keep:.3g}" if isinstance(keep, float) else str(keep)
-        body.append((str(r["layer"]), f"yes ({keep})" if r["reducer"] else "no", pair(r["g"]), pair(r["c"]),
-                     pair(r["gamma"]), pair(r["tau"]), pair(r["theta"]), pair(r["rho"]), pair(r["nu"]),
-                     "yes" if r["moved"] else "no"))
-    if markdown:
-        return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-                         + ["| " + " | ".join(b) + " |" for b in body[1:]])
-    widths = [max(len(b[i]) for b in body) for i in range(len(header))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(b, widths)) for b in body)
-
-
-def plot_accuracy(rows, path: str, num_visual_tokens: int) -> str:
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(12, 4.5))
-    axes = fig.subplots(1, 2)
-    full = next((r for r in rows if r["family"] == "full"), None)
-    for fam in FAMILIES:
-        pts = sorted((r for r in rows if r["family"] == fam), key=lambda r: r["tokens"]["final"])
-        if not pts:
-            continue
-        style = dict(marker="*", markersize=12, lw=2.5) if fam == "eos-searched" else dict(marker="o")
-        axes[0].plot([r["tokens"]["final"] for r in pts], [r["accuracy"] for r in pts], label=fam, **style)
-        axes[1].plot([r["tokens"]["prefill_flops_ratio"] for r in pts], [r["accuracy"] for r in pts], label=fam,
-                     **style)
-    if full is not None:
-        axes[0].scatter([num_visual_tokens], [full["accuracy"]], marker="D", color="black", label="full", zorder=5)
-        axes[1].scatter([1.0], [full["accuracy"]], marker="D", color="black", label="full", zorder=5)
-    axes[0].set(title="held-out accuracy vs visual tokens leaving the last layer", xlabel="final visual tokens",
-                ylabel="accuracy")
-    axes[0].set_xscale("log", base=2)
-    axes[1].set(title="held-out accuracy vs estimated prefill FLOPs", xlabel="prefill FLOPs / full model",
-                ylabel="accuracy")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return path
-
-
-# ----------------------------------------------------------------------------- the demo
-def _load_model(args):
-    """``(model, processor)``: the built-in demo model, or ``--model`` on ``--device`` in ``--dtype``."""
-    if args.model is None:
-        from eos_kernels.demo import build
-
-        return build.load_demo_model()
-    from eos_kernels.search.model_loading import load_model, resolve_device, resolve_dtype
-
-    device = resolve_device(args.device)
-    model, processor = load_model(args.model, device, resolve_dtype(args.dtype, device))
-    return model.eval(), processor
-
-
+# ----------------------------------------------------------------------------- options
 def _check_options(args) -> None:
     """Every option's range, before anything is loaded or searched (ValueError naming the flag)."""
     for flag, key, low in (("--budget", "budget", 1), ("--second-budget", "second_budget", 1),
                            ("--steps", "steps", 1), ("--batch-size", "batch_size", 1),
                            ("--local-moves-every", "local_moves_every", 0), ("--eval-batch-size", "eval_batch_size", 1),
                            ("--max-new-tokens", "max_new_tokens", 1), ("--threads", "threads", 1),
+                           ("--workers", "workers", 1), ("--tune-questions", "tune_questions", 1),
                            ("--search-images", "search_images", 1), ("--eval-images", "eval_images", 1)):
         value = getattr(args, key)
         if value is not None and value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
+    for b in args.budgets or ():
+        if b < 1:
+            raise ValueError(f"--budgets must be >= 1, got {b}")
     if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
         raise ValueError(f"--lr must be a finite number > 0, got {args.lr}")
     if args.image_folder is not None and args.data is None:
         raise ValueError("--image-folder applies to --data / --eval-data (the synthetic task writes its own images)")
+    if args.local_moves_every and args.search_forward != "hard":
+        raise ValueError("--local-moves-every needs --search-forward hard (the local moves probe the paper's hard "
+                         "forward)")
+    if args.quick and args.model is not None:
+        raise ValueError("--quick sizes the built-in demo; with --model give --budgets, --steps and your data")
 
 
 def _splits(args) -> tuple[str, str, bool]:
@@ -324,32 +221,43 @@ def _splits(args) -> tuple[str, str, bool]:
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{flag}: no such file: {path}")
         return args.data, args.eval_data, False
+    sizes = _QUICK_SIZES if args.quick else _SIZES
     data = os.path.join(args.output, "data")
-    return (task.generate_split(data, "search", 400 if args.search_images is None else args.search_images, args.seed),
-            task.generate_split(data, "eval", 500 if args.eval_images is None else args.eval_images, args.seed), True)
+    return (task.generate_split(data, "search", args.search_images or sizes["search_images"], args.seed),
+            task.generate_split(data, "eval", args.eval_images or sizes["eval_images"], args.seed), True)
 
 
 def _resolve_defaults(args, n: int) -> None:
-    """Fill the options left unset: the demo's tuned search and budgets on the built-in model; on a --model
-    checkpoint eos-search's defaults, --budget required and the second budget twice it (at most ``n``)."""
+    """Fill what is unset: the budget grid and the search settings (the built-in model's, else eos-search's)."""
     builtin = args.model is None
-    if args.budget is None:
+    given = list(args.budgets or []) + [b for b in (args.budget, args.second_budget) if b is not None]
+    if not given:
         if not builtin:
-            raise ValueError(f"--model needs --budget (final visual tokens; this model's images give {n})")
-        args.budget = DEMO_BUDGET
-    if args.second_budget is None:
-        args.second_budget = SECOND_BUDGET if builtin else min(n, 2 * args.budget)
-    for key, value in (_DEMO_SEARCH if builtin else _search_defaults()).items():
+            raise ValueError(f"--model needs --budgets or --budget (final visual tokens; this model's images "
+                             f"give {n})")
+        given = list(QUICK_BUDGETS if args.quick else DEMO_BUDGETS)
+    args.budgets = sorted(set(given))
+    defaults = (_QUICK_SEARCH if args.quick else _DEMO_SEARCH) if builtin else _search_defaults()
+    for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.workers is None:
+        from eos_kernels.demo.workers import cpu_workers
+
+        args.workers = cpu_workers() if builtin else 1
+
+
+# ----------------------------------------------------------------------------- the demo
+def _token_report(theta: Theta, n: int, L: int, text: int, sizes) -> dict:
+    hidden, ffn = sizes if sizes is not None else (4096, 11008)
+    report = theta.token_report(n, L, text, hidden_size=hidden, intermediate_size=ffn)
+    report["schedule"] = [list(s) for s in report["schedule"]]
+    return report
 
 
 def run_demo(args) -> dict:
+    from eos_kernels.demo.workers import Jobs, Setup
     from eos_kernels.integrations.auto import adapter_for
-    from eos_kernels.search import SearchConfig, evaluate, run
-    from eos_kernels.search.config import scale_init_layers
-    from eos_kernels.search.data import load_dataset
-    from eos_kernels.search.evaluate import _reference_count
 
     _check_options(args)
     if args.threads:
@@ -360,132 +268,198 @@ def run_demo(args) -> dict:
     adapter = adapter_for(model)
     L = adapter.num_layers(model)
     fixed = adapter.visual_tokens_per_image(model)  # None: each image its own count
-    held = load_dataset(eval_json, processor, num_visual_tokens=fixed, image_token_id=model.config.image_token_id,
-                        image_folder=args.image_folder)
-    n = _reference_count(held)  # the fixed count, else the held-out images' mean
     varying = fixed is None
-    _resolve_defaults(args, n)
-    if not 1 <= args.budget <= n or not 1 <= args.second_budget <= n:
-        raise ValueError(f"--budget and --second-budget must be in 1..{n}, the visual tokens per image"
-                         + (" (the held-out images' mean)" if varying else "")
-                         + f"; got {args.budget} and {args.second_budget}")
+    _resolve_defaults(args, "a varying number of" if varying else fixed)
+    setup = Setup(model=args.model, device=args.device, dtype=args.dtype, search_json=search_json, eval_json=eval_json,
+                  image_folder=args.image_folder, impl=args.impl)
+    jobs = Jobs(setup, args.workers, model=model, processor=processor)
+    try:
+        return _run(args, jobs, model, adapter, L, varying, synthetic, search_json, eval_json, t0)
+    finally:
+        jobs.close()
 
-    # 1. the search
-    config = SearchConfig(data=search_json, image_folder=args.image_folder, output=args.output, budget=args.budget,
-                          steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, impl=args.impl,
-                          progress=args.progress, overwrite=args.overwrite, checkpoint_every=0,
-                          local_moves_every=args.local_moves_every)
-    result = run(config, model=model, processor=processor)
-    t_search = time.time() - t0
-    searched = Theta(result.theta.reducers, name="eos-searched")
-    params = parameter_table(result.log_path, result.space, searched)
 
-    # 2. the configurations
-    layers = tuple(scale_init_layers(L))  # the search's warm-start slots: the baselines reduce there too
-    configs = [("full", None, Theta(name="full"))]
-    for b in (args.budget, args.second_budget):
-        for fam, th in zip(FAMILIES, baselines(b, layers, n, L)):
-            configs.append((fam, b, th))
-        configs.append(("eos-searched", b, searched_at(searched, b, n, L)))
-    final = searched.token_report(n, L)["final"]
-    if searched.schedule(n) != configs[len(FAMILIES)][2].schedule(n):
-        # the search's own schedule (the one-sided budget penalty lets it end below the budget)
-        configs.append(("eos-searched", final, Theta(searched.reducers, name=f"eos-searched-as-searched@{final}")))
-    if varying:  # each image keeps the share of its own tokens that the schedule keeps at N0
-        configs = [(fam, b, th.as_fractions(n)) for fam, b, th in configs]
+def _run(args, jobs, model, adapter, L, varying, synthetic, search_json, eval_json, t0) -> dict:
+    from tqdm.auto import tqdm
 
-    # 3. held-out evaluation (+ measured prefill time)
+    from eos_kernels.demo import compare, report
+    from eos_kernels.search.config import SearchConfig
+    from eos_kernels.search.evaluate import _reference_count
+
+    state = jobs.state
+    held, search_data = state["held"], state["search"]
+    n = _reference_count(held)  # the fixed count, else the held-out images' mean
+    for b in args.budgets:
+        if not 1 <= b < n:
+            raise ValueError(f"--budgets must be in 1..{n - 1}, fewer than the visual tokens per image"
+                             + (" (the held-out images' mean)" if varying else "") + f"; got {b}")
+    sizes = adapter.text_sizes(model)
+    prompt_text = [e.prompt_length - e.num_visual_tokens for e in held.examples]
+    text = int(round(sum(prompt_text) / len(prompt_text)))
+
+    def deploy(theta: Theta) -> Theta:  # each image keeps the share of its own tokens the schedule keeps at N0
+        return theta.as_fractions(n) if varying and len(theta) else theta
+
+    def candidate(name, family, budget, theta) -> Candidate:
+        theta = Theta(theta.reducers, name=name)
+        return Candidate(name, family, budget, deploy(theta),
+                         _token_report(theta, n, L, text, sizes)["prefill_flops_ratio"])
+
+    bar = (lambda total, desc: tqdm(total=total, desc=desc, dynamic_ncols=True)) if args.progress else None
+
+    def tick(b):
+        return (lambda _: b.update(1)) if b is not None else None
+
+    # 1. the searches, one per budget (and the paper's variants with --compare-searches)
+    plan = [("eos-searched", b, {}) for b in args.budgets]
+    if args.compare_searches:
+        plan += [(name, b, over) for b in args.budgets for name, over in _VARIANTS.items()]
+    configs = []
+    for name, b, over in plan:
+        sub = os.path.join(args.output, "searches", f"{name}-B{b}")
+        cfg = SearchConfig(data=search_json, image_folder=args.image_folder, output=sub, budget=b, steps=args.steps,
+                           batch_size=args.batch_size, lr=args.lr, seed=args.seed, impl=args.impl,
+                           progress=False, overwrite=args.overwrite, checkpoint_every=0,
+                           search_forward=over.get("search_forward", args.search_forward),
+                           local_moves_every=over.get("local_moves_every", args.local_moves_every))
+        configs.append(cfg.to_dict())
+    b_ = bar(len(configs), "searches") if bar else None
+    t_search = time.time()
+    results = jobs.search(configs, progress=tick(b_))
+    if b_ is not None:
+        b_.close()
+    t_search = time.time() - t_search
+    searched, extra, search_info = {}, [], {}
+    for (name, b, _), res in zip(plan, results):
+        theta = Theta.from_dict(res["theta"])
+        rescaled = False
+        final = theta.token_report(n, L)["final"] if len(theta) else n
+        if final > b:  # the one-sided budget penalty is soft: deploy at the budget, as the paper rescales
+            theta = theta.rescale(b, "final", num_visual_tokens=n, num_layers=L)
+            rescaled = True
+        c = candidate(f"{name}@{b}", name, b, theta)
+        search_info[c.name] = {"log": res["log"], "plots": res["plots"], "steps": res["steps"],
+                               "median_step_s": res["step_time"], "rescaled_to_budget": rescaled,
+                               "parameters": res["parameters"], "searched_theta": res["theta"]}
+        if name == "eos-searched":
+            searched[b] = c
+        else:
+            extra.append(c)
+    prunes = {b: candidate(f"prune-at-searched@{b}", "prune-at-searched", b, prune_at(s.theta, n, "p"))
+              if len(s.theta) else None for b, s in searched.items()}
+
+    # 2. tuning on the search split
+    baselines = [candidate(t.name, fam, b, t) for b in args.budgets for fam in FAMILIES
+                 for t in placements(fam, b, n, L)]
+    sizes_ = _QUICK_SIZES if args.quick else _SIZES
+    tune_n = min(len(search_data), args.tune_questions or sizes_["tune"])
+    first = min(tune_n, _FIRST_ROUND)
+    b_ = bar(None, f"tuning {len(baselines)} baselines") if bar else None
+    t_tune = time.time()
+
+    def score(cands, questions):
+        return jobs.tune([c.theta.to_dict() for c in cands], list(questions), args.eval_batch_size * 2,
+                         progress=tick(b_))
+
+    contenders = tune(baselines, score, tune_n, first)
+    if b_ is not None:
+        b_.close()
+    t_tune = time.time() - t_tune
+    # the searched Θs are scored on the tuning questions too (a column of the table, not a choice)
+    own = list(searched.values()) + [p for p in prunes.values() if p is not None] + extra
+    for c, s in zip(own, jobs.tune([c.theta.to_dict() for c in own], list(range(tune_n)), args.eval_batch_size * 2)):
+        c.tuning = s
+
+    # 3. the held-out split, once per configuration
+    full = Candidate("full", "full", n, Theta(name="full"), 1.0)
+    chosen = compare.to_evaluate(contenders, list(searched.values()))
+    evaluated = [full] + own + chosen
     max_new = args.max_new_tokens if args.max_new_tokens is not None else (
         3 if synthetic else SearchConfig().max_new_tokens)
-    eval_cfg = SearchConfig(data=eval_json, image_folder=args.image_folder, output=args.output, budget=args.budget,
-                            max_new_tokens=max_new, batch_size=args.eval_batch_size, impl=args.impl)
-    rows = []
-    bar = None
-    if args.progress:
-        from tqdm.auto import tqdm
+    b_ = bar(len(evaluated), "held-out evaluation") if bar else None
+    t_eval = time.time()
+    for c, r in zip(evaluated, jobs.evaluate([c.theta.to_dict() for c in evaluated], args.eval_batch_size, max_new,
+                                             progress=tick(b_))):
+        c.heldout = r
+    if b_ is not None:
+        b_.close()
+    t_eval = time.time() - t_eval
 
-        bar = tqdm(total=len(configs), desc="held-out evaluation", dynamic_ncols=True)
-    for fam, b, theta in configs:
-        r = evaluate(eval_cfg, [theta], model=model, processor=processor, dataset=held, write=False)["results"][0]
-        rows.append({"config": theta.name, "family": fam, "budget": b, "accuracy": r["accuracy"],
-                     "correct": r["correct"], "answers": r["answers"], "answer_ce": r["answer_ce"],
-                     "tokens": r["tokens"], "measured_final": r["measured_final"],
-                     "prefill_ms": 1000 * prefill_seconds(model, held, theta, batch_size=args.eval_batch_size),
-                     "theta_config": r["theta_config"]})
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(config=theta.name, acc=f"{r['accuracy']:.3f}")
-    if bar is not None:
-        bar.close()
+    # 4. per-budget comparison and measured prefill times of the table rows
+    summaries = []
+    for b in args.budgets:
+        s = searched[b]
+        summaries.append(compare.budget_summary(b, s, prunes[b], contenders,
+                                                extra=[e for e in extra if e.budget == b]))
+    table_names = ["full"]
+    for s in summaries:
+        table_names += [s["searched"]] + [e for e in s["extra"]] + ([s["prune_at_searched"]] if s["prune_at_searched"]
+                                                                     else [])
+        table_names += [m for m in s["matched"].values() if m is not None]
+    by_name = {c.name: c for c in evaluated}
+    table_names = list(dict.fromkeys(table_names))
+    prefill_ms = {}
+    b_ = bar(len(table_names), "prefill timing") if bar else None
+    prefill_seconds(model, held, Theta(name="warm-up"), batch_size=args.eval_batch_size)  # the process's first forward
+    for name in table_names:
+        prefill_ms[name] = 1000 * prefill_seconds(model, held, by_name[name].theta, batch_size=args.eval_batch_size)
+        if b_ is not None:
+            b_.update(1)
+    if b_ is not None:
+        b_.close()
 
-    # 4. outputs
-    plot = plot_accuracy(rows, os.path.join(args.output, "accuracy_vs_tokens.png"), n)
+    # 5. outputs
+    accuracy = {c.name: c.heldout["accuracy"] for c in evaluated}
+    rows = [report.row(c, prefill_ms.get(c.name)) for c in evaluated]
+    report.write_thetas(args.output, evaluated)
+    plot = report.plot_frontiers(chosen, list(searched.values()), accuracy["full"],
+                                 os.path.join(args.output, "accuracy_vs_flops.png"), extra=extra)
     seconds = round(time.time() - t0, 1)
     argv = [a for a in (getattr(args, "_argv", None) or []) if a != "--demo"]
-    command = " ".join(["eos-search", "--demo"] + argv)
-    best_corner = max((r for r in rows if r["budget"] == args.budget and r["family"] != "eos-searched"),
-                      key=lambda r: r["accuracy"])
-    eos = next(r for r in rows if r["budget"] == args.budget and r["family"] == "eos-searched")
     summary = {
-        "command": command, "seconds": seconds, "search_seconds": round(t_search, 1),
+        "command": " ".join(["eos-search", "--demo"] + argv), "seconds": seconds,
+        "stage_seconds": {"searches": round(t_search, 1), "tuning": round(t_tune, 1), "held_out": round(t_eval, 1)},
         "model": os.path.abspath(args.model) if args.model else "built-in demo model",
-        "model_class": type(model).__name__,
+        "model_class": type(model).__name__, "workers": args.workers, "threads": torch.get_num_threads(),
         "data": {"search": os.path.abspath(search_json), "eval": os.path.abspath(eval_json), "synthetic": synthetic},
-        "budget": args.budget, "second_budget": args.second_budget, "num_visual_tokens": n, "num_layers": L,
+        "budgets": args.budgets, "num_visual_tokens": n, "num_layers": L, "text_tokens": text,
         "visual_tokens_vary": varying, "held_out_visual_counts": sorted(set(held.visual_counts)),
-        "search_steps": result.step, "search_lr": args.lr, "search_batch_size": args.batch_size,
-        "search_local_moves_every": args.local_moves_every,
-        "eval_questions": rows[0]["answers"], "threads": torch.get_num_threads(),
-        "warm_start_layers": list(layers), "searched_theta": searched.to_dict(), "search_parameters": params,
-        "parameters_moved": [p["layer"] for p in params if p["moved"]],
-        "best_baseline_at_budget": {"config": best_corner["config"], "accuracy": best_corner["accuracy"]},
-        "searched_at_budget": {"config": eos["config"], "accuracy": eos["accuracy"]},
-        "results": rows, "plots": [plot] + list(result.plots),
+        "search": {"forward": args.search_forward, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+                   "local_moves_every": args.local_moves_every, "compare_searches": args.compare_searches},
+        "tuning_questions": tune_n, "tuning_first_round": first, "eval_questions": rows[0]["answers"],
+        "baselines_tuned": len(baselines), "baselines_second_round": len(contenders),
+        "searches": search_info, "comparison": summaries, "results": rows,
+        "plots": [plot] + [p for info in search_info.values() for p in info["plots"]],
     }
-    flops = eos["tokens"]["prefill_flops_ratio"]
-    cheaper = [r for r in rows if r["family"] not in ("eos-searched", "full")
-               and r["tokens"]["prefill_flops_ratio"] <= flops + 1e-9]
-    best_cheaper = max(cheaper, key=lambda r: r["accuracy"]) if cheaper else None
-    summary["best_baseline_at_most_searched_flops"] = (
-        {"config": best_cheaper["config"], "accuracy": best_cheaper["accuracy"],
-         "prefill_flops_ratio": best_cheaper["tokens"]["prefill_flops_ratio"]} if best_cheaper else None)
-    verdict = (f"At {args.budget} final visual tokens the searched Θ reaches {eos['accuracy']:.3f}; the best fixed "
-               f"baseline at that budget is {best_corner['config']} with {best_corner['accuracy']:.3f} "
-               f"({'the searched Θ matches or beats it' if eos['accuracy'] >= best_corner['accuracy'] else 'the searched Θ is below it'}). "
-               f"Counted in estimated prefill FLOPs the searched Θ costs {flops:.3f} of the full model against "
-               f"{best_corner['tokens']['prefill_flops_ratio']:.3f} for {best_corner['config']}")
-    if best_cheaper is not None:
-        verdict += (f"; the best baseline at no more FLOPs than the searched Θ is {best_cheaper['config']} with "
-                    f"{best_cheaper['accuracy']:.3f} at {best_cheaper['tokens']['prefill_flops_ratio']:.3f} "
-                    f"({'the searched Θ matches or beats it' if eos['accuracy'] >= best_cheaper['accuracy'] else 'above the searched Θ'})")
-    summary["verdict"] = verdict
     with open(os.path.join(args.output, "demo_results.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1)
-    moved = ", ".join(str(p["layer"]) for p in params if p["moved"]) or "none"
-    counts = (f"{n} visual tokens per image (the held-out images' mean; Θ deployed as fractions of the schedule "
-              f"at {n})" if varying else f"{n} visual tokens")
-    split = f"eval split, seed {args.seed}" if synthetic else os.path.basename(eval_json)
-    md = (f"# `{summary['command']}`\n\n{summary['model_class']} ({summary['model']}); "
-          f"{rows[0]['answers']} held-out questions ({split}); "
-          f"{counts}, {L} decoder layers; search: {result.step} steps at budget {args.budget}, "
-          f"{summary['search_seconds']} s; {seconds} s in all on {summary['threads']} thread(s).\n\n"
-          f"{markdown_table(rows)}\n\n{verdict}.\n\n"
-          f"## Where the search ended (value at the first step -> at the end; layers that moved: {moved})\n\n"
-          f"{format_parameters(params, markdown=True)}\n\n"
-          f"Searched Θ: `{json.dumps(searched.to_dict()['reducers'])}`\n")
+    md = report.markdown(summary, rows, summaries, accuracy, varying, synthetic, eval_json)
     with open(os.path.join(args.output, "demo_results.md"), "w", encoding="utf-8") as f:
         f.write(md)
-    print(format_table(rows))
+    table_rows = [r for r in rows if r["config"] in table_names]
+    print(report.format_table(table_rows))
     print()
-    print(verdict)
-    print(f"\nsearch parameters (first step -> end); layers that moved: {moved}")
-    print(format_parameters(params))
+    for s in summaries:
+        print(report.verdict(s, accuracy))
     print(f"\neos-search --demo: {seconds} s; results in {os.path.join(args.output, 'demo_results.md')}")
     return summary
 
 
+def _load_model(args):
+    """``(model, processor)``: the built-in demo model, or ``--model`` on ``--device`` in ``--dtype``."""
+    if args.model is None:
+        from eos_kernels.demo import build
+
+        return build.load_demo_model()
+    from eos_kernels.search.model_loading import load_model, resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    model, processor = load_model(args.model, device, resolve_dtype(args.dtype, device))
+    return model.eval(), processor
+
+
 def main(argv=None) -> int:
-    from eos_kernels.search.output import output_dir, refuse_to_replace, search_files
+    from eos_kernels.search.output import output_dir, refuse_to_replace
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -493,7 +467,7 @@ def main(argv=None) -> int:
     try:
         with output_dir(args.output):  # before the model is loaded; removed again if the demo fails and it is empty
             if not args.overwrite:
-                refuse_to_replace(args.output, search_files() + _RESULT_FILES, "the demo")
+                refuse_to_replace(args.output, _RESULT_FILES, "the demo")
             run_demo(args)
     except (FileNotFoundError, ValueError) as exc:  # no trained checkpoint in this installation, bad options
         print(f"eos-search --demo: error: {exc}", file=sys.stderr)
