@@ -1,4 +1,5 @@
-"""One search step (reference forward, reduced forward, backward): ``impl="triton"`` vs ``impl="torch"``.
+"""One search step (reference forward, reduced forward, backward): the paper's hard forward (``impl="triton"``
+vs ``impl="torch"``) and the relaxed forward of the default search (decision 7 of :mod:`eos_kernels.search`).
 
 The model is the end-to-end benchmark's LLaVA (``test_bench_e2e.build_llava``:
 LLaVA-1.5-7B-shaped in bf16 on CUDA, a small 32-layer model in fp32 on the
@@ -10,6 +11,13 @@ the answer-token cross-entropy and the hidden-state alignment at layers
 4, 8, …, 28, and the backward into the search parameters (bf16 autocast on
 CUDA, as the driver). The operator runs through the fused kernels
 (``impl="triton"``, CUDA only) or the PyTorch reference (``impl="torch"``).
+
+The relaxed step (``forward="relaxed"``) runs the same reference forward, the
+relaxed forward at full length (every layer's soft keep decision, the soft
+operator, the presence bias in every later layer's attention; no fused kernel)
+and the backward, at the start of its annealing (T = 0.5, deterministic gates):
+its cost per step against the hard one's is the price of a gradient that
+reaches every layer.
 
 Batch: 4 samples (table 5) of the e2e prompt (64 text + 576 visual tokens) on
 CUDA, 1 on the CPU; the last 16 text tokens are the "answer" (labels).
@@ -25,7 +33,8 @@ pytest.importorskip("transformers", reason="the search benchmark needs transform
 from eos_kernels.integrations.llava import LlavaAdapter  # noqa: E402
 from eos_kernels.patching import patch_model, unpatch_model  # noqa: E402
 from eos_kernels.search.data import Batch  # noqa: E402
-from eos_kernels.search.objective import LayerCapture, SearchPlan, data_terms  # noqa: E402
+from eos_kernels.search.objective import LayerCapture, SearchPlan, data_terms, relaxed_data_terms  # noqa: E402
+from eos_kernels.search.relaxed import RelaxedForward  # noqa: E402
 from eos_kernels.search_space import SearchSpace  # noqa: E402
 
 from bench.test_bench_e2e import N_VISUAL, SHAPES, make_inputs, models  # noqa: E402,F401  (fixture)
@@ -33,9 +42,11 @@ from bench.test_bench_e2e import N_VISUAL, SHAPES, make_inputs, models  # noqa: 
 ANSWER_TOKENS = 16
 BUDGET = 64
 CASES = [
-    gpu_param("cuda", 4, "triton", id="cuda-triton-B4"),
-    gpu_param("cuda", 4, "torch", id="cuda-torch-B4"),
-    cpu_param("cpu", 1, "torch", id="cpu-torch-B1"),
+    gpu_param("cuda", 4, "triton", "hard", id="cuda-triton-B4"),
+    gpu_param("cuda", 4, "torch", "hard", id="cuda-torch-B4"),
+    gpu_param("cuda", 4, "torch", "relaxed", id="cuda-relaxed-B4"),
+    cpu_param("cpu", 1, "torch", "hard", id="cpu-torch-B1"),
+    cpu_param("cpu", 1, "torch", "relaxed", id="cpu-relaxed-B1"),
 ]
 
 
@@ -47,8 +58,8 @@ def _batch(device: str, B: int) -> Batch:
     return Batch(ids, torch.ones_like(ids), labels, pixels, prompt, list(range(B)))
 
 
-@pytest.mark.parametrize("device, B, impl", CASES)
-def test_search_step(benchmark, models, device, B, impl):
+@pytest.mark.parametrize("device, B, impl, forward", CASES)
+def test_search_step(benchmark, models, device, B, impl, forward):
     model = models(device)
     for p in model.parameters():  # frozen backbone: only Θ trains
         p.requires_grad_(False)
@@ -56,7 +67,11 @@ def test_search_step(benchmark, models, device, B, impl):
     space = SearchSpace(layers, N_VISUAL).to(device)
     plan = SearchPlan(space, max_reducers=3, impl=impl)
     adapter = LlavaAdapter()
-    patch_model(model, None, adapter, plan=plan)
+    relaxed = None
+    if forward == "relaxed":
+        relaxed = RelaxedForward(space, adapter, temperature=0.5, sharpness=1.0).install(model)
+    else:
+        patch_model(model, None, adapter, plan=plan)
     capture = LayerCapture(adapter.decoder_layers(model), list(range(4, layers, 4)))
     batch = _batch(device, B)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device == "cuda" else None
@@ -64,7 +79,10 @@ def test_search_step(benchmark, models, device, B, impl):
 
     def step():
         space.zero_grad(set_to_none=True)
-        terms = data_terms(model, batch, capture, autocast=autocast)
+        if relaxed is not None:
+            terms = relaxed_data_terms(model, batch, capture, relaxed, autocast=autocast, adapter=adapter)
+        else:
+            terms = data_terms(model, batch, capture, autocast=autocast)
         align = torch.stack(list(terms["align_sse"].values())).sum() / (
             len(capture.indices) * terms["text_tokens"] * hidden)
         loss = terms["ce_sum"] / terms["answer_tokens"] + 0.1 * align
@@ -77,8 +95,9 @@ def test_search_step(benchmark, models, device, B, impl):
         peak, _ = peak_extra_memory(step, device)
         benchmark.group = f"search step {device} B{B}"
         benchmark.extra_info.update(
-            subject="search", impl=impl, B=B, device=device_label(device), budget=BUDGET,
-            align_layers=capture.indices, reducers=[list(s) for s in plan.last_schedule],
+            subject="search", impl=impl, forward=forward, B=B, device=device_label(device), budget=BUDGET,
+            align_layers=capture.indices,
+            reducers=[list(s) for s in plan.last_schedule] if relaxed is None else "every layer (relaxed)",
             peak_extra_memory_bytes=peak,
         )
         rounds = pedantic_rounds(*((5, 2) if device == "cuda" else (3, 1)))
@@ -86,4 +105,7 @@ def test_search_step(benchmark, models, device, B, impl):
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in space.parameters())
     finally:
         capture.remove()
-        unpatch_model(model)
+        if relaxed is not None:
+            relaxed.remove()
+        else:
+            unpatch_model(model)

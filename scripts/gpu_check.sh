@@ -26,7 +26,7 @@
 #   7. bench-e2e-r64                    end-to-end prefill at r=64 (+ unpatched, vision tower)
 #   8. bench-operator-grid              the rest of the operator grid, fused + eager
 #   9. bench-e2e-rest                   the other budgets and the decode step
-#  10. bench-search-step                one search step, fused vs reference
+#  10. bench-search-step                one search step: hard (fused vs reference) and relaxed
 #  11. bench-e2e-families              stock vs reduced (1/9) prefill of the newer families at their
 #                                       vision towers, random weights, LLaVA-7B's decoder sizes (InternVL,
 #                                       Gemma 3, Qwen3-VL; as time allows)
@@ -234,11 +234,12 @@ if [ "$MODE" = gpu ]; then
     run_step bench-e2e-r64 bench 35 -- "${PYTEST[@]}" "${BENCH[@]}" \
         bench/test_bench_e2e.py -k "cuda and not family and (vision or (prefill and (unpatched or r64)))"
     # on the first H200 run 20 s measured about half of this grid (57 cases) and 1 case of each step after it
-    run_step bench-operator-grid bench 30 -- "${PYTEST[@]}" "${BENCH[@]}" "${BENCH_SHORT[@]}" \
+    run_step bench-operator-grid bench 25 -- "${PYTEST[@]}" "${BENCH[@]}" "${BENCH_SHORT[@]}" \
         bench/test_bench_operator.py -k "cuda and not compile and not $HEADLINE"
     run_step bench-e2e-rest bench 25 -- "${PYTEST[@]}" "${BENCH[@]}" \
         bench/test_bench_e2e.py -k "cuda and not family and not vision and not (prefill and (unpatched or r64))"
-    run_step bench-search-step bench 25 -- "${PYTEST[@]}" "${BENCH[@]}" \
+    # the hard step (fused and reference) and the relaxed step of the default search (decision 7)
+    run_step bench-search-step bench 30 -- "${PYTEST[@]}" "${BENCH[@]}" \
         bench/test_bench_search_step.py -k "cuda"
     run_step bench-e2e-families bench 90 -- "${PYTEST[@]}" "${BENCH[@]}" \
         bench/test_bench_e2e.py -k "cuda and family"
@@ -263,7 +264,7 @@ else
     run_step bench-e2e-rest bench 30 -- "${PYTEST[@]}" "${BENCH[@]}" \
         bench/test_bench_e2e.py -k "cpu and decode and paper-r64"
     run_step bench-search-step bench 40 -- "${PYTEST[@]}" "${BENCH[@]}" \
-        bench/test_bench_search_step.py -k "cpu"
+        bench/test_bench_search_step.py -k "cpu-torch"
     run_step bench-e2e-families bench 30 "skip:GPU only (the CPU subset: pytest bench/test_bench_e2e.py -k 'cpu and family')" \
         "${PYTEST[@]}" "${BENCH[@]}" bench/test_bench_e2e.py -k "cpu and family"
     run_step bench-lmms-eval bench 30 "skip:GPU only (the CPU figures: bench/results/cpu-2core-lmms-eval)" \
