@@ -136,8 +136,8 @@ def test_eval_beside_a_search_is_allowed(env, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- --demo
-@pytest.mark.parametrize("name", ["theta.json", "search_state.pt", "log.jsonl", "demo_results.json",
-                                  "demo_results.md", "accuracy_vs_tokens.png", "profile.png"])
+@pytest.mark.parametrize("name", ["demo_results.json", "demo_results.md", "accuracy_vs_flops.png", "searches",
+                                  "thetas", "data"])
 def test_demo_refuses_an_output_holding_a_file_it_would_write(tmp_path, capsys, no_loading, name):
     out = tmp_path / "demo"
     user = plant(out, name)
@@ -147,18 +147,23 @@ def test_demo_refuses_an_output_holding_a_file_it_would_write(tmp_path, capsys, 
     assert sorted(os.listdir(out)) == [name]  # not even the synthetic splits were written
 
 
-def test_demo_refuses_a_finished_search_and_overwrite_replaces_it(env, tmp_path, capsys):
+def test_demo_writes_beside_a_finished_search_and_refuses_a_second_demo(env, tmp_path, capsys):
+    """The demo keeps its searches in searches/<name>/ and its Θ in thetas/: a search already in the folder
+    stays as it was; a second demo is refused, and --overwrite replaces the first demo's results."""
     out = tmp_path / "demo"
     assert main(search_args(env, out)) == 0
     before = {p: (out / p).read_bytes() for p in ("theta.json", "search_state.pt", "log.jsonl")}
     capsys.readouterr()
-    short = ["--demo", "--output", str(out), "--steps", "2", "--search-images", "8", "--eval-images", "4",
-             "--no-progress", "--threads", "1", "--local-moves-every", "0"]
-    refused(main(short), capsys)
+    short = ["--demo", "--output", str(out), "--budgets", "4", "--steps", "2", "--search-images", "8",
+             "--eval-images", "4", "--tune-questions", "4", "--workers", "1", "--no-progress", "--threads", "1"]
+    assert main(short) == 0, capsys.readouterr().err
     assert {p: (out / p).read_bytes() for p in before} == before
+    first = (out / "demo_results.json").read_bytes()
+    refused(main(short), capsys)
+    assert (out / "demo_results.json").read_bytes() == first
     assert main(short + ["--overwrite"]) == 0, capsys.readouterr().err
-    assert (out / "demo_results.json").is_file()
-    assert (out / "log.jsonl").read_bytes() != before["log.jsonl"]  # the demo's own 2-step search
+    assert {p: (out / p).read_bytes() for p in before} == before
+    assert (out / "searches" / "eos-searched-B4" / "log.jsonl").is_file()
 
 
 # ----------------------------------------------------------------------------- no empty folder after a failure

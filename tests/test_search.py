@@ -219,7 +219,9 @@ def test_run_outputs_and_frozen_model(env, loaded, tmp_path):
     out = tmp_path / "out"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(objective, "data_terms", spy)
-        result = run(config(env, out, steps=3, plots=True), model=model, processor=processor)
+        # the paper's forward: the parameter-by-parameter reach checked below is its straight-through one
+        result = run(config(env, out, steps=3, plots=True, search_forward="hard"), model=model,
+                     processor=processor)
     # frozen backbone during the run, untouched afterwards, unpatched, flags restored
     assert trainable and all(t == [] for t in trainable)
     after = model.state_dict()
@@ -464,9 +466,11 @@ def test_resume_is_bit_exact(env, loaded, tmp_path, forward):
     assert (straight / "theta.json").read_text() == (split / "theta.json").read_text()
 
 
-def test_ctrl_c_saves_a_checkpoint(env, loaded, tmp_path):
+@pytest.mark.parametrize("forward", ["relaxed", "hard"])
+def test_ctrl_c_saves_a_checkpoint(env, loaded, tmp_path, forward):
     model, processor = loaded
-    original = objective.data_terms
+    name = "relaxed_data_terms" if forward == "relaxed" else "data_terms"  # relaxed: steps 1-3 of 4 (hard finish: 4)
+    original = getattr(objective, name)
     calls = []
 
     def interrupt_third(*args, **kw):
@@ -477,12 +481,13 @@ def test_ctrl_c_saves_a_checkpoint(env, loaded, tmp_path):
 
     out = tmp_path / "out"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(objective, "data_terms", interrupt_third)
+        mp.setattr(objective, name, interrupt_third)
         with pytest.raises(KeyboardInterrupt):
-            run(config(env, out, steps=4, checkpoint_every=0), model=model, processor=processor)
+            run(config(env, out, steps=4, checkpoint_every=0, search_forward=forward), model=model,
+                processor=processor)
     assert not is_patched(model)
     assert load_state(out)["step"] == 2 and len(read_log(out)) == 2
-    result = run(config(env, out, steps=4, resume=True), model=model, processor=processor)
+    result = run(config(env, out, steps=4, resume=True, search_forward=forward), model=model, processor=processor)
     assert result.step == 4 and [r["step"] for r in read_log(out)] == [1, 2, 3, 4]
 
 

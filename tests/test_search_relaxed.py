@@ -261,7 +261,7 @@ def test_relaxed_search_refuses_what_it_cannot_do(demo, tmp_path):
     from eos_kernels.search.relaxed import RelaxedForward
     from eos_kernels.integrations.auto import adapter_for
 
-    space = SearchSpace(8, 64)
+    space = SearchSpace(8, 64, init_layers=(2, 4))
     model.config.text_config._attn_implementation = "flash_attention_2"
     try:
         with pytest.raises(ValueError, match="additive mask"):

@@ -466,8 +466,8 @@ def main(argv=None) -> int:
     args._argv = argv
     try:
         with output_dir(args.output):  # before the model is loaded; removed again if the demo fails and it is empty
-            if not args.overwrite:
-                refuse_to_replace(args.output, _RESULT_FILES, "the demo")
+            if not args.overwrite:  # the synthetic splits too, unless the user's own data are given
+                refuse_to_replace(args.output, _RESULT_FILES + (("data",) if args.data is None else ()), "the demo")
             run_demo(args)
     except (FileNotFoundError, ValueError) as exc:  # no trained checkpoint in this installation, bad options
         print(f"eos-search --demo: error: {exc}", file=sys.stderr)
