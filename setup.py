@@ -47,6 +47,7 @@ setup(
         "test": [
             "pytest>=8",
             "pytest-benchmark>=4",
+            "pytest-xdist>=3",  # the README's `pytest tests -q -n 2`
             "hypothesis>=6.100",
             "transformers>=5.0,<6.0",
             "tqdm>=4.60",

@@ -11,6 +11,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# pytest-xdist (`-n N`): N workers share the cores, so each takes its share of torch's threads (the tiny
+# models gain nothing from more; oversubscribed threads spin), unless the caller set OMP_NUM_THREADS
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+if _workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
+
 
 @pytest.fixture(scope="module")
 def one_torch_thread():
