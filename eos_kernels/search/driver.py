@@ -304,21 +304,31 @@ class _Search:
                                  last_layer=self.config.search_forward == "hard")
 
     # ---------------------------------------------------------------- the relaxed forward (decision 7)
+    def _install_forward(self, relaxed: bool) -> None:
+        """The search forward: the relaxed hooks (decision 7) or the patch with the search plan (decisions 1-2);
+        then the layer capture, registered (again) after them so that it sees each layer's output after its
+        reduction."""
+        from eos_kernels.patching import patch_model
+        from eos_kernels.search.objective import LayerCapture
+
+        if self.capture is not None:
+            self.capture.remove()
+        if relaxed:
+            from eos_kernels.search.relaxed import RelaxedForward
+
+            self.relaxed = RelaxedForward(self.space, self.adapter).install(self.model)
+        else:
+            patch_model(self.model, None, self.adapter, plan=self.plan)
+            self.patched = True
+        self.capture = LayerCapture(self.adapter.decoder_layers(self.model), self.align_layers)
+
     def _enter_hard_finish(self) -> None:
         """From the relaxed forward to the paper's hard one on the structure reached (decision 7's finish)."""
-        from eos_kernels.patching import patch_model
-
         self.relaxed.remove()
         self.relaxed = None
         self.plan.export_kwargs = {"sharpness": self.annealing.sharpness(self.annealing.relaxed_steps),
                                    "last_layer": False}
-        patch_model(self.model, None, self.adapter, plan=self.plan)
-        self.patched = True
-        # the layer capture must see each layer's output after the patch's own hooks: registered again
-        self.capture.remove()
-        from eos_kernels.search.objective import LayerCapture
-
-        self.capture = LayerCapture(self.adapter.decoder_layers(self.model), self.align_layers)
+        self._install_forward(relaxed=False)
 
     def _flops_cap(self) -> float | None:
         """The FLOPs cap of the relaxed search: ``max_flops``, or for "auto" the warm start's ratio plus half of
@@ -537,8 +547,7 @@ class _Search:
 
     # ---------------------------------------------------------------- the loop
     def run(self) -> SearchResult:
-        from eos_kernels.patching import patch_model
-        from eos_kernels.search.objective import LayerCapture, SearchPlan
+        from eos_kernels.search.objective import SearchPlan
 
         cfg = self.config
         self.plan = SearchPlan(self.space, cfg.max_reducers, cfg.gate_threshold, cfg.impl)
@@ -552,15 +561,7 @@ class _Search:
         stop = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
         plots = []
         try:
-            if cfg.search_forward == "relaxed":
-                from eos_kernels.search.relaxed import RelaxedForward
-
-                self.relaxed = RelaxedForward(self.space, self.adapter).install(self.model)
-            else:
-                patch_model(self.model, None, self.adapter, plan=self.plan)
-                self.patched = True
-            # registered after the patch hooks: they see each layer's output after its reduction
-            self.capture = LayerCapture(self.adapter.decoder_layers(self.model), self.align_layers)
+            self._install_forward(relaxed=cfg.search_forward == "relaxed")
             self._open_log()
             if self.saved_step is None:
                 self._checkpoint()  # step 0: the warm start, so a failure at step 1 leaves a good checkpoint

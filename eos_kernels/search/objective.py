@@ -277,11 +277,7 @@ def data_terms(model: nn.Module, batch, capture: LayerCapture | None, *, autocas
     visual = visual_positions(model, ids, adapter)
     text = mask.bool() & ~visual
     inputs = forward_inputs(model, batch)
-    reference = {}
-    if align and capture is not None and capture.indices:
-        with torch.no_grad(), suspended(model), capture.capturing() as out, ctx():
-            model(**inputs, use_cache=False, logits_to_keep=1)
-        reference = {i: out[i][text] for i in capture.indices}
+    reference = _reference_states(model, inputs, capture, text, ctx, suspended(model)) if align else {}
     keep = _answer_positions(labels)
     grab = capture.capturing() if reference else contextlib.nullcontext({})
     plan = _patch_plan(model)
@@ -290,9 +286,6 @@ def data_terms(model: nn.Module, batch, capture: LayerCapture | None, *, autocas
     with prompt_lengths(model, batch.prompt_lengths), grab as out, ctx():
         logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
     report = get_report(model)
-    targets = labels[:, keep + 1]
-    ce_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                             ignore_index=-100, reduction="sum")
     sse = {}
     hidden_size = 0
     for i, ref in reference.items():
@@ -305,6 +298,26 @@ def data_terms(model: nn.Module, batch, capture: LayerCapture | None, *, autocas
             cur_text = cur_text & valid
         diff = h[cur_text].float() - ref.float()
         sse[i] = diff.pow(2).sum()
+    return _terms(logits, labels[:, keep + 1], sse, text, hidden_size, report)
+
+
+def _reference_states(model: nn.Module, inputs: dict, capture: LayerCapture | None, text: torch.Tensor, ctx,
+                      unreduced) -> dict:
+    """The captured layers' hidden states at the ``text`` positions of a no-grad forward with the search's
+    hooks idle (``unreduced``: the context that idles them); empty without a capture."""
+    if capture is None or not capture.indices:
+        return {}
+    with torch.no_grad(), unreduced, capture.capturing() as out, ctx():
+        model(**inputs, use_cache=False, logits_to_keep=1)
+    return {i: out[i][text] for i in capture.indices}
+
+
+def _terms(logits: torch.Tensor, targets: torch.Tensor, sse: dict, text: torch.Tensor, hidden_size: int,
+           report, **extra) -> dict:
+    """The result of :func:`data_terms` / :func:`relaxed_data_terms`: the answer CE sum over ``targets``
+    (-100: no answer token) and the given alignment sums."""
+    ce_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                             ignore_index=-100, reduction="sum")
     return {
         "ce_sum": ce_sum,
         "answer_tokens": int((targets != -100).sum()),
@@ -312,6 +325,7 @@ def data_terms(model: nn.Module, batch, capture: LayerCapture | None, *, autocas
         "text_tokens": int(text.sum()),
         "hidden_size": hidden_size,
         "report": report,
+        **extra,
     }
 
 
@@ -336,29 +350,16 @@ def relaxed_data_terms(model: nn.Module, batch, capture: LayerCapture | None, re
     real_or_none = None if bool(real.all()) else real
     rows = _rating_rows(visual, real_or_none, batch.prompt_lengths)
     inputs = forward_inputs(model, batch)
-    reference = {}
-    if align and capture is not None and capture.indices:
-        with torch.no_grad(), capture.capturing() as out, ctx():
-            model(**inputs, use_cache=False, logits_to_keep=1)
-        reference = {i: out[i][text] for i in capture.indices}
+    # the relaxed hooks act only inside relaxed.active: outside it the forward is the stock model's
+    reference = _reference_states(model, inputs, capture, text, ctx, contextlib.nullcontext()) if align else {}
     keep = _answer_positions(labels)
     grab = capture.capturing() if reference else contextlib.nullcontext({})
     with relaxed.active(visual, rows, real_or_none, gate_noise) as state, grab as out, ctx():
         logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
-    targets = labels[:, keep + 1]
-    ce_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                             ignore_index=-100, reduction="sum")
     sse = {i: (out[i][text].float() - ref.float()).pow(2).sum() for i, ref in reference.items()}
     hidden_size = next(iter(reference.values())).shape[-1] if reference else 0
-    return {
-        "ce_sum": ce_sum,
-        "answer_tokens": int((targets != -100).sum()),
-        "align_sse": sse,
-        "text_tokens": int(text.sum()),
-        "hidden_size": hidden_size,
-        "report": None,
-        "kept": {layer: float(k.mean()) for layer, k in state.kept.items()},
-    }
+    return _terms(logits, labels[:, keep + 1], sse, text, hidden_size, None,
+                  kept={layer: float(k.mean()) for layer, k in state.kept.items()})
 
 
 def relaxed_penalty_terms(space: SearchSpace, sharpness: float, budget: float, max_reducers: float,
