@@ -135,7 +135,7 @@ class Jobs:
             ctx = multiprocessing.get_context("spawn")
             self.pool = concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
                                                                initializer=_init, initargs=(setup,))
-        else:
+        if self.pool is None or model is not None:  # this process's state now, on the model it was given
             _STATE.clear()
             _STATE.update(_load(setup, model, processor))
 
