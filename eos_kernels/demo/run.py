@@ -248,13 +248,6 @@ def _resolve_defaults(args, n: int) -> None:
 
 
 # ----------------------------------------------------------------------------- the demo
-def _token_report(theta: Theta, n: int, L: int, text: int, sizes) -> dict:
-    hidden, ffn = sizes if sizes is not None else (4096, 11008)
-    report = theta.token_report(n, L, text, hidden_size=hidden, intermediate_size=ffn)
-    report["schedule"] = [list(s) for s in report["schedule"]]
-    return report
-
-
 def run_demo(args) -> dict:
     from eos_kernels.demo.workers import Jobs, Setup
     from eos_kernels.integrations.auto import adapter_for
@@ -284,7 +277,7 @@ def _run(args, jobs, model, adapter, L, varying, synthetic, search_json, eval_js
 
     from eos_kernels.demo import compare, report
     from eos_kernels.search.config import SearchConfig
-    from eos_kernels.search.evaluate import _reference_count
+    from eos_kernels.search.evaluate import _reference_count, model_sizes
 
     state = jobs.state
     held, search_data = state["held"], state["search"]
@@ -293,7 +286,7 @@ def _run(args, jobs, model, adapter, L, varying, synthetic, search_json, eval_js
         if not 1 <= b < n:
             raise ValueError(f"--budgets must be in 1..{n - 1}, fewer than the visual tokens per image"
                              + (" (the held-out images' mean)" if varying else "") + f"; got {b}")
-    sizes = adapter.text_sizes(model)
+    sizes = model_sizes(model, adapter)  # as evaluate's token report counts them
     prompt_text = [e.prompt_length - e.num_visual_tokens for e in held.examples]
     text = int(round(sum(prompt_text) / len(prompt_text)))
 
@@ -303,7 +296,7 @@ def _run(args, jobs, model, adapter, L, varying, synthetic, search_json, eval_js
     def candidate(name, family, budget, theta) -> Candidate:
         theta = Theta(theta.reducers, name=name)
         return Candidate(name, family, budget, deploy(theta),
-                         _token_report(theta, n, L, text, sizes)["prefill_flops_ratio"])
+                         theta.token_report(n, L, text, **sizes)["prefill_flops_ratio"])
 
     bar = (lambda total, desc: tqdm(total=total, desc=desc, dynamic_ncols=True)) if args.progress else None
 

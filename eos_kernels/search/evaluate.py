@@ -84,7 +84,13 @@ def _reference_count(data) -> int:
     return max(1, round(data.mean_visual_tokens))
 
 
-def _model_sizes(model) -> dict:
+def model_sizes(model, adapter) -> dict:
+    """The decoder's sizes for the prefill-FLOPs estimate (``Theta.token_report``'s keywords): the adapter's
+    (a mixture-of-experts decoder counts its active experts' width, as the search and the lmms-eval plugin
+    do), else the text config's."""
+    sizes = adapter.text_sizes(model)
+    if sizes is not None:
+        return {"hidden_size": sizes[0], "intermediate_size": sizes[1]}
     text = model.config.text_config
     return {"hidden_size": int(text.hidden_size), "intermediate_size": int(text.intermediate_size)}
 
@@ -143,7 +149,7 @@ def _evaluate_one(model, processor, data, theta: Theta, batch_size: int, max_new
         unpatch_model(model)
     prompt_text = [len(ex.input_ids[:ex.prompt_length]) - ex.num_visual_tokens for ex in data.examples]
     text_tokens = int(round(sum(prompt_text) / len(prompt_text)))
-    tokens = theta.token_report(n0, L, text_tokens, **_model_sizes(model))
+    tokens = theta.token_report(n0, L, text_tokens, **model_sizes(model, adapter))
     tokens["schedule"] = [list(s) for s in tokens["schedule"]]
     return {
         "theta": theta.name,
