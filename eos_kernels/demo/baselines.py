@@ -26,6 +26,7 @@ import itertools
 import math
 from typing import Callable, Sequence
 
+from eos_kernels.presets import MERGE_CORNER, POOL_CORNER
 from eos_kernels.theta import Reducer, Theta
 
 __all__ = ["FAMILIES", "Candidate", "placements", "prune_at", "tune"]
@@ -66,12 +67,8 @@ def _schedules(layers: Sequence[int], budget: int, n0: int, num_layers: int) -> 
 
 
 def _operator(family: str) -> dict:
-    corners = {"merge": Theta.tome(None, (0,), schedule=(1,), num_visual_tokens=2, num_layers=1)[0],
-               "pool": Theta.pool(None, (0,), schedule=(1,), num_visual_tokens=2, num_layers=1)[0]}
-    if family in corners:
-        r = corners[family]
-        return dict(gamma=r.gamma, tau=r.tau, theta=r.theta, rho=r.rho, nu=r.nu)
-    return {}
+    """The operator corner of ``family`` (fastv and sparsevlm prune: the Reducer's defaults)."""
+    return dict({"merge": MERGE_CORNER, "pool": POOL_CORNER}.get(family, {}))
 
 
 def placements(family: str, budget: int, n0: int, num_layers: int) -> list[Theta]:
