@@ -44,17 +44,21 @@ def exact_match_accuracy(model, batches: ScoringBatches, theta, adapter=None) ->
     ``theta`` for the call (the prompt alone rates the visual tokens, as in ``generate``)."""
     from eos_kernels.integrations.auto import adapter_for
     from eos_kernels.patching import patch_model, prompt_lengths, unpatch_model
-    from eos_kernels.search.objective import forward_inputs
+    from eos_kernels.search.objective import _answer_positions, forward_inputs
 
     adapter = adapter or adapter_for(model)
     patch_model(model, theta, adapter)
     correct = 0
     try:
         for batch, turns in zip(batches.batches, batches.turns):
+            # logits only where an answer token is predicted (the labels hold the answers' ids: a turn's span),
+            # not a [B, L, vocabulary] tensor; a position outside them counts as a miss
+            keep = _answer_positions(batch.labels)
             with prompt_lengths(model, batch.prompt_lengths):
-                logits = model(**forward_inputs(model, batch), use_cache=False).logits
-            pred = logits[:, :-1].argmax(-1)
-            hit = pred == batch.input_ids[:, 1:]
+                logits = model(**forward_inputs(model, batch), use_cache=False, logits_to_keep=keep).logits
+            hit = torch.zeros(batch.input_ids.shape[0], batch.input_ids.shape[1] - 1, dtype=torch.bool,
+                              device=logits.device)
+            hit[:, keep] = logits.argmax(-1) == batch.input_ids[:, keep + 1]
             for b, sample_turns in enumerate(turns):
                 for start, end in sample_turns:
                     correct += bool(hit[b, start - 1:end - 1].all())
