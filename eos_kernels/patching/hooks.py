@@ -182,7 +182,7 @@ def _text_pre_hook(state: _PatchState, model):
         # where its caller gave no mask: a packed row's masks then keep its sequences apart, so no mask was given
         mask = kwargs.get("attention_mask")
         ctx.mask_given = mask is not None and not (isinstance(mask, Mapping) and caller_mask is False)
-        real = _real_tokens(kwargs.get("attention_mask"), B, L)
+        real = _real_tokens(mask, B, L)
         if real is not None:
             real = real.to(ref.device)
         if state.suspended or visual is None or visual.shape != (B, L):
