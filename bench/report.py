@@ -490,9 +490,11 @@ def lmms_eval_section(runs) -> list:
                              fmt_ratio(ratio(base.median, e.median)) if base is not None else "—"])
         lines += table(["device", "B", "theta", "samples/s", "per sample", "generate per sample", "overhead",
                         "overhead w/o image processor", "speed-up vs B1"], rows)
-        lines += ["", "Overhead: the plugin's time outside `model.generate` (prompt building, the image processor, "
-                  "padding, budget accounting, decoding; not the task's `doc_to_visual`) as a share of the "
-                  "generate time.", ""]
+        lines += ["", "Overhead: the request loop's time outside `model.generate` (prompt building, padding, budget "
+                  "accounting, decoding, and the image processor where the loop runs it or waits for the background "
+                  "thread that prepares the next batch's images; not the task's `doc_to_visual` on the loop's "
+                  "thread) as a share of the generate time; \"w/o image processor\" leaves out that processor "
+                  "time and that wait.", ""]
     return lines
 
 

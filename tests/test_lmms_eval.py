@@ -9,6 +9,7 @@ import json
 import os
 import sys
 from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 import torch
@@ -214,7 +215,7 @@ def test_theta_none_is_the_stock_model(fam):
     want = []
     for i, d in enumerate(docs):
         turns, images = lm._simple_conversation(d["question"], _visual, "t", "test", i)
-        inputs = lm._inputs([lm.encoder.prompt(turns, images)], images)
+        inputs = lm._inputs([lm.encoder.prompt(turns, images)], lm._image_inputs(images))
         with torch.no_grad():
             out = fam.model.generate(**inputs, max_new_tokens=4, do_sample=False, eos_token_id=tok.eos_token_id,
                                      pad_token_id=lm.encoder.pad_token_id)
@@ -344,20 +345,27 @@ def test_budget_reaches_the_results_and_reads_back(demo):
 
 
 def _record_inputs(lm):
-    """Wrap ``lm._inputs``: every batch's (images, model inputs) in a list, and count the image processor's calls."""
-    seen, calls = [], []
-    inputs, image_inputs = lm._inputs, lm.encoder.image_inputs
+    """Wrap the plugin: every batch's (images, model inputs) in a list, and count the image processor's calls.
+    A batch's images are those of the conversations its preparation (``_prepare``, on the prefetch thread, in
+    batch order) handed over before the request loop built the batch's inputs."""
+    seen, calls, prepared = [], [], []
+    prepare, inputs, image_inputs = lm._prepare, lm._inputs, lm.encoder.image_inputs
 
-    def record(prompts, images, *args, **kwargs):
-        out = inputs(prompts, images, *args, **kwargs)
-        seen.append((list(images), out))
+    def record_prepare(*args):
+        convs, image_in = prepare(*args)
+        prepared.append(lm._images(convs))
+        return convs, image_in
+
+    def record(*args, **kwargs):
+        out = inputs(*args, **kwargs)
+        seen.append((prepared[len(seen)], out))
         return out
 
     def count(images):
         calls.append(len(images))
         return image_inputs(images)
 
-    lm._inputs, lm.encoder.image_inputs = record, count
+    lm._prepare, lm._inputs, lm.encoder.image_inputs = record_prepare, record, count
     return seen, calls
 
 
@@ -413,6 +421,92 @@ def test_a_processor_whose_rows_depend_on_the_call_gets_one_call_per_batch(demo)
     for im, inputs in seen:
         want = own([i.convert("RGB") for i in im], return_tensors="pt")["pixel_values"] + len(im)
         assert torch.equal(inputs["pixel_values"], want)
+
+
+def test_the_next_batch_is_prepared_on_a_background_thread(demo):
+    """The next batch's conversations (the task's doc_to_visual) and image inputs are built on the prefetch thread
+    while a batch generates: batch k + 1's preparation starts before batch k's generate ends, on another thread;
+    the time split says so (the prefetch's own keys, not the request loop's); the answers are those of the loop
+    preparing each batch itself; and no thread outlives the call."""
+    import threading
+
+    fam = demo
+    docs = _docs(fam) * 2
+    lm = _plugin(fam, PRUNE, batch_size=3, docs=docs)
+    events, prepare, generate = [], lm._prepare, fam.model.generate
+
+    def traced_prepare(batches, conversations, ahead, k):
+        events.append(("prepare", k, threading.current_thread().name))
+        return prepare(batches, conversations, ahead, k)
+
+    def traced_generate(*args, **kwargs):
+        events.append(("generate start", None, threading.current_thread().name))
+        out = generate(*args, **kwargs)
+        events.append(("generate end", None, threading.current_thread().name))
+        return out
+
+    lm._prepare = traced_prepare
+    with mock.patch.object(fam.model, "generate", traced_generate):  # the patch's own wrapper back after it
+        answers = [r.text for r in lm.generate_until(_simple_requests(docs))]
+    batches = (len(docs) + 2) // 3
+    assert [k for what, k, _ in events if what == "prepare"] == list(range(batches))
+    assert all(name.startswith("eos-prefetch") for what, _, name in events if what == "prepare")
+    assert all(name == threading.current_thread().name for what, _, name in events if what != "prepare")
+    # every preparation after the first is submitted before the previous batch's generate starts
+    order = [what if what != "prepare" else f"prepare {k}" for what, k, _ in events]
+    for k in range(1, batches):
+        ends_before = order[:order.index(f"prepare {k}")].count("generate end")
+        assert ends_before <= k - 1, (k, order)
+    t = lm.timing
+    assert t["prefetch_visuals_s"] > 0 and t["prefetch_preprocess_s"] > 0 and t["visuals_s"] == 0.0
+    assert t["preprocess_s"] == 0.0 and 0 < t["prefetch_wait_s"] < t["total_s"]
+    assert not [th for th in threading.enumerate() if th.name.startswith("eos-prefetch")]
+
+    inline = _plugin(fam, PRUNE, batch_size=3, docs=docs)
+
+    class Done:  # the preparation run on the request loop's own thread, one batch at a time
+        def __init__(self, value):
+            self.value = value
+
+        def result(self):
+            return self.value
+
+    class Inline:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def submit(self, fn, *args):
+            return Done(fn(*args))
+
+        def shutdown(self, **kwargs):
+            pass
+
+    import concurrent.futures
+
+    with mock.patch.object(concurrent.futures, "ThreadPoolExecutor", Inline):
+        assert [r.text for r in inline.generate_until(_simple_requests(docs))] == answers
+
+
+def test_an_error_while_preparing_a_later_batch_reaches_the_caller(demo):
+    """A doc whose doc_to_visual fails, in a batch prepared on the prefetch thread, raises its own error from
+    ``generate_until`` (the batches before it answered), and the prefetch thread is gone after it."""
+    import threading
+
+    fam = demo
+    docs = [dict(d) for d in _docs(fam, text_only=()) * 4]  # 24 docs: batches 0-7 fill the first image chunk
+    lm = _plugin(fam, PRUNE, batch_size=2, docs=docs)
+
+    def visual(doc):
+        if doc is docs[-1]:  # in a batch after the first image chunk's (the count below)
+            raise RuntimeError("doc_to_visual failed on doc 23")
+        return [doc["image"]]
+
+    requests = [Instance("generate_until", (d["question"], {"max_new_tokens": 2}, visual, i, "t", "test"), 0,
+                         {"task": "t", "doc_id": i, "repeats": 1}) for i, d in enumerate(docs)]
+    with pytest.raises(RuntimeError, match="doc_to_visual failed on doc 23"):
+        lm.generate_until(requests)
+    assert lm.timing["batches"] == 8  # the batches of the first chunk answered
+    assert not [th for th in threading.enumerate() if th.name.startswith("eos-prefetch")]
 
 
 def test_other_families_get_one_image_processor_call_per_batch(fam):
@@ -531,7 +625,7 @@ def test_padded_inputs_are_the_row_by_row_padding(demo):
     lm = _plugin(demo)
     prompts = [[5, 6, 7], [8], [9, 10, 11, 12, 13], [14, 15]]
     for side in ("left", "right"):
-        got = lm._inputs(prompts, [], side=side)
+        got = lm._inputs(prompts, None, side=side)
         L = 5
         ids = torch.full((4, L), lm.encoder.pad_token_id, dtype=torch.long)
         mask = torch.zeros((4, L), dtype=torch.long)

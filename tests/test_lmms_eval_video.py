@@ -225,7 +225,8 @@ def test_video_prompts_and_inputs_are_the_stock_processors(fam, media, sampling,
         # word tokenizer cannot tell apart in the ids)
         assert wrote == stock_wrote and (wrote is None or len(wrote) == sum(isinstance(v, str) for v in doc["visuals"]))
         assert ids == want["input_ids"][0].tolist(), (fam.name, i)
-        inputs = lm._inputs([ids], [v for v in visuals if not isinstance(v, Video)], videos=[video])
+        images = [v for v in visuals if not isinstance(v, Video)]
+        inputs = lm._inputs([ids], lm._image_inputs(images) if images else None, videos=[video])
         names = set(want) - {"attention_mask"}
         assert names <= set(inputs) | {"image_sizes", "batch_num_images"}, (names, set(inputs))
         for k in names & set(inputs):

@@ -2,7 +2,9 @@
 
 One ``generate`` per batch of ``--batch_size`` requests (left padding, each
 sample with its own visual count, image and text-only prompts mixed), greedy
-unless the task asks for sampling; prompts built by
+unless the task asks for sampling; the next batch's visuals (the task's
+``doc_to_visual``) and image-processor inputs are prepared on one background
+thread while a batch generates (the same inputs, :meth:`EOS._prepare`); prompts built by
 :class:`eos_kernels.search.data.PromptEncoder`, i.e. exactly as ``eos-search``
 builds them. The simple class receives the task's context and its visuals: a
 context without ``<image>`` gets one ``<image>\\n`` per image in front (the
@@ -36,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import threading
 import time
 import warnings
 from typing import Any, Callable, List, Optional, Tuple
@@ -324,8 +327,12 @@ class EOS(lmms):
         self.records: list[dict] = []
         #: seconds inside model.generate (or the log-likelihood forward), in the whole request loop, in the
         #: tasks' doc_to_visual (lmms-eval's side) and in the image processor (part of the plugin's overhead)
-        self.timing = {"generate_s": 0.0, "total_s": 0.0, "visuals_s": 0.0, "preprocess_s": 0.0, "samples": 0,
-                       "batches": 0}
+        #: (``prefetch_*``: the same work done on the prefetch thread while a batch generates, the jobs' whole time
+        #: and the request loop's wait for them, part of ``total_s``)
+        self.timing = {"generate_s": 0.0, "total_s": 0.0, "visuals_s": 0.0, "preprocess_s": 0.0,
+                       "prefetch_visuals_s": 0.0, "prefetch_preprocess_s": 0.0, "prefetch_s": 0.0,
+                       "prefetch_wait_s": 0.0, "samples": 0, "batches": 0}
+        self._local = threading.local()  # .prefetch: the current thread runs a prefetch job (_prepare)
         self._ignored_keys: set = set()
         self._prefill = {"start": None, "seconds": None}
         #: whether a chunk's pixel rows equal each batch's own call (None: not checked yet; see IMAGE_CHUNK)
@@ -402,6 +409,11 @@ class EOS(lmms):
                 h.remove()
         return out, self._prefill["seconds"] or 0.0
 
+    def _clock(self, key: str, t0: float) -> None:
+        """The time since ``t0`` into ``timing[key]``, or ``timing["prefetch_" + key]`` on the prefetch thread."""
+        prefix = "prefetch_" if getattr(self._local, "prefetch", False) else ""
+        self.timing[prefix + key] += time.perf_counter() - t0
+
     # ------------------------------------------------------------------ requests -> conversations
     def _doc(self, task, split, doc_id):
         return self.task_dict[task][split][doc_id]
@@ -411,7 +423,7 @@ class EOS(lmms):
         t0 = time.perf_counter()
         visuals = doc_to_visual(self._doc(task, split, doc_id)) if doc_to_visual is not None else []
         visuals = _visuals(visuals, where)
-        self.timing["visuals_s"] += time.perf_counter() - t0
+        self._clock("visuals_s", t0)
         return [("human", _with_placeholders(context, visuals, where))], visuals
 
     def _simple_items(self, requests, start: int = 0) -> list[_Item]:
@@ -465,7 +477,7 @@ class EOS(lmms):
             return self.encoder.prompt(turns, visuals, where=where), None
         t0 = time.perf_counter()
         out = self.video.prompt(turns, visuals, where=where)
-        self.timing["preprocess_s"] += time.perf_counter() - t0
+        self._clock("preprocess_s", t0)
         return out
 
     def _prompts(self, batch: list[_Item], convs: list) -> list[tuple[list[int], dict | None]]:
@@ -503,15 +515,15 @@ class EOS(lmms):
             return (*self.encoder.answer(turns, visuals, where=where), None)
         t0 = time.perf_counter()
         out = self.video.answer(turns, visuals, where=where)
-        self.timing["preprocess_s"] += time.perf_counter() - t0
+        self._clock("preprocess_s", t0)
         return out
 
-    def _inputs(self, prompts: list[list[int]], images: list, side: str = "left",
-                videos: list | None = None, image_inputs: dict | None = None) -> dict:
-        """The model's inputs of one batch: the padded ids, the image processor's outputs for all ``images``
-        (the batch's, in order; ``image_inputs``: those outputs already computed) and, where a sample has
-        videos, each sample's video inputs (``videos[b]``: its :meth:`VideoEncoder.prompt` inputs or None)
-        concatenated in batch order."""
+    def _inputs(self, prompts: list[list[int]], image_inputs: dict | None, side: str = "left",
+                videos: list | None = None) -> dict:
+        """The model's inputs of one batch: the padded ids, the image processor's outputs for the batch's images
+        (``image_inputs``, :meth:`_image_inputs`; None without an image) and, where a sample has videos, each
+        sample's video inputs (``videos[b]``: its :meth:`VideoEncoder.prompt` inputs or None) concatenated in
+        batch order."""
         from eos_kernels.search.objective import _forward_parameters, forward_inputs
 
         L = max(len(p) for p in prompts)
@@ -525,8 +537,8 @@ class EOS(lmms):
         ids = torch.from_numpy(np.array(flat, dtype=np.int64).reshape(len(prompts), L))
         mask = torch.from_numpy(np.array(bits, dtype=np.int64).reshape(len(prompts), L))
         extra, px = {}, None
-        if images:
-            extra = dict(self._image_inputs(images) if image_inputs is None else image_inputs)
+        if image_inputs is not None:
+            extra = dict(image_inputs)
             px = extra.pop("pixel_values")
             px = px.to(self._device, self._dtype) if px.is_floating_point() else px.to(self._device)
             extra = {k: (v.to(self._device, self._dtype) if v.is_floating_point() else v.to(self._device))
@@ -552,32 +564,32 @@ class EOS(lmms):
         """The image processor's outputs for ``images`` (its time: ``timing["preprocess_s"]``)."""
         t0 = time.perf_counter()
         out = self.encoder.image_inputs(images)
-        self.timing["preprocess_s"] += time.perf_counter() - t0
+        self._clock("preprocess_s", t0)
         return out
 
     @staticmethod
     def _images(conversations) -> list:
         return [v for _, visuals in conversations for v in visuals if not isinstance(v, Video)]
 
-    def _chunked_image_inputs(self, batches: list, conversations: list, k: int, ahead: dict) -> dict:
+    def _chunked_image_inputs(self, batches: list, conversations: list, k: int, ahead: dict, convs: list) -> dict:
         """Batch ``k``'s image inputs, computed in one call with the images of the batches after it (up to
         :data:`IMAGE_CHUNK` images, whole batches) where the processor's rows of an image do not depend on the
         other images; the later batches' rows go to ``ahead`` (and their conversations, built for it, to
-        ``conversations``). The first chunk of a run is checked against batch ``k``'s own call, bit for bit:
-        a processor whose rows differ, or that gives more than ``pixel_values`` one row per image, gets one call
-        per batch from then on."""
-        images = self._images(conversations[k])
+        ``conversations``; batch ``k``'s own are ``convs``). The first chunk of a run is checked against batch
+        ``k``'s own call, bit for bit: a processor whose rows differ, or that gives more than ``pixel_values`` one
+        row per image, gets one call per batch from then on."""
+        images = self._images(convs)
         if self._chunk_images is False:
             return self._image_inputs(images)
-        group, j = [(k, len(images))], k + 1
-        while sum(n for _, n in group) < IMAGE_CHUNK and j < len(batches):
+        group, j = [(k, images)], k + 1  # (batch, its images)
+        while sum(len(ims) for _, ims in group) < IMAGE_CHUNK and j < len(batches):
             if conversations[j] is None:
                 conversations[j] = [it.conversation() for it in batches[j]]
-            group.append((j, len(self._images(conversations[j]))))
+            group.append((j, self._images(conversations[j])))
             j += 1
-        if len([n for _, n in group if n]) < 2:  # nothing to share the call with
+        if len([b for b, ims in group if ims]) < 2:  # nothing to share the call with
             return self._image_inputs(images)
-        every = [im for b, _ in group for im in self._images(conversations[b])]
+        every = [im for _, ims in group for im in ims]
         out = self._image_inputs(every)
         px = out.get("pixel_values")
         rows = set(out) == {"pixel_values"} and torch.is_tensor(px) and px.shape[0] == len(every)
@@ -588,10 +600,10 @@ class EOS(lmms):
         if not rows:
             return self._image_inputs(images)
         start = len(images)
-        for b, n in group[1:]:
-            if n:
-                ahead[b] = {"pixel_values": px[start:start + n]}
-                start += n
+        for b, ims in group[1:]:
+            if ims:
+                ahead[b] = {"pixel_values": px[start:start + len(ims)]}
+                start += len(ims)
         return {"pixel_values": px[:len(images)]}
 
     def _reports(self, before, batch: int) -> list[dict]:
@@ -603,8 +615,29 @@ class EOS(lmms):
                                "cannot be given (please report this with the transformers version)")
         return [report.token_report(b) for b in range(batch)]
 
+    def _prepare(self, batches: list, conversations: list, ahead: dict, k: int) -> tuple[list, dict | None]:
+        """Batch ``k``'s conversations and image inputs (None without an image); run on the prefetch thread while
+        the batch before it generates (:meth:`_generate`). Only that thread touches ``conversations`` and
+        ``ahead`` while a run lasts, one job at a time."""
+        self._local.prefetch = True
+        t0 = time.perf_counter()
+        try:
+            if conversations[k] is None:
+                conversations[k] = [it.conversation() for it in batches[k]]
+            convs, conversations[k] = conversations[k], None  # its images are no longer needed here
+            image_inputs = None
+            if self._images(convs):
+                image_inputs = ahead.pop(k, None) or self._chunked_image_inputs(batches, conversations, k, ahead,
+                                                                                convs)
+            return convs, image_inputs
+        finally:
+            self.timing["prefetch_s"] += time.perf_counter() - t0
+            self._local.prefetch = False
+
     @torch.no_grad()
     def _generate(self, items: list[_Item]) -> list[GenerationResult]:
+        from concurrent.futures import ThreadPoolExecutor
+
         from eos_kernels.patching import get_report
 
         results: list = [None] * len(items)
@@ -614,42 +647,46 @@ class EOS(lmms):
         batches = list(self._batches(items))
         conversations: list = [None] * len(batches)  # built ahead where the images of later batches are
         ahead: dict = {}                              # their image inputs, computed ahead (_chunked_image_inputs)
-        for k, batch in enumerate(batches):
-            t0 = time.perf_counter()
-            if conversations[k] is None:
-                conversations[k] = [it.conversation() for it in batch]
-            convs = conversations[k]
-            encoded = self._prompts(batch, convs)
-            prompts = [ids for ids, _ in encoded]
-            image_inputs = None
-            if self._images(convs):
-                image_inputs = ahead.pop(k, None) or self._chunked_image_inputs(batches, conversations, k, ahead)
-            conversations[k] = None  # its images are no longer needed
-            inputs = self._inputs(prompts, self._images(convs), videos=[video for _, video in encoded],
-                                  image_inputs=image_inputs)
-            settings, until = self._gen_settings(batch[0].gen_kwargs)
-            before = get_report(self._model)
-            out, prefill = self._timed(lambda: self._model.generate(
-                **inputs, **settings, eos_token_id=eos, pad_token_id=self.encoder.pad_token_id))
-            reports = self._reports(before, len(batch))
-            new = out[:, inputs["input_ids"].shape[1]:].tolist()
-            for it, prompt, gen, rep in zip(batch, prompts, new, reports):
-                if eos is not None and eos in gen:
-                    gen = gen[:gen.index(eos)]
-                text = tok.decode(gen, skip_special_tokens=True)
-                for stop in until:
-                    text = text.split(stop)[0]
-                record = _budget.sample_record(rep, prefill / len(batch), task=it.task, doc_id=it.doc_id,
-                                               input_tokens=len(prompt), output_tokens=len(gen))
-                self._keep(record)
-                counts = EOSTokenCounts(input_tokens=len(prompt), output_tokens=len(gen),
-                                        **{f: record[f] for f in _budget.FIELDS})
-                results[it.index] = GenerationResult(text=text, token_counts=counts)
-            self.timing["total_s"] += time.perf_counter() - t0
-            self.timing["samples"] += len(batch)
-            self.timing["batches"] += 1
-            bar.update(len(batch))
-        bar.close()
+        # the next batch's conversations (the task's doc_to_visual) and image processing on one background thread
+        # while this batch generates: CPU work that would otherwise sit between two generate calls (PIL and
+        # numpy release the GIL for their heavy parts; the GPU, or torch's own threads, run the model meanwhile)
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eos-prefetch")
+        prepare = lambda k: pool.submit(self._prepare, batches, conversations, ahead, k)  # noqa: E731
+        try:
+            pending = prepare(0) if batches else None
+            for k, batch in enumerate(batches):
+                t0 = time.perf_counter()
+                convs, image_inputs = pending.result()
+                self.timing["prefetch_wait_s"] += time.perf_counter() - t0
+                pending = prepare(k + 1) if k + 1 < len(batches) else None
+                encoded = self._prompts(batch, convs)
+                prompts = [ids for ids, _ in encoded]
+                inputs = self._inputs(prompts, image_inputs, videos=[video for _, video in encoded])
+                settings, until = self._gen_settings(batch[0].gen_kwargs)
+                before = get_report(self._model)
+                out, prefill = self._timed(lambda: self._model.generate(
+                    **inputs, **settings, eos_token_id=eos, pad_token_id=self.encoder.pad_token_id))
+                reports = self._reports(before, len(batch))
+                new = out[:, inputs["input_ids"].shape[1]:].tolist()
+                for it, prompt, gen, rep in zip(batch, prompts, new, reports):
+                    if eos is not None and eos in gen:
+                        gen = gen[:gen.index(eos)]
+                    text = tok.decode(gen, skip_special_tokens=True)
+                    for stop in until:
+                        text = text.split(stop)[0]
+                    record = _budget.sample_record(rep, prefill / len(batch), task=it.task, doc_id=it.doc_id,
+                                                   input_tokens=len(prompt), output_tokens=len(gen))
+                    self._keep(record)
+                    counts = EOSTokenCounts(input_tokens=len(prompt), output_tokens=len(gen),
+                                            **{f: record[f] for f in _budget.FIELDS})
+                    results[it.index] = GenerationResult(text=text, token_counts=counts)
+                self.timing["total_s"] += time.perf_counter() - t0
+                self.timing["samples"] += len(batch)
+                self.timing["batches"] += 1
+                bar.update(len(batch))
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            bar.close()
         return results
 
     def _keep(self, record: dict) -> None:
@@ -686,7 +723,7 @@ class EOS(lmms):
                 answers.append(answer)
                 images.extend(v for v in visuals if not isinstance(v, Video))
                 videos.append(video)
-            inputs = self._inputs(seqs, images, side="right", videos=videos)
+            inputs = self._inputs(seqs, self._image_inputs(images) if images else None, side="right", videos=videos)
             before = get_report(self._model)
             with prompt_lengths(self._model, prompt_lens):
                 out, prefill = self._timed(lambda: self._model(**inputs, use_cache=False))
@@ -797,7 +834,7 @@ class EOSChat(EOS):
             else:
                 turns.append((who, value))
             all_visuals.extend(visuals)
-        self.timing["visuals_s"] += time.perf_counter() - t0
+        self._clock("visuals_s", t0)
         return turns, all_visuals
 
     def generate_until(self, requests: List[Instance]) -> List[GenerationResult]:
