@@ -475,48 +475,40 @@ class EOS(lmms):
         """A generation prompt's ids, and its video inputs (None without a video)."""
         if not any(isinstance(v, Video) for v in visuals):
             return self.encoder.prompt(turns, visuals, where=where), None
+        return self._video_encoded(self.video.prompt, turns, visuals, where)
+
+    def _video_encoded(self, encode, turns, visuals, where: str):
+        """``encode(turns, visuals, where=...)`` of a conversation with a video (its time: preprocess_s)."""
         t0 = time.perf_counter()
-        out = self.video.prompt(turns, visuals, where=where)
+        out = encode(turns, visuals, where=where)
         self._clock("preprocess_s", t0)
         return out
 
-    def _prompts(self, batch: list[_Item], convs: list) -> list[tuple[list[int], dict | None]]:
-        """:meth:`_prompt` of each item of a batch (``convs``: their conversations); the prompts without a video
-        tokenised together (:meth:`PromptEncoder.prompts`: the same ids)."""
-        wheres = [f"{it.task} doc {it.doc_id}" for it in batch]
-        plain = [b for b, (_, visuals) in enumerate(convs) if not any(isinstance(v, Video) for v in visuals)]
-        out: list = [None] * len(batch)
-        if plain:
-            ids = self.encoder.prompts([convs[b] for b in plain], [wheres[b] for b in plain])
-            for b, p in zip(plain, ids):
-                out[b] = (p, None)
-        for b, (turns, visuals) in enumerate(convs):
-            if out[b] is None:
-                out[b] = self._prompt(turns, visuals, where=wheres[b])
-        return out
-
-    def _answers(self, wheres: list[str], convs: list) -> list[tuple[list[int], list[int], dict | None]]:
-        """:meth:`_answer` of each scored conversation of a batch; those without a video tokenised together
-        (:meth:`PromptEncoder.answers`: the same ids)."""
+    def _encoded(self, wheres: list[str], convs: list, plain_many, video_one) -> list:
+        """Each conversation of a batch encoded: those without a video together by ``plain_many(convs, wheres)``
+        (the encoder's batch call, the same ids as one at a time), the others by :meth:`_video_encoded` with
+        ``video_one``."""
         plain = [b for b, (_, visuals) in enumerate(convs) if not any(isinstance(v, Video) for v in visuals)]
         out: list = [None] * len(convs)
         if plain:
-            for b, (prompt, answer) in zip(plain, self.encoder.answers([convs[b] for b in plain],
-                                                                       [wheres[b] for b in plain])):
-                out[b] = (prompt, answer, None)
+            for b, encoded in zip(plain, plain_many([convs[b] for b in plain], [wheres[b] for b in plain])):
+                out[b] = encoded
         for b, (turns, visuals) in enumerate(convs):
             if out[b] is None:
-                out[b] = self._answer(turns, visuals, where=wheres[b])
+                out[b] = self._video_encoded(video_one, turns, visuals, wheres[b])
         return out
 
-    def _answer(self, turns, visuals, where: str) -> tuple[list[int], list[int], dict | None]:
-        """A scored conversation's prompt ids, answer ids and video inputs (None without a video)."""
-        if not any(isinstance(v, Video) for v in visuals):
-            return (*self.encoder.answer(turns, visuals, where=where), None)
-        t0 = time.perf_counter()
-        out = self.video.answer(turns, visuals, where=where)
-        self._clock("preprocess_s", t0)
-        return out
+    def _prompts(self, batch: list[_Item], convs: list) -> list[tuple[list[int], dict | None]]:
+        """:meth:`_prompt` of each item of a batch (``convs``: their conversations), those without a video
+        tokenised together (:meth:`PromptEncoder.prompts`)."""
+        return self._encoded([f"{it.task} doc {it.doc_id}" for it in batch], convs,
+                             lambda cs, ws: [(ids, None) for ids in self.encoder.prompts(cs, ws)], self.video.prompt)
+
+    def _answers(self, wheres: list[str], convs: list) -> list[tuple[list[int], list[int], dict | None]]:
+        """A scored conversation's prompt ids, answer ids and video inputs (None without a video), for each
+        conversation of a batch; those without a video tokenised together (:meth:`PromptEncoder.answers`)."""
+        return self._encoded(wheres, convs, lambda cs, ws: [(*pa, None) for pa in self.encoder.answers(cs, ws)],
+                             self.video.answer)
 
     def _inputs(self, prompts: list[list[int]], image_inputs: dict | None, side: str = "left",
                 videos: list | None = None) -> dict:
