@@ -71,3 +71,15 @@ def exact_fp32():
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     yield
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@pytest.fixture(scope="module")
+def demo_search(tmp_path_factory):
+    """The built-in demo model, its processor and a 64-question search split (the searches on the built-in
+    model: tests/test_search_relaxed.py, tests/test_search_sampled.py)."""
+    from eos_kernels.demo import build, task
+
+    root = tmp_path_factory.mktemp("demo-search")
+    data = task.generate_split(str(root), "search", 64, seed=0)
+    model, processor = build.load_demo_model()
+    return model, processor, data

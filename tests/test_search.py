@@ -44,6 +44,12 @@ PARAMS = ("w_g", "w_c", "w_gamma", "w_tau", "w_theta", "w_rho", "w_nu")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+
+#: the search forwards under test: the paper's hard one, the relaxed one with sampled structures (decision 8, the
+#: default) and with relaxed gates (decision 7)
+FORWARDS = {"hard": {"search_forward": "hard"}, "sampled": {"search_forward": "relaxed"},
+            "relaxed": {"search_forward": "relaxed", "gate_estimator": "relaxed"}}
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("search")
@@ -426,13 +432,15 @@ def test_penalties_move_theta_only_when_violated(env, loaded, tmp_path):
         assert torch.equal(final[k], init[k]), k
 
 
-@pytest.mark.parametrize("forward", ["hard", "relaxed"])
+@pytest.mark.parametrize("forward", FORWARDS)
 def test_met_penalties_add_nothing_to_the_task_gradient(env, loaded, tmp_path, forward):
     model, processor = loaded
     states = []
     for i, lam in enumerate((0.0, 100.0)):
         out = tmp_path / f"o{i}"
-        run(config(env, out, steps=2, budget=16, lambda_budget=lam, lambda_layers=lam, search_forward=forward),
+        # off_gate 0.01: gates that sum to less than max_reducers (sampled structures would start at 0.2)
+        run(config(env, out, steps=2, budget=16, lambda_budget=lam, lambda_layers=lam, off_gate=0.01,
+                   **FORWARDS[forward]),
             model=model,
             processor=processor)
         states.append(load_state(out)["space"])
@@ -441,19 +449,19 @@ def test_met_penalties_add_nothing_to_the_task_gradient(env, loaded, tmp_path, f
 
 
 # --------------------------------------------------------------------------- resume, interrupt, NaN
-@pytest.mark.parametrize("forward", ["relaxed", "hard"])
+@pytest.mark.parametrize("forward", FORWARDS)
 def test_resume_is_bit_exact(env, loaded, tmp_path, forward):
     model, processor = loaded
     # batch 2 of 8 records: the six steps cross an epoch boundary (data position in the checkpoint); with the
     # relaxed forward the annealing (temperature, gate sharpening from step 3 on) crosses the interruption too
-    kw = dict(steps=6, batch_size=2, checkpoint_every=2, search_forward=forward)
+    kw = dict(steps=6, batch_size=2, checkpoint_every=2, **FORWARDS[forward])
     straight = tmp_path / "straight"
     run(config(env, straight, **kw), model=model, processor=processor)
     split = tmp_path / "split"
     first = run(config(env, split, stop_after=3, **kw), model=model, processor=processor)
     assert first.step == 3 and not first.completed and len(read_log(split)) == 3
     with pytest.raises(ValueError, match="already holds a search"):
-        run(config(env, split, steps=6, batch_size=2, search_forward=forward), model=model, processor=processor)
+        run(config(env, split, steps=6, batch_size=2, **FORWARDS[forward]), model=model, processor=processor)
     with pytest.raises(ValueError, match="differ from the checkpoint"):
         run(config(env, split, lr=2e-3, resume=True, **kw), model=model, processor=processor)
     second = run(config(env, split, resume=True, **kw), model=model, processor=processor)
@@ -466,10 +474,11 @@ def test_resume_is_bit_exact(env, loaded, tmp_path, forward):
     assert (straight / "theta.json").read_text() == (split / "theta.json").read_text()
 
 
-@pytest.mark.parametrize("forward", ["relaxed", "hard"])
+@pytest.mark.parametrize("forward", FORWARDS)
 def test_ctrl_c_saves_a_checkpoint(env, loaded, tmp_path, forward):
     model, processor = loaded
-    name = "relaxed_data_terms" if forward == "relaxed" else "data_terms"  # relaxed: steps 1-3 of 4 (hard finish: 4)
+    # relaxed forwards: steps 1-3 of 4 (hard finish: 4)
+    name = "data_terms" if forward == "hard" else "relaxed_data_terms"
     original = getattr(objective, name)
     calls = []
 
@@ -483,11 +492,11 @@ def test_ctrl_c_saves_a_checkpoint(env, loaded, tmp_path, forward):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(objective, name, interrupt_third)
         with pytest.raises(KeyboardInterrupt):
-            run(config(env, out, steps=4, checkpoint_every=0, search_forward=forward), model=model,
+            run(config(env, out, steps=4, checkpoint_every=0, **FORWARDS[forward]), model=model,
                 processor=processor)
     assert not is_patched(model)
     assert load_state(out)["step"] == 2 and len(read_log(out)) == 2
-    result = run(config(env, out, steps=4, resume=True, search_forward=forward), model=model, processor=processor)
+    result = run(config(env, out, steps=4, resume=True, **FORWARDS[forward]), model=model, processor=processor)
     assert result.step == 4 and [r["step"] for r in read_log(out)] == [1, 2, 3, 4]
 
 
@@ -525,17 +534,18 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(env, loaded, tmp_path):
 
 
 # --------------------------------------------------------------------------- more processes, other kernels
-@pytest.mark.parametrize("forward", ["relaxed", "hard"])
+@pytest.mark.parametrize("forward", FORWARDS)
 def test_torchrun_two_processes_equal_one_process(env, loaded, tmp_path, forward):
     model, processor = loaded
     single = tmp_path / "single"
-    run(config(env, single, steps=3, batch_size=4, search_forward=forward), model=model, processor=processor)
+    run(config(env, single, steps=3, batch_size=4, **FORWARDS[forward]), model=model, processor=processor)
     double = tmp_path / "double"
     environ = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="1",
                    PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "eos_kernels.search", "--model", env.model, "--data", env.data, "--budget", "6", "--steps", "3",
-           "--batch-size", "4", "--output", str(double), "--no-progress", "--search-forward", forward]
+           "--batch-size", "4", "--output", str(double), "--no-progress"]
+    cmd += [a for k, v in FORWARDS[forward].items() for a in (f"--{k.replace('_', '-')}", v)]
     proc = subprocess.run(cmd, env=environ, cwd=REPO, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     a, b = load_state(single), load_state(double)

@@ -23,7 +23,11 @@ The search forward (decisions the paper leaves open)
 ``search_forward`` picks between two forwards. **"relaxed"** (the default,
 decision 7, ours) lets the gradient reach every decision of Θ; **"hard"** is
 the paper's forward as we read it (decisions 1-2), kept for comparison and for
-its local moves (decision 6). Decisions 3-5 hold for both.
+its local moves (decision 6). Decisions 3-5 hold for both. On the relaxed
+forward, ``gate_estimator`` picks how the gates learn: **"score"** (the
+default, decision 8: sampled structures that meet the budget by construction,
+a score-function gradient for the gates) or **"relaxed"** (decision 7's soft,
+then binary-concrete gates, the budget as a penalty).
 
 1. **Which layers reduce, and how much (hard forward).** At every forward the search space is
    exported with the deployment rule (:meth:`SearchSpace.export`): layers with
@@ -100,7 +104,7 @@ its local moves (decision 6). Decisions 3-5 hold for both.
    on a layer the warm start did not. With ``local_moves_every = 0`` the
    search is the paper's.
 
-7. **The relaxed forward (ours; the default).** Decisions 1-2 leave the
+7. **The relaxed forward (ours; the default forward).** Decisions 1-2 leave the
    gradient blind where it matters (decision 6 says why): a layer that does not
    reduce is absent from the forward, and the straight-through factor reaches
    g, c only as a rescaling of the kept anchors. The relaxed forward
@@ -151,15 +155,47 @@ its local moves (decision 6). Decisions 3-5 hold for both.
    Cost: the relaxed forward runs at full length with a float attention mask and
    one [N, N] similarity per layer and sample (measured per step against the
    hard one in ``bench/test_bench_search_step.py``).
-   Known limit (measured on the built-in demo): a warm-start reducer at a
+   Its limit (measured on the built-in demo): a warm-start reducer at a
    layer where reducing is harmful is not moved away while its gate holds
    most of the budget. Keeping a few more tokens there changes the loss too
    little for the gradient to see that no reduction there is far better, and
-   moving the budget to another layer needs two parameters to move together
-   (``test_a_bad_warm_start_moves_away``, a strict expected failure; the
-   demo at 32 tokens). A score-function estimate of each gate (the loss with
-   the layer wholly off against wholly on, from the binary-concrete samples)
-   is the next thing to try.
+   the budget penalty's gradient holds that gate open: of all gates, the one
+   doing most of the reduction has the largest lever on the final count (a
+   layer-0 warm start: g0 0.95 → 0.79-0.88 with ``gate_estimator="relaxed"``;
+   detaching the gates from the budget penalty, or equalising their levers,
+   did not move it either). Hence decision 8.
+
+8. **Sampled structures (ours; the default gate estimator).**
+   (:mod:`eos_kernels.search.sampled`, equations there.) Each sample of a
+   batch runs one structure: the layers whose gate it draws on (``P(on) =
+   g``; the last layer never; a sample that draws none gets the layer of the
+   largest g), hard gates (ĝ = 0/1) in the relaxed forward of decision 7,
+   and at its active layers the deployed hard top-K (the soft top-K's
+   gradient passed straight through: over importances a layer cannot yet
+   rank, the soft top-K dims every token instead of removing some, and the
+   loss would not show what the removal costs).
+   The budget holds by construction: the active layers of a sample keep
+   ``(1 − c_l)^α`` each, α chosen so that their product is ``B / N₀`` -- c
+   becomes a layer's claim on the budget's reduction, not its own discarded
+   share, and its gradient (pathwise, through the soft top-K) says which
+   layer should take more of it. A gate moves by the score function: ``Σ_i
+   (ℓ_i − b_i) ∇ log p(z_i)`` with ``ℓ_i`` sample i's answer CE (its share of
+   ``λ_ce · CE``) and the leave-one-out baseline ``b_i`` -- how much better
+   the samples that ran without the layer did than those that ran with it, the
+   question decision 7's gradient cannot ask (keeping a few more tokens at a
+   harmful layer changes nothing; running without it changes a lot). The
+   batch sums behind it are all-reduced with the gradients, so torchrun equals
+   one process. The FLOPs cap and the layer-count penalty act on the mean-field
+   chain (z replaced by g); the budget penalty is zero by construction.
+   Layers outside the warm start start at ``off_gate`` = min(0.2, C / (L −
+   1)) instead of 0.01, so that each is drawn in enough samples to be judged.
+   What deploys (logged, exported, frozen for the hard finish) is the
+   export's rule: g > 1/2, the C strongest, each keeping ``(1 − c̃_l) =
+   (1 − c_l)^α*`` with α* over those layers (the c̃ are written into the
+   search space when the hard finish begins). Costs: a sample carries a
+   structure, so a batch explores several at once; the estimate's variance
+   is higher than a pathwise gradient's, which larger batches or more steps
+   pay for; alignment (λ_a) trains the c's and Ω but not the gates.
 
 Defaults (:class:`SearchConfig`)
 --------------------------------

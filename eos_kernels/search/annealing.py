@@ -9,7 +9,10 @@ import math
 
 import torch
 
-__all__ = ["Annealing"]
+__all__ = ["Annealing", "SAMPLED_SHARPNESS"]
+
+#: λ of sampled structures (decision 8): their gates are 0/1 draws, and what deploys is 1[g > 1/2]
+SAMPLED_SHARPNESS = 1e-6
 
 
 class Annealing:
@@ -37,6 +40,8 @@ class Annealing:
         cfg = self.config
         if not self.relaxed_steps:
             return 1.0
+        if cfg.sampled:
+            return SAMPLED_SHARPNESS
         frac = self.progress(step)
         if frac <= cfg.sharpen_from:
             return 1.0
@@ -48,8 +53,9 @@ class Annealing:
     def stochastic(self, step: int) -> bool:
         """Binary-concrete gates once the gates sharpen: a gate held between 0 and 1 would deploy as a coin flip,
         and a deterministic relaxed gate can hold one there (a layer at part strength costs little); sampled
-        gates show the forward each layer wholly on or off, with probability g."""
-        return self.relaxed(step) and self.progress(step) > self.config.sharpen_from
+        gates show the forward each layer wholly on or off, with probability g. Sampled structures (decision 8)
+        draw theirs at every relaxed step."""
+        return self.relaxed(step) and (self.config.sampled or self.progress(step) > self.config.sharpen_from)
 
     def gate_noise(self, step: int, batch: int) -> torch.Tensor:
         """Logistic noise [num_layers, global batch] of ``step``: the same on every rank and on a resume."""

@@ -14,7 +14,7 @@ import json
 import os
 import sys
 
-from eos_kernels.search.config import DTYPES, FORWARDS, IMPLS, SearchConfig
+from eos_kernels.search.config import DTYPES, FORWARDS, GATE_ESTIMATORS, IMPLS, SearchConfig
 from eos_kernels.search.output import output_dir
 
 __all__ = ["main", "build_parser"]
@@ -74,9 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam-betas", type=float, nargs=2, help="(default 0.9 0.999)")
     g.add_argument("--adam-eps", type=float, help=f"(default {d.adam_eps})")
     g.add_argument("--seed", type=int, help=f"(default {d.seed})")
-    g = p.add_argument_group("the search forward (eos_kernels.search, decisions 1-2 and 7)")
+    g = p.add_argument_group("the search forward (eos_kernels.search, decisions 1-2, 7 and 8)")
     g.add_argument("--search-forward", choices=FORWARDS, help="relaxed (default: every layer's keep decision enters "
                    "softly, so the gradient reaches every gate, count and operator) or hard (the paper's)")
+    g.add_argument("--gate-estimator", choices=GATE_ESTIMATORS, help="with the relaxed forward: score (default: "
+                   "each sample runs a structure drawn from the gates that meets the budget by construction; a gate "
+                   "moves by how much better the samples without its layer did) or relaxed (soft gates, the budget "
+                   "as a penalty)")
     g.add_argument("--temperature-start", type=float, help=f"soft top-K temperature at the first step, nats of the "
                    f"score (default {d.temperature_start})")
     g.add_argument("--temperature-end", type=float, help=f"... at the last step (default {d.temperature_end})")
@@ -90,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--init-layers", type=int, nargs="+", metavar="L",
                    help="reducer slots that start active (default: 2 6 15 scaled to the depth)")
     g.add_argument("--init-gate", type=float, help=f"initial g of the slots (default {d.init_gate})")
-    g.add_argument("--off-gate", type=float, help=f"initial g elsewhere (default {d.off_gate})")
+    g.add_argument("--off-gate", type=float, help="initial g elsewhere (default 0.01; with --gate-estimator score "
+                   "min(0.2, max-reducers / (layers - 1)))")
     g.add_argument("--init-discard", type=float, help="initial c of the slots (default: the chain meets the budget)")
     g.add_argument("--off-discard", type=float, help=f"initial c elsewhere (default {d.off_discard})")
     for name in ("gamma0", "tau0", "theta0", "rho0", "nu0"):

@@ -40,6 +40,7 @@ PAPER_INIT_LAYERS = (2, 6, 15)
 IMPLS = ("auto", "triton", "torch")
 #: the search forward: the relaxed one (decision 7, every keep decision soft) or the paper's hard one (decisions 1-2)
 FORWARDS = ("relaxed", "hard")
+GATE_ESTIMATORS = ("score", "relaxed")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 # fields that only steer one invocation: they may differ between a run and its --resume
@@ -90,6 +91,14 @@ class SearchConfig:
             the forward softly, :mod:`eos_kernels.search.relaxed`) or "hard"
             (the paper's: hard top-K at the layers whose gate is above the
             threshold, equation 12's straight-through factor).
+        gate_estimator: how the relaxed forward's gates learn. "score" (default;
+            decision 8, :mod:`eos_kernels.search.sampled`): each sample runs
+            a structure drawn from the gates whose counts meet the budget by
+            construction, and a gate moves by how much better the samples
+            that ran without (or with) its layer did (score function, leave-
+            one-out baseline); the c's become each layer's claim on the
+            budget's reduction. "relaxed" (decision 7): gates enter softly
+            (then as binary-concrete samples) and the budget is a penalty.
         temperature_start, temperature_end: T of the relaxed soft top-K (nats of
             the importance score), annealed geometrically over the steps.
         sharpen_from, sharpness_end: from this share of the relaxed steps on,
@@ -115,7 +124,8 @@ class SearchConfig:
     Search space (equations 10-12, :class:`~eos_kernels.search_space.SearchSpace`):
         init_layers: the reducer slots that start active (default: 2, 6, 15
             scaled to the model's depth, the first ``max_reducers`` of them).
-        init_gate, off_gate: initial g at the slots / elsewhere.
+        init_gate, off_gate: initial g at the slots / elsewhere (off_gate None:
+            0.01, or for sampled structures min(0.2, max_reducers / (L - 1))).
         init_discard: initial c at the slots; None: the warm start that meets
             the budget (:func:`warm_start_discard`). off_discard: c elsewhere.
         gamma0, tau0, theta0, rho0, nu0: initial operator values.
@@ -170,6 +180,7 @@ class SearchConfig:
     max_flops: float | str | None = "auto"
     # the search forward
     search_forward: str = "relaxed"
+    gate_estimator: str = "score"
     temperature_start: float = 0.5
     temperature_end: float = 0.05
     sharpen_from: float = 0.35
@@ -189,7 +200,7 @@ class SearchConfig:
     # search space
     init_layers: list[int] | None = None
     init_gate: float = 0.95
-    off_gate: float = 0.01
+    off_gate: float | None = None
     init_discard: float | None = None
     off_discard: float = 0.5
     gamma0: float = 0.5
@@ -381,6 +392,7 @@ class SearchConfig:
         if self.max_flops != "auto":
             need_real("max_flops", lo=0.0, hi=1.0, lo_open=True, optional=True)
         need_str("search_forward", choices=FORWARDS)
+        need_str("gate_estimator", choices=GATE_ESTIMATORS)
         if self.max_flops not in (None, "auto") and self.search_forward != "relaxed":
             raise ValueError("max_flops needs search_forward='relaxed' (the hard forward has no expected FLOPs "
                              "that depend on every layer's decision)")
@@ -409,7 +421,7 @@ class SearchConfig:
         need_int("micro_batch_size", lo=1, optional=True)
         need_int_list("init_layers")
         for name in ("init_gate", "off_gate", "off_discard"):
-            need_real(name, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+            need_real(name, lo=0.0, hi=1.0, lo_open=True, hi_open=True, optional=name == "off_gate")
         need_real("init_discard", lo=0.0, hi=1.0, lo_open=True, hi_open=True, optional=True)
         for name in ("gamma0", "rho0", "nu0"):
             need_real(name, lo=0.0, hi=1.0)
@@ -447,6 +459,22 @@ class SearchConfig:
             self.eval = list(self.eval)
         need_int("eval_limit", lo=1, optional=True)
         need_int("max_new_tokens", lo=1)
+
+    @property
+    def sampled(self) -> bool:
+        """Whether the search runs sampled structures (decision 8): the relaxed forward with gate_estimator
+        "score"."""
+        return self.search_forward == "relaxed" and self.gate_estimator == "score"
+
+    def resolved_off_gate(self, num_layers: int) -> float:
+        """The initial g of the layers outside the warm start: the option, else 0.01, or for sampled structures
+        (decision 8) min(0.2, max_reducers / (num_layers - 1)): each such layer is drawn in that share of the
+        samples, so that the score function sees it on as well as off."""
+        if self.off_gate is not None:
+            return self.off_gate
+        if self.sampled:
+            return min(0.2, self.max_reducers / max(1, num_layers - 1))
+        return 0.01
 
     @property
     def resolved_gate_temperature(self) -> float:

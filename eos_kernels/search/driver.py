@@ -11,6 +11,7 @@ checkpoint (:mod:`~eos_kernels.search.state`), the local moves
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import json
@@ -38,6 +39,8 @@ from eos_kernels.search.distributed import Dist
 from eos_kernels.search.local_moves import LocalMoves, probe_ce
 from eos_kernels.search.model_loading import load_model, load_model_config, load_model_processor, resolve_device, \
     resolve_dtype
+from eos_kernels.search.sampled import deployed_discard, log_budget_ratio, sample_structure, score_sums, \
+    score_surrogate
 from eos_kernels.search.output import LOG_FILE, STATE_FILE, THETA_FILE, refuse_to_replace, search_files
 from eos_kernels.search.state import atomic_save, atomic_text, make_state, read_state, restore_state
 
@@ -266,10 +269,12 @@ class _Search:
             num_layers=L, num_visual_tokens=n0, init_layers=tuple(self.init_layers),
             gate_temperature=cfg.resolved_gate_temperature, keep_temperature=cfg.keep_temperature,
             gamma0=cfg.gamma0, tau0=cfg.tau0, theta0=cfg.theta0, rho0=cfg.rho0, nu0=cfg.nu0,
-            init_gate=cfg.init_gate, init_discard=self.init_discard, off_gate=cfg.off_gate,
+            init_gate=cfg.init_gate, init_discard=self.init_discard, off_gate=cfg.resolved_off_gate(L),
             off_discard=cfg.off_discard, k_min=cfg.k_min, beta=cfg.beta, alpha=cfg.alpha,
         )
         self.space = SearchSpace(**self.space_kwargs).to(self.device)
+        #: r = log(B / N0) of sampled structures (decision 8), None otherwise
+        self.log_ratio = log_budget_ratio(cfg.budget, n0) if cfg.sampled else None
         self.annealing = Annealing(cfg, L)
         self.max_flops = self._flops_cap()
         self.params = list(self.space.parameters())
@@ -299,9 +304,24 @@ class _Search:
 
     def _export(self):
         name = f"eos-search-B{self.config.budget:g}"
-        return self.space.export(self.config.gate_threshold, self.config.max_reducers, self.n0, name=name,
-                                 fractions=self.fixed_count is None, sharpness=self.annealing.sharpness(self.step),
-                                 last_layer=self.config.search_forward == "hard")
+        return self._deployed_space().export(
+            self.config.gate_threshold, self.config.max_reducers, self.n0, name=name,
+            fractions=self.fixed_count is None, sharpness=self.annealing.sharpness(self.step),
+            last_layer=self.config.search_forward == "hard")
+
+    def _deployed_space(self):
+        """The search space as it deploys: itself, or for sampled structures (decision 8) a copy whose c's at the
+        deployed layers (g above the threshold, the max_reducers strongest, never the last) are c̃, their
+        shares of the budget (:func:`~eos_kernels.search.sampled.deployed_discard`). Idempotent: c̃ of c̃ is c̃."""
+        if self.log_ratio is None:
+            return self.space
+        cfg = self.config
+        layers = self.space.export(cfg.gate_threshold, cfg.max_reducers, self.n0, last_layer=False).layers
+        out = copy.deepcopy(self.space)
+        with torch.no_grad():
+            c = deployed_discard(self.space.discard(), layers, self.log_ratio)
+            out.w_c.copy_(torch.logit(c.double()).to(out.w_c.dtype) / self.space.keep_temperature)
+        return out
 
     # ---------------------------------------------------------------- the relaxed forward (decision 7)
     def _install_forward(self, relaxed: bool) -> None:
@@ -326,6 +346,9 @@ class _Search:
         """From the relaxed forward to the paper's hard one on the structure reached (decision 7's finish)."""
         self.relaxed.remove()
         self.relaxed = None
+        if self.log_ratio is not None:  # the deployed c̃ become the c's the hard forward and the export read
+            with torch.no_grad():
+                self.space.w_c.copy_(self._deployed_space().w_c)
         self.plan.export_kwargs = {"sharpness": self.annealing.sharpness(self.annealing.relaxed_steps),
                                    "last_layer": False}
         self._install_forward(relaxed=False)
@@ -341,7 +364,7 @@ class _Search:
         if self.text_sizes is None:
             return None
         hidden, ffn = self.text_sizes
-        warm = self.space.export(cfg.gate_threshold, cfg.max_reducers, self.n0, last_layer=False)
+        warm = self._deployed_space().export(cfg.gate_threshold, cfg.max_reducers, self.n0, last_layer=False)
         ratio = warm.token_report(self.n0, self.num_layers, self.text_tokens, hidden_size=hidden,
                                   intermediate_size=ffn)["prefill_flops_ratio"]
         return ratio + (1.0 - ratio) / 2.0
@@ -423,13 +446,20 @@ class _Search:
                 noise = self.annealing.gate_noise(self.step, len(indices))[:, dist.rank * self.local_batch:]
         kept = {}
         offset = 0
+        sampled = relaxed and self.log_ratio is not None
+        score = torch.zeros(2 + 2 * space.num_layers, dtype=torch.float64)  # decision 8's sums (score_sums)
         for mb in micro:
             if relaxed:
                 mb_noise = None if noise is None else noise[:, offset:offset + len(mb)].to(self.device)
                 offset += len(mb)
-                terms = objective.relaxed_data_terms(model, mb, self.capture, self.relaxed, autocast=self.autocast,
-                                                     align=use_align, adapter=self.adapter, gate_noise=mb_noise)
+                structure = sample_structure(space.gates(), mb_noise) if sampled else None
+                terms = objective.relaxed_data_terms(
+                    model, mb, self.capture, self.relaxed, autocast=self.autocast, align=use_align,
+                    adapter=self.adapter, gate_noise=None if sampled else mb_noise, structure=structure,
+                    log_ratio=self.log_ratio)
                 kept = terms["kept"]
+                if sampled:
+                    score += score_sums(cfg.lambda_ce * terms["ce_rows"] / max(g_answer, 1.0), structure)
             else:
                 terms = objective.data_terms(model, mb, self.capture, autocast=self.autocast, align=use_align,
                                              adapter=self.adapter)
@@ -447,17 +477,22 @@ class _Search:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         if dist.enabled:
-            flat = torch.cat([p.grad.reshape(-1) for p in self.params]).to(dist.comm_device)
+            flat = torch.cat([p.grad.reshape(-1) for p in self.params]
+                             + ([score.to(self.params[0].grad.dtype)] if sampled else [])).to(dist.comm_device)
             dist.all_sum(flat)
             offset = 0
             for p in self.params:
                 n = p.numel()
                 p.grad.copy_(flat[offset:offset + n].view_as(p).to(p.device))
                 offset += n
+            if sampled:
+                score = flat[offset:].double().cpu()
             stats = torch.cat([ce_sum.view(1), sse]).to(dist.comm_device)
             dist.all_sum(stats)
             stats = stats.cpu()
             ce_sum, sse = stats[0], stats[1:]
+        elif sampled:  # the precision the ranks' sum would have
+            score = score.to(self.params[0].grad.dtype).double()
         ce = float(ce_sum) / max(g_answer, 1.0)
         align = float(sse.sum()) / (len(self.align_layers) * max(g_text, 1.0) * hidden) if use_align else 0.0
 
@@ -469,12 +504,14 @@ class _Search:
             pen = objective.relaxed_penalty_terms(space, self.relaxed.sharpness, cfg.budget, cfg.max_reducers,
                                                   flops=(self.max_flops, self._flops_ratio)
                                                   if self.text_sizes is not None else None,
-                                                  stochastic=noise is not None)
+                                                  stochastic=noise is not None, log_ratio=self.log_ratio)
         else:
             pen = objective.penalty_terms(space, cfg.budget, cfg.max_reducers)
             pen["flops"] = torch.zeros(())
         pen_loss = cfg.lambda_budget * pen["budget"] + cfg.lambda_layers * pen["layers"] \
             + cfg.lambda_flops * pen["flops"]
+        if sampled:  # the gates' score function, from the whole batch's sums (equal on every rank)
+            pen_loss = pen_loss + score_surrogate(space.gates(), score)
         if pen_loss.requires_grad:
             pen_loss.backward()
         budget_term, layers_term = float(pen["budget"].detach()), float(pen["layers"].detach())
@@ -514,6 +551,7 @@ class _Search:
             "active_layers": [s[0] for s in schedule],
             "kept": [[s[0], s[1], s[2]] for s in schedule],
             "soft_kept": {str(k): v for k, v in sorted(soft.items())},
+            **({"drawn": (score[2 + space.num_layers:] / max(float(score[0]), 1.0)).tolist()} if sampled else {}),
             **{k: values[k] for k in ("g", "c", "gamma", "tau", "theta", "rho", "nu")},
             "lr": lr,
             "grad_norm": grad_norm,

@@ -316,10 +316,11 @@ def _terms(logits: torch.Tensor, targets: torch.Tensor, sse: dict, text: torch.T
            report, **extra) -> dict:
     """The result of :func:`data_terms` / :func:`relaxed_data_terms`: the answer CE sum over ``targets``
     (-100: no answer token) and the given alignment sums."""
-    ce_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                             ignore_index=-100, reduction="sum")
+    ce_each = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                              ignore_index=-100, reduction="none").view(targets.shape)
     return {
-        "ce_sum": ce_sum,
+        "ce_sum": ce_each.sum(),
+        "ce_rows": ce_each.detach().sum(-1),  # [B]: each sample's answer CE sum (sampled structures' score)
         "answer_tokens": int((targets != -100).sum()),
         "align_sse": sse,
         "text_tokens": int(text.sum()),
@@ -330,14 +331,16 @@ def _terms(logits: torch.Tensor, targets: torch.Tensor, sse: dict, text: torch.T
 
 
 def relaxed_data_terms(model: nn.Module, batch, capture: LayerCapture | None, relaxed, *, autocast=None,
-                       align: bool = True, adapter=None, gate_noise: torch.Tensor | None = None) -> dict:
+                       align: bool = True, adapter=None, gate_noise: torch.Tensor | None = None,
+                       structure: torch.Tensor | None = None, log_ratio: float | None = None) -> dict:
     """:func:`data_terms` of the relaxed forward (:mod:`eos_kernels.search.relaxed`, installed as ``relaxed``).
 
     The same sums: answer CE, and the squared alignment errors at the text
     positions against a no-grad forward of the stock model (the relaxed hooks
     idle). Nothing is removed while relaxed, so text positions are the same in
     both forwards. ``gate_noise`` [num_layers, B]: this batch's binary-concrete
-    gate noise (None: deterministic gates). ``report`` is None; ``kept`` holds
+    gate noise (None: deterministic gates); ``structure`` with ``log_ratio``: this batch's sampled
+    structures (decision 8, :meth:`RelaxedForward.active`). ``report`` is None; ``kept`` holds
     each layer's mean Σ of the presences leaving it (the relaxed kept count, for
     the log)."""
     from eos_kernels.patching.hooks import _rating_rows
@@ -354,7 +357,7 @@ def relaxed_data_terms(model: nn.Module, batch, capture: LayerCapture | None, re
     reference = _reference_states(model, inputs, capture, text, ctx, contextlib.nullcontext()) if align else {}
     keep = _answer_positions(labels)
     grab = capture.capturing() if reference else contextlib.nullcontext({})
-    with relaxed.active(visual, rows, real_or_none, gate_noise) as state, grab as out, ctx():
+    with relaxed.active(visual, rows, real_or_none, gate_noise, structure, log_ratio) as state, grab as out, ctx():
         logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
     sse = {i: (out[i][text].float() - ref.float()).pow(2).sum() for i, ref in reference.items()}
     hidden_size = next(iter(reference.values())).shape[-1] if reference else 0
@@ -363,15 +366,22 @@ def relaxed_data_terms(model: nn.Module, batch, capture: LayerCapture | None, re
 
 
 def relaxed_penalty_terms(space: SearchSpace, sharpness: float, budget: float, max_reducers: float,
-                          flops=None, stochastic: bool = False) -> dict:
+                          flops=None, stochastic: bool = False, log_ratio: float | None = None) -> dict:
     """The one-sided penalties of the relaxed search, on its expected token chain
     (:func:`~eos_kernels.search.relaxed.expected_chain`): ``budget`` on the tokens entering the last layer,
     ``layers`` on the expected number of active layers among those that can reduce (Σ ĝ, or Σ g with
     binary-concrete gates), and, with ``flops`` = ``(cap, ratio_fn)``, the estimated prefill FLOPs ratio
-    ``ratio_fn(chain)`` over ``cap`` (0 without a cap)."""
+    ``ratio_fn(chain)`` over ``cap`` (0 without a cap). With ``log_ratio`` (sampled structures, decision 8)
+    the chain is :func:`~eos_kernels.search.sampled.mean_field_chain`, whose final count is the budget by
+    construction (a zero budget penalty), and the gates are g."""
     from eos_kernels.search.relaxed import expected_chain, sharpen_gates
+    from eos_kernels.search.sampled import mean_field_chain
 
-    chain = expected_chain(space, sharpness, space.num_visual_tokens, stochastic)
+    if log_ratio is not None:
+        chain = mean_field_chain(space.gates(), space.discard(), space.num_visual_tokens, log_ratio)
+        stochastic = True
+    else:
+        chain = expected_chain(space, sharpness, space.num_visual_tokens, stochastic)
     tokens = chain[-1]
     gates = space.gates() if stochastic else sharpen_gates(space.gates(), sharpness)
     active = gates[:-1].sum()

@@ -212,6 +212,8 @@ class _Forward:
         self.log_bias = None                      # [B, L] additive key bias for the next layer, or None
         self.captured: dict = {}
         self.gate_noise: torch.Tensor | None = None  # [num_layers, B], see RelaxedForward.active
+        self.structure: torch.Tensor | None = None   # z [num_layers, B] in {0, 1}, see RelaxedForward.active
+        self.keep: torch.Tensor | None = None        # [num_layers, B] kept shares of the structure
         self.kept: dict[int, torch.Tensor] = {}   # layer -> Σ_i P leaving it, per sample (for logging)
 
 
@@ -262,13 +264,24 @@ class RelaxedForward:
 
     @contextlib.contextmanager
     def active(self, visual: torch.Tensor, rows: torch.Tensor, real: torch.Tensor | None,
-               gate_noise: torch.Tensor | None = None):
+               gate_noise: torch.Tensor | None = None, structure: torch.Tensor | None = None,
+               log_ratio: float | None = None):
         """Relax the forwards inside the block; ``visual``/``rows``/``real`` bool [B, L].
 
         ``gate_noise`` [num_layers, B]: logistic noise that makes each sample's gates binary-concrete samples
-        (``ĝ = σ((logit g + noise) / λ)``, on with probability g as λ → 0); None: the deterministic ĝ."""
+        (``ĝ = σ((logit g + noise) / λ)``, on with probability g as λ → 0); None: the deterministic ĝ.
+        ``structure`` z [num_layers, B] in {0, 1} with ``log_ratio`` (decision 8, :mod:`.sampled`): sample b
+        reduces at the layers with z = 1 only (ĝ = z), each keeping its share of ``exp(log_ratio)``
+        (:func:`~eos_kernels.search.sampled.structure_keep`, differentiable in the c's)."""
         self.state = _Forward(visual, rows, real)
         self.state.gate_noise = gate_noise
+        if structure is not None:
+            from eos_kernels.search.sampled import structure_keep
+
+            if log_ratio is None:
+                raise ValueError("a sampled structure needs log_ratio (the log of the budget's kept share)")
+            self.state.structure = structure
+            self.state.keep = structure_keep(self.space.discard(), structure, log_ratio)
         try:
             yield self.state
         finally:
@@ -355,15 +368,22 @@ class RelaxedForward:
         z = q.clamp_min(_SCORE_FLOOR).log() + prev.clamp_min(math.exp(LOG_PRESENCE_FLOOR)).log()
         z = torch.where(st.slot_valid, z, torch.zeros_like(z))
         g = space.gates()[idx]
-        if st.gate_noise is None:
+        if st.structure is not None:  # decision 8: this sample's structure, its share of the budget
+            g_hat = st.structure[idx].to(q.dtype).unsqueeze(-1)
+            share = st.keep[idx].to(q.dtype)
+        elif st.gate_noise is None:
             g_hat = sharpen_gates(g, self.sharpness)
+            share = 1.0 - space.discard()[idx]
         else:  # a binary-concrete sample per sample of the batch: P(ĝ > 1/2) = g
             logit = torch.log(g.clamp_min(1e-12)) - torch.log1p(-g.clamp_max(1 - 1e-12))
             g_hat = torch.sigmoid((logit + st.gate_noise[idx].to(logit)) / self.sharpness).unsqueeze(-1)
+            share = 1.0 - space.discard()[idx]
         # equation 11's K_min: a layer keeps at least k_min of the (soft) tokens entering it
-        keep = torch.maximum(1.0 - space.discard()[idx], space.k_min / prev.sum(-1).clamp_min(space.k_min))
+        keep = torch.maximum(share, space.k_min / prev.sum(-1).clamp_min(space.k_min))
         t = soft_threshold(z, prev, keep, self.temperature)
         kappa = torch.sigmoid((z - t.unsqueeze(-1)) / self.temperature)
+        if st.structure is not None:
+            kappa = _straight_through_top_k(z, prev, keep, kappa)
         presence = prev * (1.0 - g_hat * (1.0 - kappa))
         st.kept[idx] = presence.detach().sum(-1)
         ops = space.operator_params(idx)
@@ -379,6 +399,22 @@ class RelaxedForward:
         bias = torch.zeros(st.visual.shape, dtype=log_p.dtype, device=log_p.device)
         st.log_bias = bias.scatter(1, st.pos, torch.where(st.slot_valid, log_p, torch.zeros_like(log_p)))
         return new_hidden
+
+
+def _straight_through_top_k(z: torch.Tensor, prev: torch.Tensor, keep: torch.Tensor,
+                            soft: torch.Tensor) -> torch.Tensor:
+    """Sampled structures (decision 8): the hard top-K of the deployed forward, ``floor(keep · Σ prev)`` of the
+    present tokens (prev > 1/2: presences are 0/1 there) by ``z``, with the soft top-K's gradient (straight
+    through). A soft top-K over nearly equal scores dims every token a little instead of removing some, which
+    can hide what removing them costs; the score function must see the deployed loss of each structure."""
+    present = prev > 0.5
+    n = present.sum(-1)
+    k = torch.floor(keep.detach().to(torch.float64) * n.to(torch.float64) + 1e-9).to(torch.long)
+    k = torch.minimum(torch.maximum(k, torch.ones_like(k)), n)
+    order = torch.where(present, z.detach(), torch.full_like(z, -torch.inf)).argsort(dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(z.shape[-1], device=z.device).expand_as(order))
+    hard = ((rank < k.unsqueeze(-1)) & present).to(soft.dtype)
+    return hard + soft - soft.detach()
 
 
 def effective_keep(g_hat: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
