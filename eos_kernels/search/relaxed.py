@@ -367,14 +367,14 @@ class RelaxedForward:
         prev = st.presence.to(q.dtype)
         z = q.clamp_min(_SCORE_FLOOR).log() + prev.clamp_min(math.exp(LOG_PRESENCE_FLOOR)).log()
         z = torch.where(st.slot_valid, z, torch.zeros_like(z))
-        g = space.gates()[idx]
         if st.structure is not None:  # decision 8: this sample's structure, its share of the budget
             g_hat = st.structure[idx].to(q.dtype).unsqueeze(-1)
             share = st.keep[idx].to(q.dtype)
         elif st.gate_noise is None:
-            g_hat = sharpen_gates(g, self.sharpness)
+            g_hat = sharpen_gates(space.gates()[idx], self.sharpness)
             share = 1.0 - space.discard()[idx]
         else:  # a binary-concrete sample per sample of the batch: P(ĝ > 1/2) = g
+            g = space.gates()[idx]
             logit = torch.log(g.clamp_min(1e-12)) - torch.log1p(-g.clamp_max(1 - 1e-12))
             g_hat = torch.sigmoid((logit + st.gate_noise[idx].to(logit)) / self.sharpness).unsqueeze(-1)
             share = 1.0 - space.discard()[idx]
@@ -411,7 +411,8 @@ def _straight_through_top_k(z: torch.Tensor, prev: torch.Tensor, keep: torch.Ten
     n = present.sum(-1)
     k = torch.floor(keep.detach().to(torch.float64) * n.to(torch.float64) + 1e-9).to(torch.long)
     k = torch.minimum(torch.maximum(k, torch.ones_like(k)), n)
-    order = torch.where(present, z.detach(), torch.full_like(z, -torch.inf)).argsort(dim=-1, descending=True, stable=True)
+    ranked = torch.where(present, z.detach(), torch.full_like(z, -torch.inf))
+    order = ranked.argsort(dim=-1, descending=True, stable=True)
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(z.shape[-1], device=z.device).expand_as(order))
     hard = ((rank < k.unsqueeze(-1)) & present).to(soft.dtype)
     return hard + soft - soft.detach()

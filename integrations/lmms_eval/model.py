@@ -563,14 +563,13 @@ class EOS(lmms):
     def _images(conversations) -> list:
         return [v for _, visuals in conversations for v in visuals if not isinstance(v, Video)]
 
-    def _chunked_image_inputs(self, batches: list, conversations: list, k: int, ahead: dict, convs: list) -> dict:
+    def _chunked_image_inputs(self, batches: list, conversations: list, k: int, ahead: dict, images: list) -> dict:
         """Batch ``k``'s image inputs, computed in one call with the images of the batches after it (up to
         :data:`IMAGE_CHUNK` images, whole batches) where the processor's rows of an image do not depend on the
         other images; the later batches' rows go to ``ahead`` (and their conversations, built for it, to
-        ``conversations``; batch ``k``'s own are ``convs``). The first chunk of a run is checked against batch
+        ``conversations``; batch ``k``'s own images are ``images``). The first chunk of a run is checked against batch
         ``k``'s own call, bit for bit: a processor whose rows differ, or that gives more than ``pixel_values`` one
         row per image, gets one call per batch from then on."""
-        images = self._images(convs)
         if self._chunk_images is False:
             return self._image_inputs(images)
         group, j = [(k, images)], k + 1  # (batch, its images)
@@ -617,10 +616,11 @@ class EOS(lmms):
             if conversations[k] is None:
                 conversations[k] = [it.conversation() for it in batches[k]]
             convs, conversations[k] = conversations[k], None  # its images are no longer needed here
+            images = self._images(convs)
             image_inputs = None
-            if self._images(convs):
+            if images:
                 image_inputs = ahead.pop(k, None) or self._chunked_image_inputs(batches, conversations, k, ahead,
-                                                                                convs)
+                                                                                images)
             return convs, image_inputs
         finally:
             self.timing["prefetch_s"] += time.perf_counter() - t0
